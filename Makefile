@@ -1,0 +1,26 @@
+# mino-jupyter: the two commands are `make demo` and `make test`. Each sets up what it needs
+# (system packages, Podman configuration, the API service, the venv, the base image) first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test unit integration bench lab clean-containers
+
+setup:
+	@scripts/setup-host.sh
+
+demo: setup
+	@$(PY) scripts/demo.py
+
+test: setup
+	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+unit:
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run.py
+
+clean-containers:
+	$(VENV)/bin/mino-jupyter prune --all

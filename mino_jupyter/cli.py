@@ -1,0 +1,87 @@
+"""The `mino-jupyter` command: what does not need a kernel (doctor, image build, prune, config)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import MinoError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and a hint, like every other mino error
+        raise MinoError(message, f"`{self.prog} --help` lists the valid options")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mino-jupyter", description="Hardened Podman sandboxes for notebook cells.")
+    parser.add_argument("--version", action="version", version=f"mino-jupyter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("doctor", help="check Podman, the API service, the base image and the hardening")
+
+    image = sub.add_parser("image", help="build or inspect mino images")
+    image_sub = image.add_subparsers(dest="image_command", metavar="ACTION", parser_class=_Parser)
+    build = image_sub.add_parser("build", help="build the base image (localhost/mino-base:<version>)")
+    how = build.add_mutually_exclusive_group()
+    how.add_argument("--offline", action="store_true",
+                     help="build from Debian packages (debootstrap), no container registry needed")
+    how.add_argument("--from", dest="from_image", metavar="IMAGE",
+                     help="build on IMAGE (a Debian bookworm image) instead of debian:bookworm-slim")
+    build.add_argument("--mirror", default=None, metavar="URL", help="Debian mirror for --offline")
+    build.add_argument("--force", action="store_true", help="rebuild even when the image exists")
+
+    prune = sub.add_parser("prune", help="remove containers whose kernel is gone")
+    prune.add_argument("--all", action="store_true",
+                       help="remove every mino container of this host, live owners included")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return _dispatch(args)
+    except MinoError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mino: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "doctor":
+        from .doctor import run_checks
+
+        ok = run_checks(lambda check: print(check.render(), flush=True))
+        return 0 if ok else 1
+    if args.command == "image":
+        if args.image_command != "build":
+            raise MinoError("missing action for `image`", "use `mino-jupyter image build [--offline]`")
+        from .image import DEFAULT_MIRROR, build_base
+        from .runtime import Engine
+
+        engine = Engine.connect(notify=lambda m: print(m, file=sys.stderr))
+        ref = build_base(engine, offline=args.offline, from_image=args.from_image,
+                         mirror=args.mirror or DEFAULT_MIRROR, force=args.force,
+                         progress=lambda m: print(m, flush=True))
+        print(ref)
+        return 0
+    if args.command == "prune":
+        from .reaper import prune
+        from .runtime import Engine
+
+        engine = Engine.connect(notify=lambda m: print(m, file=sys.stderr))
+        removed = prune(engine, everything=args.all)
+        print(f"removed {len(removed)} container(s)")
+        return 0
+    raise MinoError(f"unknown command {args.command!r}", "`mino-jupyter --help` lists the commands")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""`mino-jupyter doctor` / `%mino doctor`: one line per check, each failure with its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import __version__, policy
+from .errors import MinoError
+from .image import base_image_ref, verify_image
+from .owner import current_owner
+from .runtime import Engine, podman_binary
+
+PROBE = (
+    "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status; "
+    "echo \"Pids: $(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max)\"; "
+    "echo \"Uid: $(id -u)\""
+)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def render(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        line = f"[{mark}] {self.name}: {self.detail}"
+        if not self.ok and self.fix:
+            line += f"\n       fix: {self.fix}"
+        return line
+
+
+def parse_probe(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            values[key.strip()] = value.strip()
+    return values
+
+
+def judge_probe(values: dict[str, str]) -> list[str]:
+    """What is wrong with a hardened container's view of itself (empty = nothing)."""
+    problems = []
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        if values.get(key) is None or int(values[key], 16) != 0:
+            problems.append(f"{key}={values.get(key)}")
+    if values.get("NoNewPrivs") != "1":
+        problems.append(f"NoNewPrivs={values.get('NoNewPrivs')}")
+    if values.get("Pids") != str(policy.PIDS_LIMIT):
+        problems.append(f"pids.max={values.get('Pids')}")
+    if values.get("Uid") != str(policy.CELL_UID):
+        problems.append(f"uid={values.get('Uid')}")
+    return problems
+
+
+def run_checks(emit: Callable[[Check], None], env=None) -> bool:
+    """Run every check, emitting each as it completes. True when all pass."""
+    checks: list[Check] = []
+
+    def add(check: Check) -> Check:
+        checks.append(check)
+        emit(check)
+        return check
+
+    try:
+        binary = podman_binary()
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout.strip()
+        add(Check("podman", True, f"{version} ({binary})"))
+    except MinoError as exc:
+        add(Check("podman", False, exc.message, exc.hint or ""))
+    except (OSError, subprocess.SubprocessError) as exc:
+        add(Check("podman", False, f"`podman --version` failed: {exc}", "reinstall podman"))
+
+    notes: list[str] = []
+    try:
+        engine = Engine.connect(env, notify=notes.append)
+    except MinoError as exc:
+        add(Check("API service", False, exc.message, exc.hint or ""))
+        return False
+    started = " (mino started it just now)" if engine.started_service else ""
+    add(Check("API service", True, f"{engine.endpoint.url} answers{started}"))
+
+    try:
+        info = engine.info()
+        host = info.get("host", {})
+        rootless = host.get("security", {}).get("rootless")
+        cgroup = host.get("cgroupVersion", "?")
+        runtime = host.get("ociRuntime", {}).get("name", "?")
+        limits = engine.host_limits()
+        add(Check("engine", True,
+                  f"Podman {engine.version()}, {'rootless' if rootless else 'rootful'}, cgroup {cgroup}, "
+                  f"runtime {runtime}, container ulimits nofile={policy.container_ulimits(limits)[0]['hard']} "
+                  f"nproc={policy.container_ulimits(limits)[1]['hard']}"))
+    except MinoError as exc:
+        add(Check("engine", False, exc.message, exc.hint or ""))
+
+    image = base_image_ref()
+    try:
+        if not engine.image_exists(image):
+            add(Check("base image", False, f"{image} is missing",
+                      "build it: `mino-jupyter image build` (add --offline without a registry)"))
+        else:
+            verify_image(engine, image)
+            add(Check("base image", True, f"{image} has bash, capsh, iptables, nft, setsid; developer is UID 1000"))
+    except MinoError as exc:
+        add(Check("base image", False, exc.message, exc.hint or ""))
+
+    if checks[-1].ok:
+        add(_hardened_container(engine, image))
+    else:
+        add(Check("hardened container", False, "skipped: no usable base image", "fix the base image first"))
+    engine.close()
+    return all(c.ok for c in checks)
+
+
+def _hardened_container(engine: Engine, image: str) -> Check:
+    name = f"mino-doctor-{os.getpid()}"
+    spec = policy.session_spec(policy.SessionRequest(
+        name=name, image=image, network="bridge",
+        labels={**policy.version_labels(), **current_owner().labels(), "io.mino.role": "doctor"},
+        limits=engine.host_limits()))
+    started = time.monotonic()
+    try:
+        cid = engine.run(spec)
+    except MinoError as exc:
+        return Check("hardened container", False, f"does not start: {exc.message}",
+                     "run `scripts/setup-host.sh` (OCI runtime and ulimits), then `podman info`")
+    try:
+        code, out, err = engine.exec_run(cid, policy.exec_body(["bash", "-c", PROBE]))
+    finally:
+        engine.remove(cid)
+    gone = engine.inspect(cid) is None
+    values = parse_probe(out.decode(errors="replace"))
+    problems = judge_probe(values) if code == 0 else [f"probe exit {code}: {err.decode(errors='replace').strip()}"]
+    if not gone:
+        problems.append("container was not removed")
+    if problems:
+        return Check("hardened container", False, "; ".join(problems),
+                     f"mino {__version__} policy is not applied by this engine; please report it")
+    return Check("hardened container", True,
+                 f"started and removed in {time.monotonic() - started:.1f} s; inside: CapEff=CapBnd=0, "
+                 f"NoNewPrivs=1, pids.max={values['Pids']}, uid={values['Uid']}")

@@ -1,0 +1,253 @@
+"""Building the mino base image, online (FROM a registry image) or offline (debootstrap).
+
+Both ways end in the same recipe (``image/Containerfile``) on top of a Debian bookworm base; the
+only difference is where that base comes from. A build is tagged under its final name only after
+the result has been checked (capsh, iptables, nft, setsid, the developer user), so a failed or
+interrupted build never leaves a half-made image under the name sessions use.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from . import __version__, policy
+from .errors import ImageBuildError, MinoError, UsageError
+from .runtime import Engine
+
+BASE_REPO = "localhost/mino-base"
+BOOTSTRAP_REF = "localhost/mino-bootstrap:bookworm"
+REGISTRY_BASE = "docker.io/library/debian:bookworm-slim"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+SUITE = "bookworm"
+
+Progress = Callable[[str], None]
+
+
+def base_image_ref(version: str = __version__) -> str:
+    return f"{BASE_REPO}:{version}"
+
+
+def containerfile_dir() -> Path:
+    return Path(str(resources.files("mino_jupyter") / "image"))
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Where the base comes from. Pure decision from the user's flags and what is present."""
+
+    source: str  # "local" (use as is), "registry" (pull), "debootstrap"
+    base_ref: str
+
+
+def plan_base(*, offline: bool, from_image: str | None, have: Callable[[str], bool]) -> BuildPlan:
+    if offline and from_image:
+        raise UsageError("--offline and --from exclude each other",
+                         "--offline builds from Debian packages; --from IMAGE builds on IMAGE")
+    if from_image:
+        return BuildPlan("local" if have(from_image) else "registry", from_image)
+    if offline:
+        return BuildPlan("local" if have(BOOTSTRAP_REF) else "debootstrap", BOOTSTRAP_REF)
+    if have(REGISTRY_BASE):
+        return BuildPlan("local", REGISTRY_BASE)
+    if have(BOOTSTRAP_REF):
+        return BuildPlan("local", BOOTSTRAP_REF)
+    return BuildPlan("registry", REGISTRY_BASE)
+
+
+def build_base(engine: Engine, *, offline: bool = False, from_image: str | None = None,
+               mirror: str = DEFAULT_MIRROR, force: bool = False,
+               progress: Progress = print) -> str:
+    """Build localhost/mino-base:<version> unless present (or `force`). Returns the reference."""
+    target = base_image_ref()
+    if not force and engine.image_exists(target):
+        progress(f"image {target} is present (use --force to rebuild)")
+        return target
+    plan = plan_base(offline=offline, from_image=from_image, have=engine.image_exists)
+    started = time.monotonic()
+    base = plan.base_ref
+    if plan.source == "registry":
+        try:
+            pull(engine, base, progress)
+        except MinoError as exc:
+            if from_image:
+                raise
+            progress(f"no registry reachable ({exc.message}); building offline from Debian packages")
+            base = bootstrap(engine, mirror=mirror, progress=progress)
+    elif plan.source == "debootstrap":
+        base = bootstrap(engine, mirror=mirror, progress=progress)
+    progress(f"building {target} FROM {base} ...")
+    build_recipe(engine, base=base, target=target, progress=progress)
+    progress(f"built {target} in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def pull(engine: Engine, ref: str, progress: Progress, timeout: float = 120) -> None:
+    progress(f"pulling {ref} ...")
+    response = engine.request("post", "/images/pull", params={"reference": ref, "quiet": "false"},
+                               stream=True, timeout=(10, timeout), what=f"pull {ref}")
+    for line in response.iter_lines():
+        if not line:
+            continue
+        item = json.loads(line)
+        if item.get("error"):
+            raise ImageBuildError(f"cannot pull {ref}: {item['error'].strip()}",
+                                  "use `mino-jupyter image build --offline` when no registry is reachable")
+        if item.get("stream"):
+            progress("  " + item["stream"].strip())
+
+
+def bootstrap(engine: Engine, *, mirror: str, progress: Progress) -> str:
+    """A minimal Debian rootfs from packages (debootstrap), imported as the build base."""
+    if os.geteuid() != 0:
+        raise ImageBuildError("an offline build needs root (debootstrap creates device files)",
+                              "run `sudo mino-jupyter image build --offline`, or build --from an image you have")
+    debootstrap = shutil.which("debootstrap") or ("/usr/sbin/debootstrap" if os.path.exists("/usr/sbin/debootstrap") else None)
+    if not debootstrap:
+        raise ImageBuildError("debootstrap is not installed",
+                              "apt-get install debootstrap (and debian-archive-keyring on Ubuntu)")
+    with tempfile.TemporaryDirectory(prefix="mino-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        progress(f"debootstrap {SUITE} from {mirror} (about a minute) ...")
+        _stream_command([debootstrap, "--variant=minbase", SUITE, str(rootfs), mirror], progress,
+                        failure="debootstrap failed")
+        progress(f"importing the rootfs as {BOOTSTRAP_REF} ...")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."],
+                               stdout=subprocess.PIPE)
+        try:
+            response = engine.request(
+                "post", "/images/import", params={"reference": BOOTSTRAP_REF},
+                data=_chunks(tar.stdout), headers={"Content-Type": "application/x-tar"},
+                timeout=(10, 600), what=f"import {BOOTSTRAP_REF}")
+        finally:
+            tar.stdout.close()
+            tar.wait()
+        if tar.returncode != 0:
+            engine.request("delete", f"/images/{urllib.parse.quote(BOOTSTRAP_REF, safe='')}",
+                            what="remove a bad import", ok_missing=True)
+            raise ImageBuildError("packing the rootfs failed", "check free disk space and rerun")
+        del response
+    return BOOTSTRAP_REF
+
+
+def _chunks(stream, size: int = 1 << 20):
+    while chunk := stream.read(size):
+        yield chunk
+
+
+def _stream_command(cmd: list[str], progress: Progress, *, failure: str) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    tail: list[str] = []
+    assert proc.stdout
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-5:]
+        if line.startswith(("I: Retrieving", "I: Validating", "I: Extracting", "I: Unpacking",
+                            "I: Configuring", "I: Installing", "I: Base", "E:", "W:")):
+            if not line.startswith(("I: Retrieving", "I: Validating", "I: Extracting")) or "Release" in line:
+                progress("  " + line)
+    if proc.wait() != 0:
+        raise ImageBuildError(f"{failure} (exit {proc.returncode}): {' | '.join(tail[-2:])}",
+                              "check that the Debian mirror is reachable (`apt-get update`) and rerun")
+
+
+def _context_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path in sorted(containerfile_dir().iterdir()):
+            if path.is_file() and not path.name.startswith(("_", ".")):
+                tar.add(str(path), arcname=path.name)
+    return buf.getvalue()
+
+
+def build_recipe(engine: Engine, *, base: str, target: str, progress: Progress) -> None:
+    candidate = f"{target}-candidate"
+    params = {
+        "dockerfile": "Containerfile",
+        "t": candidate,
+        "buildargs": json.dumps({"BASE": base, "MINO_VERSION": __version__}),
+        "pull": "false",
+        "rm": "true",
+        "forcerm": "true",
+        "layers": "true",
+    }
+    response = engine.request("post", "/build", params=params, data=_context_tar(),
+                               headers={"Content-Type": "application/x-tar"}, stream=True,
+                               timeout=(10, 1800), what=f"build {target}")
+    error = None
+    for line in response.iter_lines():
+        if not line:
+            continue
+        item = json.loads(line)
+        if item.get("error"):
+            error = item["error"].strip()
+        text = (item.get("stream") or "").rstrip()
+        if text and (text.startswith(("STEP", "COMMIT", "-->", "Successfully")) or "Setting up" in text
+                     or text.startswith(("Get:", "Err:", "E:"))):
+            progress("  " + text)
+    if error or not engine.image_exists(candidate):
+        _discard(engine, candidate)
+        raise ImageBuildError(f"building {target} failed: {error or 'no image produced'}",
+                              "read the build output above; rerun with --force once fixed")
+    try:
+        verify_image(engine, candidate)
+    except MinoError:
+        _discard(engine, candidate)
+        raise
+    _tag(engine, candidate, target)
+    _untag(engine, candidate)
+
+
+REQUIRED_TOOLS = ("bash", "capsh", "iptables", "nft", "setsid", "curl", "ip", "ps")
+
+
+def verify_image(engine: Engine, ref: str) -> None:
+    """Run the image once, hardened, and check what sessions and the firewall rely on."""
+    from .owner import current_owner
+
+    check = ("set -e; for t in " + " ".join(REQUIRED_TOOLS) + "; do command -v $t >/dev/null "
+             "|| { echo missing:$t; exit 3; }; done; test \"$(id -u developer)\" = 1000; "
+             "test -d /workspace && test -O /workspace; echo ok")
+    spec = policy.session_spec(policy.SessionRequest(
+        name=f"mino-verify-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=ref,
+        network="none", labels={**policy.version_labels(), **current_owner().labels(),
+                                "io.mino.role": "verify"},
+        limits=engine.host_limits()))
+    cid = engine.run(spec)
+    try:
+        code, out, err = engine.exec_run(cid, policy.exec_body(["bash", "-c", check]))
+    finally:
+        engine.remove(cid)
+    if code != 0:
+        raise ImageBuildError(f"image {ref} lacks what mino needs: {(out + err).decode(errors='replace').strip()}",
+                              "the recipe is mino_jupyter/image/Containerfile; rebuild with --force")
+
+
+def _tag(engine: Engine, source: str, target: str) -> None:
+    repo, _, tag = target.rpartition(":")
+    engine.request("post", f"/images/{urllib.parse.quote(source, safe='')}/tag",
+                    params={"repo": repo, "tag": tag}, what=f"tag {target}")
+
+
+def _discard(engine: Engine, ref: str) -> None:
+    engine.request("delete", f"/images/{urllib.parse.quote(ref, safe='')}", params={"force": "true"},
+                   what=f"remove {ref}", ok_missing=True)
+
+
+def _untag(engine: Engine, ref: str) -> None:
+    if engine.image_exists(ref):
+        repo, _, tag = ref.rpartition(":")
+        engine.request("post", f"/images/{urllib.parse.quote(ref, safe='')}/untag",
+                        params={"repo": repo, "tag": tag}, what=f"untag {ref}", ok_missing=True)

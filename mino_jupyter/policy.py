@@ -1,0 +1,190 @@
+"""The hardening policy: the only module that decides container and exec flags.
+
+Everything here is pure: plain data in, plain data (Podman's REST "SpecGenerator" JSON and exec
+bodies) out. The runtime layer posts these dicts as they are; nothing else may add a flag.
+
+Every mino container, in every network mode, gets:
+
+* ``cap_drop: ALL``: no capability in any set (inheritable, permitted, effective, bounding,
+  ambient) for anything the cell runs, root or not.
+* ``no_new_privileges``: setuid binaries and file capabilities cannot raise privileges.
+* ``pids limit 4096``: a fork bomb stops at the cgroup, not at the host.
+* ``user 1000:1000`` (``developer``) and ``init``: a real PID 1 reaps zombies and stops at once.
+* explicit ulimits no higher than the engine's own hard limits, so the container's init can
+  apply them (Podman's defaults exceed them on some hosts and every start then fails).
+* owner labels, so the watchdog and the reaper can find what a dead kernel left behind.
+
+The only container that holds any capability is the allowlist firewall container: NET_ADMIN and
+nothing else, in the session's network namespace but not its PID or mount namespaces, never
+running cell code (see :func:`firewall_spec`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from . import __version__
+
+CELL_UID = 1000
+CELL_USER = f"{CELL_UID}:{CELL_UID}"
+WORKDIR = "/workspace"
+HOME = "/home/developer"
+PIDS_LIMIT = 4096
+CONTAINER_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Tools that keep their own CA store, pointed at the (host-provided) system bundle.
+CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS")
+
+# Ceilings for ulimits when the engine's own hard limits are higher (or unlimited).
+NOFILE_CEILING = 65536
+NPROC_CEILING = 32768
+RLIM_INFINITY = -1
+
+NETWORK_MODES = ("bridge", "host", "none")  # how the container's own namespace is set up
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Hard limits of the process that starts containers (the Podman service); -1 = unlimited."""
+
+    nofile: int
+    nproc: int
+
+
+def container_ulimits(limits: HostLimits) -> list[dict]:
+    """Ulimits for every container: never above the host's hard limits, so init can set them."""
+
+    def cap(hard: int, ceiling: int) -> int:
+        return ceiling if hard == RLIM_INFINITY or hard < 0 else min(hard, ceiling)
+
+    nofile = cap(limits.nofile, NOFILE_CEILING)
+    nproc = cap(limits.nproc, NPROC_CEILING)
+    return [
+        {"type": "nofile", "soft": nofile, "hard": nofile},
+        {"type": "nproc", "soft": nproc, "hard": nproc},
+    ]
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """Everything that varies between session containers. The rest is fixed policy."""
+
+    name: str
+    image: str
+    network: str  # "bridge" | "host" | "none": the namespace; allowlist mode is bridge + firewall
+    labels: Mapping[str, str]
+    limits: HostLimits
+    workspace: Mount | None = None
+    ca_bundle: str | None = None  # host path of a CA bundle to trust inside
+    hosts: Sequence[tuple[str, str]] = ()  # (name, address) for /etc/hosts
+    no_dns: bool = False  # allowlist mode: no resolver inside, names come from `hosts`
+    extra_mounts: Sequence[Mount] = field(default_factory=tuple)
+
+
+def _hardening(limits: HostLimits) -> dict:
+    return {
+        "cap_drop": ["ALL"],
+        "cap_add": [],
+        "no_new_privileges": True,
+        "privileged": False,
+        "resource_limits": {"pids": {"limit": PIDS_LIMIT}},
+        "r_limits": container_ulimits(limits),
+        "init": True,
+        # Keep Podman from giving the container a host-wide /dev/shm or devices.
+        "ipcns": {"nsmode": "private"},
+    }
+
+
+def _mount(m: Mount) -> dict:
+    options = ["rbind", "ro" if m.read_only else "rw", "nosuid", "nodev"]
+    return {"type": "bind", "source": m.source, "destination": m.target, "options": options}
+
+
+def session_spec(req: SessionRequest) -> dict:
+    """The libpod SpecGenerator for a session container (its PID 1 only waits for cells)."""
+    if req.network not in NETWORK_MODES:
+        raise ValueError(f"network namespace mode must be one of {NETWORK_MODES}, not {req.network!r}")
+    env = {"HOME": HOME, "LANG": "C.UTF-8", "TERM": "dumb", "USER": "developer"}
+    mounts = []
+    if req.workspace is not None:
+        mounts.append(_mount(req.workspace))
+    if req.ca_bundle:
+        mounts.append(_mount(Mount(req.ca_bundle, CONTAINER_CA_BUNDLE, read_only=True)))
+        env.update({name: CONTAINER_CA_BUNDLE for name in CA_ENV_VARS})
+    mounts.extend(_mount(m) for m in req.extra_mounts)
+    spec = {
+        "name": req.name,
+        "image": req.image,
+        "command": ["sleep", "infinity"],
+        "entrypoint": [],
+        "user": CELL_USER,
+        "work_dir": WORKDIR,
+        "env": env,
+        "labels": dict(req.labels),
+        "hostname": "mino",
+        "netns": {"nsmode": req.network},
+        "mounts": mounts,
+        "hostadd": [f"{name}:{addr}" for name, addr in req.hosts],
+        "stop_timeout": 1,
+        "remove": False,
+        **_hardening(req.limits),
+    }
+    if req.no_dns:
+        # No nameserver inside: names resolve only from /etc/hosts, which mino fills.
+        spec["dns_server"] = []
+        spec["use_image_resolve_conf"] = True
+    return spec
+
+
+def firewall_spec(*, name: str, image: str, target_container: str, labels: Mapping[str, str],
+                  limits: HostLimits) -> dict:
+    """The allowlist firewall container: joins the session's network namespace only.
+
+    It holds NET_ADMIN and nothing else, shares no PID, mount, IPC or user namespace with the
+    session, runs as root only inside its own filesystem and never runs cell code. The session
+    container's processes (every exec included) keep an empty capability set, so nothing the
+    cell runs can change the rules it installs.
+    """
+    spec = {
+        "name": name,
+        "image": image,
+        "command": ["sleep", "infinity"],
+        "entrypoint": [],
+        "user": "0:0",
+        "work_dir": "/",
+        "env": {"LANG": "C.UTF-8"},
+        "labels": dict(labels),
+        "netns": {"nsmode": "container", "value": target_container},
+        "stop_timeout": 1,
+        "remove": False,
+        **_hardening(limits),
+    }
+    spec["cap_add"] = ["NET_ADMIN"]
+    return spec
+
+
+def exec_body(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
+              workdir: str = WORKDIR, user: str = CELL_USER) -> dict:
+    """Body of POST /containers/{id}/exec. Never privileged; runs as the cell user by default."""
+    return {
+        "Cmd": list(cmd),
+        "Env": [f"{k}={v}" for k, v in (env or {}).items()],
+        "User": user,
+        "WorkingDir": workdir,
+        "AttachStdout": True,
+        "AttachStderr": True,
+        "AttachStdin": False,
+        "Tty": False,
+        "Privileged": False,
+    }
+
+
+def version_labels() -> dict[str, str]:
+    return {"io.mino.managed": "true", "io.mino.version": __version__}

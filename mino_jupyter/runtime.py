@@ -1,0 +1,491 @@
+"""The runtime layer: Podman through its REST API service (podman-py's client).
+
+It finds the API socket, starts the service itself when nothing answers (and says so), and turns
+every way of not reaching Podman into one :class:`PodmanUnavailable` with a hint. It posts the
+specs that :mod:`mino_jupyter.policy` builds and adds none of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import resource
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+from .errors import ImageMissing, MinoError, PodmanUnavailable
+from .paths import state_dir
+from .policy import HostLimits
+
+ROOTFUL_SOCKET = "/run/podman/podman.sock"
+SERVICE_START_TIMEOUT = 15.0
+PING_TIMEOUT = 3.0
+STDOUT, STDERR = 1, 2
+
+Notify = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- discovery (pure)
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str  # unix:///path or tcp://host:port or ssh://...
+    source: str  # where it came from, for messages
+    socket_path: str | None  # local unix socket we may start a service on, else None
+    may_autostart: bool
+
+
+def discover(env: Mapping[str, str], uid: int) -> Endpoint:
+    """Which Podman API endpoint to use.
+
+    ``CONTAINER_HOST`` wins and is used as given (never auto-started: the user chose it). Else
+    the rootful socket for root, the rootless one (``$XDG_RUNTIME_DIR/podman/podman.sock``)
+    for everyone else; mino may start the service on those.
+    """
+    explicit = env.get("CONTAINER_HOST", "").strip()
+    if explicit:
+        parsed = urllib.parse.urlparse(explicit)
+        path = parsed.path if parsed.scheme == "unix" else None
+        return Endpoint(explicit, "CONTAINER_HOST", path, may_autostart=False)
+    if uid == 0:
+        path = ROOTFUL_SOCKET
+        source = "rootful default"
+    else:
+        runtime_dir = env.get("XDG_RUNTIME_DIR") or f"/run/user/{uid}"
+        path = f"{runtime_dir}/podman/podman.sock"
+        source = "rootless default ($XDG_RUNTIME_DIR)"
+    return Endpoint(f"unix://{path}", source, path, may_autostart=True)
+
+
+def client_url(url: str) -> str:
+    """podman-py wants http+unix:// for unix sockets."""
+    if url.startswith("unix://"):
+        return "http+unix://" + url[len("unix://"):]
+    return url
+
+
+# --------------------------------------------------------------------------- limits
+
+def _read_proc_limits(pid: int) -> HostLimits | None:
+    try:
+        text = Path(f"/proc/{pid}/limits").read_text()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        for key, label in (("nofile", "Max open files"), ("nproc", "Max processes")):
+            if line.startswith(label):
+                hard = line[len(label):].split()[1]
+                found[key] = -1 if hard == "unlimited" else int(hard)
+    if len(found) == 2:
+        return HostLimits(**found)
+    return None
+
+
+def _own_limits() -> HostLimits:
+    def hard(which: int) -> int:
+        value = resource.getrlimit(which)[1]
+        return -1 if value == resource.RLIM_INFINITY else value
+
+    return HostLimits(nofile=hard(resource.RLIMIT_NOFILE), nproc=hard(resource.RLIMIT_NPROC))
+
+
+def _socket_peer_pid(path: str) -> int | None:
+    """The pid of the process serving a unix socket (SO_PEERCRED), when it is local."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1)
+            s.connect(path)
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, _uid, _gid = struct.unpack("3i", creds)
+            return pid or None
+    except OSError:
+        return None
+
+
+def min_limits(a: HostLimits, b: HostLimits | None) -> HostLimits:
+    if b is None:
+        return a
+
+    def lower(x: int, y: int) -> int:
+        if x < 0:
+            return y
+        if y < 0:
+            return x
+        return min(x, y)
+
+    return HostLimits(nofile=lower(a.nofile, b.nofile), nproc=lower(a.nproc, b.nproc))
+
+
+# --------------------------------------------------------------------------- the engine
+
+class ExecStream:
+    """A running exec: iterate ``(stream, bytes)`` frames from a background reader thread.
+
+    Reading happens on a thread so the caller's thread stays free to take KeyboardInterrupt and
+    to enforce deadlines; the queue is bounded, so a slow consumer slows the producer instead of
+    piling output up in memory.
+    """
+
+    _EOF = object()
+
+    def __init__(self, engine: "Engine", exec_id: str, response):
+        self.engine = engine
+        self.exec_id = exec_id
+        self._response = response
+        self._queue: queue.Queue = queue.Queue(maxsize=64)
+        self._error: BaseException | None = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name=f"mino-exec-{exec_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        raw = self._response.raw
+        try:
+            while True:
+                header = _read_exact(raw, 8)
+                if len(header) < 8:
+                    break
+                kind, size = struct.unpack(">BxxxL", header)
+                if size == 0:
+                    continue
+                payload = _read_exact(raw, size)
+                if payload:
+                    self._queue.put((kind if kind in (STDOUT, STDERR) else STDOUT, payload))
+                if len(payload) < size:
+                    break
+        except BaseException as exc:  # connection torn down while closing, etc.
+            self._error = exc
+        finally:
+            self.done.set()
+            self._queue.put(self._EOF)
+
+    def get(self, timeout: float | None) -> tuple[int, bytes] | None:
+        """Next frame; None at the end of the stream. Raises queue.Empty on timeout."""
+        item = self._queue.get(timeout=timeout)
+        if item is self._EOF:
+            self._queue.put(self._EOF)  # stay at EOF for later callers
+            return None
+        return item
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        while (item := self.get(None)) is not None:
+            yield item
+
+    def close(self) -> None:
+        try:
+            self._response.close()
+        except Exception:
+            pass
+
+    def exit_code(self, wait: float = 5.0) -> int | None:
+        """The exec's exit code once it has ended (None if it is still running after `wait`)."""
+        deadline = time.monotonic() + wait
+        while True:
+            info = self.engine.exec_inspect(self.exec_id)
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+
+def _read_exact(raw, n: int) -> bytes:
+    chunks = []
+    while n > 0:
+        chunk = raw.read(n)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+class Engine:
+    """A connected Podman API service."""
+
+    def __init__(self, endpoint: Endpoint, client, started_service: bool = False):
+        self.endpoint = endpoint
+        self.client = client
+        self.api = client.api
+        self.started_service = started_service
+        self._limits: HostLimits | None = None
+
+    # ----------------------------------------------------------------- connecting
+    @classmethod
+    def connect(cls, env: Mapping[str, str] | None = None, *, autostart: bool = True,
+                notify: Notify | None = None) -> "Engine":
+        env = os.environ if env is None else env
+        endpoint = discover(env, os.geteuid())
+        try:
+            import podman  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - dependency of the package
+            raise PodmanUnavailable("the podman Python package (podman-py) is not installed",
+                                    "pip install podman") from exc
+        problem = _ping(endpoint)
+        started = False
+        if problem is not None:
+            if not (autostart and endpoint.may_autostart):
+                raise PodmanUnavailable(
+                    f"cannot reach the Podman API at {endpoint.url} ({endpoint.source}): {problem}",
+                    _unreachable_hint(endpoint),
+                )
+            log = start_service(endpoint)
+            problem = _wait_for_service(endpoint, SERVICE_START_TIMEOUT)
+            if problem is not None:
+                raise PodmanUnavailable(
+                    f"started the Podman API service at {endpoint.url} but it does not answer: {problem}",
+                    f"see its log {log}; `podman info` shows what Podman itself says",
+                )
+            started = True
+            if notify:
+                notify(f"mino: started the Podman API service at {endpoint.url} (log: {log})")
+        from podman import PodmanClient
+
+        client = PodmanClient(base_url=client_url(endpoint.url), timeout=60)
+        return cls(endpoint, client, started)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+    # ----------------------------------------------------------------- plumbing
+    def request(self, method: str, path: str, *, what: str, ok_missing: bool = False,
+                 **kwargs):
+        from podman.errors import APIError
+
+        try:
+            response = getattr(self.api, method)(path, **kwargs)
+        except APIError as exc:
+            raise PodmanUnavailable(
+                f"lost the Podman API at {self.endpoint.url} while trying to {what}: {exc}",
+                _unreachable_hint(self.endpoint),
+            ) from exc
+        if ok_missing and response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise MinoError(f"Podman could not {what}: {_api_message(response)}",
+                            "`mino-jupyter doctor` checks the whole stack")
+        return response
+
+    # ----------------------------------------------------------------- facts
+    def version(self) -> str:
+        data = self.request("get", "/version", what="report its version").json()
+        return data.get("Version") or data.get("Components", [{}])[0].get("Version", "?")
+
+    def info(self) -> dict:
+        return self.request("get", "/info", what="report host information").json()
+
+    def host_limits(self) -> HostLimits:
+        """Hard limits containers may ask for: the service's own (when local) and ours."""
+        if self._limits is None:
+            limits = _own_limits()
+            path = self.endpoint.socket_path
+            if path:
+                pid = _socket_peer_pid(path)
+                if pid:
+                    limits = min_limits(limits, _read_proc_limits(pid))
+            self._limits = limits
+        return self._limits
+
+    def image_exists(self, ref: str) -> bool:
+        response = self.request("get", f"/images/{urllib.parse.quote(ref, safe='')}/exists",
+                                 what=f"look up image {ref}", ok_missing=True)
+        return response is not None
+
+    def image_inspect(self, ref: str) -> dict | None:
+        response = self.request("get", f"/images/{urllib.parse.quote(ref, safe='')}/json",
+                                 what=f"inspect image {ref}", ok_missing=True)
+        return None if response is None else response.json()
+
+    def require_image(self, ref: str) -> None:
+        if not self.image_exists(ref):
+            raise ImageMissing(f"image {ref} is not present in Podman's local storage",
+                               "build it with `mino-jupyter image build` (works offline), "
+                               "or pull it with `podman pull`")
+
+    # ----------------------------------------------------------------- containers
+    def create(self, spec: dict) -> str:
+        response = self.request("post", "/containers/create", data=json.dumps(spec),
+                                 headers={"Content-Type": "application/json"},
+                                 what=f"create container {spec.get('name')}")
+        return response.json()["Id"]
+
+    def start(self, cid: str) -> None:
+        self.request("post", f"/containers/{cid}/start", what=f"start container {cid[:12]}")
+
+    def run(self, spec: dict) -> str:
+        """Create and start; remove again if the start fails (nothing half-made is left)."""
+        cid = self.create(spec)
+        try:
+            self.start(cid)
+        except BaseException:
+            self.remove(cid)
+            raise
+        return cid
+
+    def inspect(self, cid: str) -> dict | None:
+        response = self.request("get", f"/containers/{cid}/json", what=f"inspect {cid[:12]}",
+                                 ok_missing=True)
+        return None if response is None else response.json()
+
+    def remove(self, cid: str, timeout: int = 0) -> None:
+        """Force-remove (stop with `timeout` seconds of grace first). Missing is fine."""
+        self.request("delete", f"/containers/{cid}",
+                      params={"force": "true", "v": "true", "timeout": str(timeout)},
+                      what=f"remove container {cid[:12]}", ok_missing=True)
+
+    def list(self, labels: Mapping[str, str | None]) -> list[dict]:
+        """Containers (running or not) carrying all these labels (None = any value)."""
+        wanted = [k if v is None else f"{k}={v}" for k, v in labels.items()]
+        response = self.request("get", "/containers/json",
+                                 params={"all": "true", "filters": json.dumps({"label": wanted})},
+                                 what="list containers")
+        return response.json()
+
+    def wait(self, cid: str, condition: str = "stopped") -> int:
+        response = self.request("post", f"/containers/{cid}/wait", params={"condition": condition},
+                                 what=f"wait for {cid[:12]}", timeout=None)
+        return int(response.text.strip() or 0)
+
+    def logs(self, cid: str) -> tuple[bytes, bytes]:
+        response = self.request("get", f"/containers/{cid}/logs",
+                                 params={"stdout": "true", "stderr": "true"}, stream=True,
+                                 what=f"read logs of {cid[:12]}")
+        out, err = [], []
+        raw = response.raw
+        while len(header := _read_exact(raw, 8)) == 8:
+            kind, size = struct.unpack(">BxxxL", header)
+            (err if kind == STDERR else out).append(_read_exact(raw, size))
+        return b"".join(out), b"".join(err)
+
+    # ----------------------------------------------------------------- exec
+    def exec_start(self, cid: str, body: dict) -> ExecStream:
+        response = self.request("post", f"/containers/{cid}/exec", data=json.dumps(body),
+                                 headers={"Content-Type": "application/json"},
+                                 what=f"start a process in {cid[:12]}")
+        exec_id = response.json()["Id"]
+        started = self.request("post", f"/exec/{exec_id}/start",
+                                data=json.dumps({"Detach": False, "Tty": False}),
+                                headers={"Content-Type": "application/json"},
+                                stream=True, timeout=(10, None),
+                                what=f"start a process in {cid[:12]}")
+        return ExecStream(self, exec_id, started)
+
+    def exec_inspect(self, exec_id: str) -> dict:
+        return self.request("get", f"/exec/{exec_id}/json", what="read an exec's state").json()
+
+    def exec_run(self, cid: str, body: dict) -> tuple[int, bytes, bytes]:
+        """Run to completion; returns (exit code, stdout, stderr)."""
+        stream = self.exec_start(cid, body)
+        out, err = [], []
+        for kind, data in stream:
+            (err if kind == STDERR else out).append(data)
+        code = stream.exit_code()
+        stream.close()
+        return (-1 if code is None else code), b"".join(out), b"".join(err)
+
+
+# --------------------------------------------------------------------------- the service
+
+def _ping(endpoint: Endpoint) -> str | None:
+    """None when the API answers, else a short reason."""
+    if endpoint.url.startswith("unix://"):
+        path = endpoint.socket_path or ""
+        if not os.path.exists(path):
+            return "no socket there"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(PING_TIMEOUT)
+                s.connect(path)
+                s.sendall(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
+                reply = s.recv(64)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        if not reply.startswith(b"HTTP/1.") or b" 200" not in reply[:16]:
+            return f"unexpected answer {reply[:32]!r}"
+        return None
+    parsed = urllib.parse.urlparse(endpoint.url)
+    if parsed.scheme == "tcp":
+        import http.client
+
+        try:
+            conn = http.client.HTTPConnection(parsed.hostname or "", parsed.port or 80,
+                                              timeout=PING_TIMEOUT)
+            conn.request("GET", "/_ping")
+            status = conn.getresponse().status
+            conn.close()
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None if status == 200 else f"HTTP {status} from /_ping"
+    if parsed.scheme in ("ssh", "http+ssh"):
+        return None  # podman-py handles ssh; errors surface on first use
+    return f"unsupported scheme {parsed.scheme!r} (valid: unix://, tcp://, ssh://)"
+
+
+def _wait_for_service(endpoint: Endpoint, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    problem = _ping(endpoint)
+    while problem is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        problem = _ping(endpoint)
+    return problem
+
+
+def podman_binary() -> str:
+    path = shutil.which("podman")
+    if not path:
+        raise PodmanUnavailable(
+            "podman is not installed (no `podman` on PATH)",
+            "install it: `apt-get install podman` on Debian/Ubuntu, `dnf install podman` on "
+            "Fedora; then `mino-jupyter doctor`",
+        )
+    return path
+
+
+def start_service(endpoint: Endpoint) -> Path:
+    """Start `podman system service` on the endpoint's socket, detached from us."""
+    binary = podman_binary()
+    assert endpoint.socket_path
+    Path(endpoint.socket_path).parent.mkdir(parents=True, exist_ok=True)
+    if os.path.exists(endpoint.socket_path) and _ping(endpoint) is not None:
+        os.unlink(endpoint.socket_path)  # stale socket from a dead service
+    log_dir = state_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / "podman-service.log"
+    with open(log, "ab") as out:
+        subprocess.Popen(
+            [binary, "system", "service", "--time=0", endpoint.url],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            start_new_session=True, close_fds=True,
+        )
+    return log
+
+
+def _unreachable_hint(endpoint: Endpoint) -> str:
+    if not endpoint.may_autostart:
+        return (f"check that a Podman service listens on {endpoint.url}, or unset CONTAINER_HOST "
+                f"to use the local default")
+    return (f"start it with `podman system service --time=0 {endpoint.url} &`, "
+            "or run `mino-jupyter doctor`")
+
+
+def _api_message(response) -> str:
+    try:
+        data = response.json()
+        message = data.get("message") or data.get("cause") or response.text
+    except ValueError:
+        message = response.text
+    return re.sub(r"\s+", " ", str(message)).strip()[:400]

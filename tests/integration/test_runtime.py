@@ -1,0 +1,165 @@
+"""The runtime layer against the real Podman API service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from mino_jupyter import policy
+from mino_jupyter.owner import current_owner
+from mino_jupyter.runtime import Engine, _socket_peer_pid
+
+pytestmark = pytest.mark.podman
+
+STATUS_PROBE = (
+    "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status; "
+    "echo pids.max=$(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max); "
+    "echo uid=$(id -u); ulimit -Hn; ulimit -Hu"
+)
+
+
+def _labels():
+    return {**policy.version_labels(), **current_owner().labels(), "io.mino.role": "test"}
+
+
+@pytest.fixture
+def hardened(engine, base_image):
+    created = []
+
+    def make(network="bridge"):
+        spec = policy.session_spec(policy.SessionRequest(
+            name=f"mino-test-{uuid.uuid4().hex[:8]}", image=base_image, network=network,
+            labels=_labels(), limits=engine.host_limits()))
+        cid = engine.run(spec)
+        created.append(cid)
+        return cid
+
+    yield make
+    for cid in created:
+        engine.remove(cid)
+    for cid in created:
+        assert engine.inspect(cid) is None
+
+
+@pytest.mark.parametrize("network", ["bridge", "host", "none"])
+def test_hardened_container_seen_from_inside(engine, hardened, network):
+    cid = hardened(network)
+    code, out, err = engine.exec_run(cid, policy.exec_body(["bash", "-c", STATUS_PROBE]))
+    assert code == 0, err
+    lines = out.decode().split("\n")
+    fields = dict(line.split(":\t") for line in lines if ":\t" in line)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[cap], 16) == 0, (cap, fields[cap])
+    assert fields["NoNewPrivs"] == "1"
+    assert "pids.max=4096" in lines
+    assert "uid=1000" in lines
+    limits = engine.host_limits()
+    nofile, nproc = int(lines[-3]), int(lines[-2])
+    assert nofile <= limits.nofile and nproc <= limits.nproc
+
+
+def test_root_exec_in_a_session_container_has_no_capabilities(engine, hardened):
+    cid = hardened()
+    code, out, _ = engine.exec_run(cid, policy.exec_body(["grep", "-E", "^Cap(Eff|Bnd|Prm)", "/proc/self/status"],
+                                                         user="0:0"))
+    assert code == 0
+    assert [int(line.split()[1], 16) for line in out.decode().splitlines()] == [0, 0, 0]
+
+
+def test_exec_exit_code_and_stream_separation(engine, hardened):
+    cid = hardened()
+    code, out, err = engine.exec_run(cid, policy.exec_body(["bash", "-c", "echo out; echo err >&2; exit 42"]))
+    assert (code, out, err) == (42, b"out\n", b"err\n")
+
+
+def test_stopped_service_is_started_again(engine, base_image):
+    path = engine.endpoint.socket_path
+    if os.environ.get("CONTAINER_HOST") or not path:
+        pytest.skip("needs the local default socket")
+    pid = _socket_peer_pid(path)
+    assert pid, "no service process behind the socket"
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if _socket_peer_pid(path) is None:
+            break
+        time.sleep(0.1)
+    assert _socket_peer_pid(path) is None
+    notes = []
+    fresh = Engine.connect(notify=notes.append)
+    assert fresh.started_service
+    assert notes and "started the Podman API service" in notes[0] and path in notes[0]
+    assert fresh.image_exists(base_image)
+    fresh.close()
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mino_jupyter.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_bogus_container_host_is_one_clear_error(tmp_path):
+    url = f"unix://{tmp_path}/nothing-here.sock"
+    result = _cli("prune", env={"CONTAINER_HOST": url})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("mino: cannot reach the Podman API at " + url)
+    assert lines[1].strip().startswith("hint:") and "CONTAINER_HOST" in lines[1]
+
+
+def test_tcp_container_host_refused_is_one_clear_error():
+    result = _cli("prune", env={"CONTAINER_HOST": "tcp://127.0.0.1:9"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "tcp://127.0.0.1:9" in result.stderr and "hint:" in result.stderr
+
+
+def test_doctor_passes_every_check():
+    result = _cli("doctor")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 5 and all(line.startswith("[ok  ]") for line in lines)
+
+
+def test_missing_image_is_a_clear_error(engine):
+    from mino_jupyter.errors import ImageMissing
+
+    with pytest.raises(ImageMissing) as info:
+        engine.require_image("localhost/mino-no-such-image:1")
+    assert "mino-jupyter image build" in info.value.hint
+
+
+def test_failed_build_leaves_nothing_tagged(engine):
+    from mino_jupyter.errors import ImageBuildError
+    from mino_jupyter.image import build_recipe
+
+    target = f"localhost/mino-test-broken:{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ImageBuildError):
+        build_recipe(engine, base="localhost/mino-no-such-base:1", target=target, progress=lambda m: None)
+    assert not engine.image_exists(target)
+    assert not engine.image_exists(target + "-candidate")
+
+
+def test_build_from_a_local_base_image_uses_the_same_recipe(engine, base_image):
+    """--from IMAGE (a registry image in real life) goes through the same recipe and checks."""
+    from mino_jupyter.image import BOOTSTRAP_REF, build_recipe
+
+    base = BOOTSTRAP_REF if engine.image_exists(BOOTSTRAP_REF) else base_image
+    target = f"localhost/mino-test-from:{uuid.uuid4().hex[:6]}"
+    seen = []
+    try:
+        build_recipe(engine, base=base, target=target, progress=seen.append)
+        assert engine.image_exists(target)
+        assert not engine.image_exists(target + "-candidate")
+        labels = engine.image_inspect(target)["Config"]["Labels"]
+        from mino_jupyter import __version__
+
+        assert labels["io.mino.version"] == __version__
+        assert any(line.strip().startswith("STEP") for line in seen)  # progress was shown
+    finally:
+        engine.request("delete", f"/images/{target.replace('/', '%2F')}", what="cleanup", ok_missing=True)

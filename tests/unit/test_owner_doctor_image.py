@@ -1,0 +1,63 @@
+import os
+import socket
+
+import pytest
+
+from mino_jupyter import doctor, image
+from mino_jupyter.errors import UsageError
+from mino_jupyter.owner import boot_id, current_owner, owner_alive, process_start_ticks
+
+
+def test_owner_of_this_process_is_alive():
+    me = current_owner()
+    assert me.pid == os.getpid()
+    assert owner_alive(me.labels())
+
+
+def test_owner_with_reused_pid_is_dead():
+    labels = current_owner().labels()
+    labels["io.mino.owner-start"] = str(int(labels["io.mino.owner-start"]) + 1)
+    assert not owner_alive(labels)
+
+
+def test_owner_from_previous_boot_is_dead():
+    labels = current_owner().labels() | {"io.mino.boot-id": "00000000-dead"}
+    assert not owner_alive(labels)
+
+
+def test_owner_gone_is_dead():
+    labels = current_owner().labels() | {"io.mino.owner-pid": "999999999"}
+    assert process_start_ticks(999999999) is None
+    assert not owner_alive(labels)
+
+
+def test_other_hosts_and_unlabelled_containers_are_not_judged():
+    labels = current_owner().labels() | {"io.mino.owner-pid": "999999999", "io.mino.host": socket.gethostname() + "-x"}
+    assert owner_alive(labels)
+    assert owner_alive({})
+    assert boot_id() != "unknown"
+
+
+def test_probe_judgement():
+    good = doctor.parse_probe("CapInh:\t0000000000000000\nCapPrm:\t0\nCapEff:\t0\nCapBnd:\t0000000000000000\n"
+                              "CapAmb:\t0\nNoNewPrivs:\t1\nPids: 4096\nUid: 1000\n")
+    assert doctor.judge_probe(good) == []
+    bad = dict(good, CapBnd="00000000a80425fb", NoNewPrivs="0", Pids="max", Uid="0")
+    assert doctor.judge_probe(bad) == ["CapBnd=00000000a80425fb", "NoNewPrivs=0", "pids.max=max", "uid=0"]
+    assert "CapEff=None" in doctor.judge_probe({})
+
+
+def test_base_plan():
+    have_none = lambda ref: False
+    assert image.plan_base(offline=True, from_image=None, have=have_none).source == "debootstrap"
+    assert image.plan_base(offline=True, from_image=None, have=lambda r: r == image.BOOTSTRAP_REF).source == "local"
+    assert image.plan_base(offline=False, from_image=None, have=have_none) == image.BuildPlan("registry", image.REGISTRY_BASE)
+    assert image.plan_base(offline=False, from_image="x:1", have=lambda r: r == "x:1") == image.BuildPlan("local", "x:1")
+    with pytest.raises(UsageError):
+        image.plan_base(offline=True, from_image="x:1", have=have_none)
+
+
+def test_base_image_ref_names_the_version():
+    from mino_jupyter import __version__
+
+    assert image.base_image_ref() == f"localhost/mino-base:{__version__}"

@@ -1,0 +1,58 @@
+from mino_jupyter.policy import HostLimits
+from mino_jupyter.runtime import client_url, discover, min_limits, _read_proc_limits
+
+import os
+
+
+def test_root_uses_rootful_socket_and_may_autostart():
+    ep = discover({}, 0)
+    assert ep.url == "unix:///run/podman/podman.sock"
+    assert ep.socket_path == "/run/podman/podman.sock"
+    assert ep.may_autostart
+
+
+def test_rootless_uses_xdg_runtime_dir():
+    ep = discover({"XDG_RUNTIME_DIR": "/run/user/1234"}, 1234)
+    assert ep.url == "unix:///run/user/1234/podman/podman.sock"
+    assert ep.may_autostart
+
+
+def test_rootless_without_xdg_runtime_dir_falls_back_to_run_user():
+    assert discover({}, 1001).socket_path == "/run/user/1001/podman/podman.sock"
+
+
+def test_container_host_wins_and_is_never_autostarted():
+    ep = discover({"CONTAINER_HOST": "unix:///tmp/x.sock", "XDG_RUNTIME_DIR": "/run/user/0"}, 0)
+    assert ep.url == "unix:///tmp/x.sock"
+    assert ep.socket_path == "/tmp/x.sock"
+    assert not ep.may_autostart
+    assert ep.source == "CONTAINER_HOST"
+
+
+def test_container_host_tcp_has_no_socket_path():
+    ep = discover({"CONTAINER_HOST": "tcp://127.0.0.1:8888"}, 0)
+    assert ep.socket_path is None and not ep.may_autostart
+
+
+def test_blank_container_host_is_ignored():
+    assert discover({"CONTAINER_HOST": "  "}, 0).url == "unix:///run/podman/podman.sock"
+
+
+def test_client_url_translates_unix_scheme():
+    assert client_url("unix:///run/podman/podman.sock") == "http+unix:///run/podman/podman.sock"
+    assert client_url("tcp://h:1") == "tcp://h:1"
+
+
+def test_min_limits_treats_minus_one_as_unlimited():
+    assert min_limits(HostLimits(-1, 100), HostLimits(50, -1)) == HostLimits(50, 100)
+    assert min_limits(HostLimits(10, 20), None) == HostLimits(10, 20)
+    assert min_limits(HostLimits(10, 20), HostLimits(30, 5)) == HostLimits(10, 5)
+
+
+def test_read_proc_limits_of_self_matches_resource():
+    import resource
+
+    limits = _read_proc_limits(os.getpid())
+    hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    expected = -1 if hard_nofile == resource.RLIM_INFINITY else hard_nofile
+    assert limits is not None and limits.nofile == expected
