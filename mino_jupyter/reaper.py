@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 from .owner import owner_alive
 from .runtime import Engine
@@ -12,10 +12,22 @@ MANAGED = {"io.mino.managed": "true"}
 
 def remove_all(engine: Engine, ids: list[str]) -> None:
     """Remove containers in parallel: kernel shutdown with many sessions must not take long."""
-    if not ids:
-        return
-    with ThreadPoolExecutor(max_workers=min(8, len(ids))) as pool:
-        list(pool.map(lambda cid: engine.remove(cid, timeout=0), ids))
+    # Plain threads, not concurrent.futures: this also runs from atexit, where executors refuse work.
+    errors: list[BaseException] = []
+
+    def remove(cid: str) -> None:
+        try:
+            engine.remove(cid, timeout=0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=remove, args=(cid,), daemon=True) for cid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def orphans(engine: Engine) -> list[dict]:

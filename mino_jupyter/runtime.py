@@ -178,6 +178,10 @@ class ExecStream:
             return None
         return item
 
+    def idle(self) -> bool:
+        """True when no frame is waiting right now."""
+        return self._queue.empty()
+
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         while (item := self.get(None)) is not None:
             yield item

@@ -1,0 +1,310 @@
+"""`%%mino` and `%mino`: parse, display, delegate. No decisions of their own."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+import time
+from subprocess import CalledProcessError
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from traitlets import Bool, Unicode
+
+from .errors import MinoError, UsageError
+from .network import NetworkChoice
+from .runtime import STDERR
+from .sessions import DEFAULT_SESSION, CellOptions, SessionManager
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class CellFailed(CalledProcessError):
+    """A `%%mino` cell that exited non-zero, timed out or was interrupted (a CalledProcessError)."""
+
+    def __init__(self, returncode: int, cmd: str, reason: str = ""):
+        super().__init__(returncode, cmd)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        extra = f" ({self.reason})" if self.reason else ""
+        return f"%%mino cell returned non-zero exit status {self.returncode}{extra}."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message, f"`{self.prog}?` shows the options" if self.prog.startswith("%%")
+                         else "`%mino help` lists the commands")
+
+    def exit(self, status=0, message=None):  # --help inside a kernel must not exit it
+        if message:
+            print(message, file=sys.stderr)
+        raise _HelpShown()
+
+
+class _HelpShown(Exception):
+    pass
+
+
+def cell_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%%mino", add_help=True,
+                description="Run the cell with bash in a hardened Podman container of this kernel's session.")
+    p.add_argument("--session", default=DEFAULT_SESSION, metavar="NAME",
+                   help="session (container) to run in; created on first use (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="a one-shot container, removed right after the cell")
+    p.add_argument("--image", metavar="IMAGE", help="image for a new session (default: the mino base image)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="kill the cell's processes after SECONDS (exit 124)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for this cell (repeatable); NAME alone passes the kernel's value")
+    p.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="pass a secret from a Python variable or the kernel's environment as $NAME; "
+                        "its value is masked in output and logs and never stored")
+    p.add_argument("--out", metavar="VAR", help="store stdout in the Python variable VAR instead of showing it")
+    p.add_argument("--err", metavar="VAR", help="store stderr in the Python variable VAR instead of showing it")
+    p.add_argument("--no-raise-error", dest="raise_error", action="store_false",
+                   help="do not raise CalledProcessError on a non-zero exit")
+    p.add_argument("--network", metavar="MODE", help="bridge (default), host, none or allowlist")
+    p.add_argument("--network-preset", metavar="NAME", help="allowlist preset (see %%mino presets)")
+    p.add_argument("--network-allow", action="append", metavar="HOST:PORT[,...]",
+                   help="allowlist entries (repeatable, comma-separated)")
+    p.add_argument("--readonly-workspace", dest="workspace_readonly", action="store_const", const=True,
+                   default=None, help="mount the notebook's directory read-only at /workspace")
+    return p
+
+
+def line_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%mino", add_help=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.add_parser("help", help="this list")
+    sub.add_parser("sessions", help="this kernel's sessions")
+    stop = sub.add_parser("stop", help="stop a session (remove its container); its log stays")
+    stop.add_argument("name", nargs="?")
+    stop.add_argument("--all", action="store_true")
+    logs = sub.add_parser("logs", help="a session's output log")
+    logs.add_argument("name", nargs="?", default=DEFAULT_SESSION)
+    logs.add_argument("--tail", type=int, metavar="N")
+    sub.add_parser("prune", help="forget stopped sessions; remove containers of dead kernels")
+    sub.add_parser("doctor", help="check Podman, the service, the image, the hardening")
+    sub.add_parser("presets", help="network presets: names, descriptions, entries")
+    return p
+
+
+class _DisplaySink:
+    """Cell output to the notebook (or into --out/--err variables), as it arrives."""
+
+    def __init__(self, capture_out: bool, capture_err: bool):
+        self.captured = {1: [] if capture_out else None, 2: [] if capture_err else None}
+
+    def write(self, stream: int, text: str) -> None:
+        target = self.captured[stream]
+        if target is not None:
+            target.append(text)
+        else:
+            (sys.stderr if stream == STDERR else sys.stdout).write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def render_sessions(rows: list[dict]) -> str:
+    if not rows:
+        return "no sessions yet in this kernel (run a %%mino cell)"
+    headers = ("name", "container", "image", "network", "cells", "state", "last exit", "started")
+    table = [headers] + [(r["name"], r["container"] or "-", r["image"], r["network"], str(r["cells"]),
+                          r["state"], "-" if r["last_exit"] is None else str(r["last_exit"]),
+                          _fmt_time(r["started"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+@magics_class
+class MinoMagics(Magics):
+    """`%%mino` runs a cell in a hardened container; `%mino COMMAND` manages sessions."""
+
+    default_image = Unicode("", help="image for new sessions when neither the cell nor config names one").tag(config=True)
+    workspace_readonly = Bool(False, help="mount the notebook's directory read-only by default").tag(config=True)
+
+    def __init__(self, shell, manager: SessionManager | None = None):
+        super().__init__(shell)
+        self.manager = manager or SessionManager()
+
+    # -------------------------------------------------------------- the magic
+    @line_cell_magic
+    def mino(self, line: str, cell: str | None = None):
+        """Run a cell in a hardened container (``%%mino [options]``) or manage sessions (``%mino COMMAND``).
+
+        Cell options: --session NAME, --fresh, --image IMAGE, --timeout SECONDS, -e NAME=VALUE,
+        --secret NAME, --out VAR, --err VAR, --no-raise-error, --network MODE,
+        --network-preset NAME, --network-allow HOST:PORT[,...], --readonly-workspace.
+        ``%%mino --help`` explains each.
+
+        Commands: sessions, stop NAME|--all, logs [NAME] [--tail N], prune, doctor, presets.
+        """
+        __tracebackhide__ = True
+        try:
+            if cell is None:
+                return self._command(line)
+            return self._cell(line, cell)
+        except _HelpShown:
+            return None
+
+    def _cell(self, line: str, cell: str):
+        __tracebackhide__ = True
+        args = cell_parser().parse_args(shlex.split(line))
+        opts = CellOptions(
+            session=args.session,
+            fresh=args.fresh,
+            image=args.image or (self.default_image or None),
+            timeout=args.timeout,
+            env=self._env(args.env),
+            secrets=self._secrets(args.secret),
+            network=NetworkChoice("cell flags", args.network, args.network_preset,
+                                  tuple(args.network_allow) if args.network_allow else None),
+            workspace_readonly=args.workspace_readonly if args.workspace_readonly is not None
+            else (True if self.workspace_readonly else None),
+        )
+        for var in (args.out, args.err):
+            if var is not None and not var.isidentifier():
+                raise UsageError(f'--out/--err need a Python variable name, not "{var}"', "e.g. --out result")
+        sink = _DisplaySink(args.out is not None, args.err is not None)
+        try:
+            result, session = self.manager.run_cell(cell, opts, sink)
+        finally:
+            if args.out is not None and sink.captured[1] is not None:
+                self.shell.user_ns[args.out] = "".join(sink.captured[1])
+            if args.err is not None and sink.captured[2] is not None:
+                self.shell.user_ns[args.err] = "".join(sink.captured[2])
+        if result.timed_out:
+            print(f"mino: cell timed out after {result.timeout:g} s; its processes were stopped (exit 124)",
+                  file=sys.stderr)
+            if args.raise_error:
+                raise CellFailed(124, cell, f"timed out after {result.timeout:g} s")
+        elif result.interrupted:
+            print(f"Process was {result.interrupted}.")
+            if args.raise_error:
+                raise CellFailed(result.exit_code, cell, result.interrupted)
+        elif result.exit_code != 0 and args.raise_error:
+            raise CellFailed(result.exit_code, cell)
+        return None
+
+    def _env(self, items: list[str]) -> dict[str, str]:
+        env = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not ENV_NAME.match(name):
+                raise UsageError(f'invalid environment variable "{item}": the name must be letters, digits '
+                                 "and '_', not starting with a digit", "e.g. -e MODE=fast")
+            if not sep:
+                if name not in os.environ:
+                    raise UsageError(f'-e {name}: no value given and the kernel has no ${name}',
+                                     f"use -e {name}=VALUE")
+                value = os.environ[name]
+            env[name] = value
+        return env
+
+    def _secrets(self, names: list[str]) -> dict[str, str]:
+        secrets = {}
+        for name in names:
+            if not ENV_NAME.match(name):
+                raise UsageError(f'invalid secret name "{name}"', "use a Python variable or environment variable name")
+            value = self.shell.user_ns.get(name) if name in self.shell.user_ns else os.environ.get(name)
+            if value is None:
+                raise UsageError(f"secret {name} not found: no Python variable and no environment variable "
+                                 "of that name", f"set it first, e.g. {name} = getpass.getpass()")
+            if not isinstance(value, str):
+                raise UsageError(f"secret {name} must be a str, not {type(value).__name__}", "")
+            secrets[name] = value
+        return secrets
+
+    # -------------------------------------------------------------- commands
+    def _command(self, line: str):
+        __tracebackhide__ = True
+        args = line_parser().parse_args(shlex.split(line) or ["help"])
+        m = self.manager
+        if args.command == "help":
+            print(_COMMANDS_HELP)
+        elif args.command == "sessions":
+            print(render_sessions(m.rows()))
+        elif args.command == "stop":
+            if args.all == bool(args.name):
+                raise UsageError("say which session to stop, or --all", "e.g. %mino stop default")
+            if args.all:
+                stopped = m.stop_all()
+                print(f"stopped {len(stopped)} session(s)" + (f": {', '.join(stopped)}" if stopped else ""))
+            else:
+                s = m.stop(args.name)
+                print(f"stopped session '{s.name}'; `%mino logs {s.name}` still shows its output")
+        elif args.command == "logs":
+            if args.tail is not None and args.tail < 1:
+                raise UsageError(f"--tail must be a positive number of lines, not {args.tail}", "e.g. --tail 20")
+            sys.stdout.write(m.logs(args.name, args.tail))
+        elif args.command == "prune":
+            forgotten, removed = m.prune()
+            print(f"forgot {len(forgotten)} stopped session(s); removed {len(removed)} orphaned container(s)")
+        elif args.command == "doctor":
+            from .doctor import run_checks
+
+            run_checks(lambda c: print(c.render(), flush=True), m.env)
+        elif args.command == "presets":
+            from . import presets
+
+            print(presets.render(presets.load()))
+        return None
+
+
+_COMMANDS_HELP = """%mino COMMAND
+  sessions                  this kernel's sessions (stopped ones too, until pruned)
+  stop NAME | --all         stop a session: its container is removed, its log kept
+  logs [NAME] [--tail N]    a session's output (secrets masked); default session: default
+  prune                     forget stopped sessions; remove containers whose kernel died
+  doctor                    check Podman, the API service, the base image and the hardening
+  presets                   network presets: names, descriptions, entries
+%%mino [options]            run the cell in a container; `%%mino --help` lists the options"""
+
+
+def _show_mino_error(shell, etype, value, tb, tb_offset=None):
+    """Expected failures: the message and its hint, no traceback (the cell still counts as failed)."""
+    stb = [value.render()]
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
+_loaded: dict[int, MinoMagics] = {}
+
+
+def load_ipython_extension(ipython) -> None:
+    if id(ipython) in _loaded:
+        return
+    magics = MinoMagics(ipython)
+    ipython.register_magics(magics)
+    ipython.set_custom_exc((MinoError,), _show_mino_error)
+    _loaded[id(ipython)] = magics
+    magics.manager.start_background_reap()
+
+
+def unload_ipython_extension(ipython) -> None:
+    magics = _loaded.pop(id(ipython), None)
+    if magics is None:
+        return
+    magics.manager.shutdown()
+    ipython.set_custom_exc((), None)
+    del ipython.magics_manager.magics["line"]["mino"]
+    del ipython.magics_manager.magics["cell"]["mino"]
+
+
+def current_manager(ipython=None) -> SessionManager | None:
+    """The session manager of a shell that loaded the extension (for the panel and tests)."""
+    if ipython is None:
+        from IPython import get_ipython
+
+        ipython = get_ipython()
+    magics = _loaded.get(id(ipython))
+    return magics.manager if magics else None

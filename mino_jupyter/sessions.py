@@ -1,0 +1,490 @@
+"""The kernel's sessions: which containers exist, running cells in them, logs, cleanup.
+
+One :class:`SessionManager` per kernel. The magics and the panel call it; it asks
+:mod:`network` for the plan, :mod:`policy` for container specs, :mod:`runtime` to act, and
+keeps logs that outlive the containers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Mapping
+
+from . import config, policy, presets as presets_mod
+from .cell import CellResult, Sink, run_script
+from .errors import MinoError, UsageError
+from .image import base_image_ref
+from .network import NetworkChoice, NetworkPlan, NetworkResolutionInput, Resolution, resolve
+from .owner import Owner, current_owner
+from .paths import logs_dir
+from .reaper import MANAGED, prune, remove_all
+from .redact import Redactor, mask
+from .runtime import STDERR, STDOUT, Engine
+
+SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
+DEFAULT_SESSION = "default"
+LOG_CELL_LIMIT = 1 << 20  # bytes of output kept in the log per cell
+HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
+                   "/etc/ssl/cert.pem")
+
+Notice = Callable[[str], None]
+
+
+@dataclass
+class CellOptions:
+    session: str = DEFAULT_SESSION
+    fresh: bool = False
+    image: str | None = None
+    timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)  # name -> value; values never stored
+    network: NetworkChoice = field(default_factory=lambda: NetworkChoice("cell flags"))
+    workspace_readonly: bool | None = None
+
+
+@dataclass
+class Session:
+    name: str
+    image: str
+    plan: NetworkPlan
+    fresh: bool
+    log_path: Path
+    container_id: str | None = None
+    state: str = "starting"  # starting | idle | running | stopped
+    cells_run: int = 0
+    last_exit: int | None = None
+    started_at: float = field(default_factory=time.time)
+    stopped_at: float | None = None
+    workspace_readonly: bool = False
+    warned_host: bool = False
+
+    def row(self) -> dict:
+        return {
+            "name": self.name, "container": (self.container_id or "")[:12], "image": self.image,
+            "network": self.plan.describe(), "cells": self.cells_run, "state": self.state,
+            "last_exit": self.last_exit, "started": self.started_at, "stopped": self.stopped_at,
+        }
+
+
+class SessionLog:
+    """A session's output on the host, secrets masked; it outlives the container."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def cell_start(self, number: int, script: str, secrets: list[str]) -> None:
+        stamp = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+        body = "".join(f"$ {line}\n" for line in mask(script, secrets).splitlines())
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"=== cell {number} at {stamp}\n{body}--- output\n")
+
+    def write(self, text: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def cell_end(self, result: CellResult, dropped: int) -> None:
+        note = f"[{dropped} bytes of output not logged]\n" if dropped else ""
+        if result.timed_out:
+            status = f"timed out after {result.timeout:g} s (exit 124)"
+        elif result.interrupted:
+            status = f"{result.interrupted} (exit {result.exit_code})"
+        else:
+            status = f"exit {result.exit_code}"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{note}=== {status} after {result.duration:.2f} s\n")
+
+    def tail(self, lines: int | None) -> str:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        if lines is None:
+            return text
+        return "\n".join(text.splitlines()[-lines:]) + ("\n" if text else "")
+
+
+class _CellSink:
+    """Fans a cell's output out to the display (masked) and the log (masked, capped)."""
+
+    def __init__(self, sink: Sink, log: SessionLog, secrets: list[str]):
+        self.sink = sink
+        self.log = log
+        self.redactors = {STDOUT: Redactor(secrets), STDERR: Redactor(secrets)}
+        self.logged = 0
+        self.dropped = 0
+
+    def write(self, stream: int, text: str) -> None:
+        text = self.redactors[stream].feed(text)
+        if text:
+            self._out(stream, text)
+
+    def _out(self, stream: int, text: str) -> None:
+        self.sink.write(stream, text)
+        size = len(text.encode("utf-8", "replace"))
+        if self.logged + size <= LOG_CELL_LIMIT:
+            self.log.write(text)
+            self.logged += size
+        else:
+            self.dropped += size
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        for stream, redactor in self.redactors.items():
+            rest = redactor.flush()
+            if rest:
+                self._out(stream, rest)
+        self.sink.flush()
+
+
+def _labels(owner: Owner, extra: Mapping[str, str]) -> dict[str, str]:
+    return {**policy.version_labels(), **owner.labels(), **extra}
+
+
+def kernel_id() -> str | None:
+    try:
+        from ipykernel.connect import get_connection_file
+
+        name = Path(get_connection_file()).stem
+        return name[len("kernel-"):] if name.startswith("kernel-") else name
+    except Exception:
+        return None
+
+
+class SessionManager:
+    def __init__(self, *, cwd: Callable[[], Path] = Path.cwd, notice: Notice | None = None,
+                 env: Mapping[str, str] | None = None, owner: Owner | None = None,
+                 watchdog: bool = True):
+        self.cwd = cwd
+        self.notice = notice or (lambda message: print(message, file=sys.stderr))
+        self.env = env
+        self.owner = owner or current_owner()
+        self.kernel_id = kernel_id()
+        self.sessions: dict[str, Session] = {}
+        self._engine: Engine | None = None
+        self._lock = threading.RLock()
+        self._fresh_count = 0
+        self._want_watchdog = watchdog
+        self._watchdog: subprocess.Popen | None = None
+        self._watchdog_pipe: int | None = None
+        self._closed = False
+        self._reaped = False
+        self.log_dir = logs_dir(env) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.owner.token}"
+        self.listeners: list[Callable[[], None]] = []  # called when sessions change (the panel)
+        atexit.register(self.shutdown)
+
+    # ------------------------------------------------------------------ engine
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine.connect(self.env, notify=self.notice)
+            if not self._reaped:  # the load-time reap found no engine running
+                threading.Thread(target=self._reap_orphans, name="mino-reaper", daemon=True).start()
+        return self._engine
+
+    def start_background_reap(self) -> None:
+        """At extension load: remove containers of kernels that died, without delaying the load."""
+        def reap() -> None:
+            try:
+                engine = Engine.connect(self.env, autostart=False)
+            except Exception:
+                return  # no engine running: reap when a cell first connects
+            try:
+                self._reaped = True
+                removed = prune(engine)
+            except Exception:
+                return
+            finally:
+                engine.close()
+            if removed:
+                self.notice(f"mino: removed {len(removed)} container(s) left behind by a kernel that died")
+
+        threading.Thread(target=reap, name="mino-reaper", daemon=True).start()
+
+    def _reap_orphans(self) -> None:
+        self._reaped = True
+        try:
+            removed = prune(self._engine)
+        except Exception:
+            return
+        if removed:
+            self.notice(f"mino: removed {len(removed)} container(s) left behind by a kernel that died")
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ decisions
+    def settings(self) -> config.Loaded:
+        return config.load(self.cwd(), self.env)
+
+    def plan_for(self, flags: NetworkChoice, session: Session | None, loaded: config.Loaded) -> Resolution:
+        presets = presets_mod.entries(presets_mod.load())
+        inp = NetworkResolutionInput(
+            flags=flags,
+            session=session.plan.as_choice(f"session '{session.name}'") if session and session.state != "stopped" else None,
+            project=config.network_choice(loaded.project, "project"),
+            global_=config.network_choice(loaded.global_, "global"),
+        )
+        return resolve(inp, presets)
+
+    def resolve_image(self, requested: str | None, loaded: config.Loaded) -> str:
+        image = requested or config.merged(loaded, "image")[0]
+        if not image or image in ("base", "mino-base"):
+            return base_image_ref()
+        return image
+
+    # ------------------------------------------------------------------ cells
+    def run_cell(self, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
+        if self._closed:
+            raise MinoError("mino has been unloaded in this kernel", "%load_ext mino_jupyter again")
+        if not opts.fresh and not SESSION_NAME.match(opts.session):
+            raise UsageError(f'invalid session name "{opts.session}"',
+                             "use letters, digits, '.', '_' and '-' (up to 41 characters), starting with a letter or digit")
+        if opts.timeout is not None and not opts.timeout > 0:
+            raise UsageError(f"--timeout must be a positive number of seconds, not {opts.timeout:g}",
+                             "e.g. --timeout 30")
+        loaded = self.settings()
+        for warning in loaded.warnings:
+            self.notice(warning)
+        with self._lock:
+            existing = None if opts.fresh else self.sessions.get(opts.session)
+            if existing is not None and existing.state == "stopped":
+                existing = None
+            resolution = self.plan_for(opts.network, existing, loaded)
+            image = self.resolve_image(opts.image, loaded)
+            readonly = opts.workspace_readonly
+            if readonly is None:
+                readonly = bool(config.merged(loaded, "workdir_readonly", False)[0])
+            if existing is not None:
+                self._check_compatible(existing, resolution.plan, image, opts)
+            for warning in resolution.warnings:
+                self.notice(f"mino: {warning}")
+            if resolution.plan.mode == "allowlist":
+                raise UsageError("allowlist mode (--network-preset / --network-allow) is not available yet",
+                                 "use --network bridge, host or none")
+            engine = self.engine
+            session = existing or self._start_session(engine, opts, image, resolution.plan, readonly, loaded)
+        return self._run_in(session, script, opts, sink)
+
+    def _check_compatible(self, s: Session, plan: NetworkPlan, image: str, opts: CellOptions) -> None:
+        hint = (f"use --session NEW_NAME or --fresh for a different set-up, or `%mino stop {s.name}` first")
+        if opts.image and image != s.image:
+            raise UsageError(f"session '{s.name}' runs image {s.image}, not {image}", hint)
+        if plan != s.plan and not opts.network.silent:
+            raise UsageError(f"session '{s.name}' uses network {s.plan.describe()}, not {plan.describe()}", hint)
+        if opts.workspace_readonly is not None and opts.workspace_readonly != s.workspace_readonly:
+            mode = "read-only" if s.workspace_readonly else "read-write"
+            raise UsageError(f"session '{s.name}' mounts /workspace {mode}", hint)
+
+    def _start_session(self, engine: Engine, opts: CellOptions, image: str, plan: NetworkPlan,
+                       readonly: bool, loaded: config.Loaded) -> Session:
+        engine.require_image(image)
+        if opts.fresh:
+            self._fresh_count += 1
+            name = f"fresh-{self._fresh_count}"
+        else:
+            name = opts.session
+        session = Session(name=name, image=image, plan=plan, fresh=opts.fresh,
+                          log_path=self.log_dir / f"{name}.log", workspace_readonly=readonly)
+        workspace = self.cwd().resolve()
+        ca_setting = config.merged(loaded, "ca_bundle", "auto")[0]
+        request = policy.SessionRequest(
+            name=f"mino-{self.owner.token[:8]}-{name}",
+            image=image,
+            network=plan.mode if plan.mode != "allowlist" else "bridge",
+            labels=_labels(self.owner, {
+                "io.mino.role": "fresh" if opts.fresh else "session",
+                "io.mino.session": name,
+                "io.mino.network": plan.describe(),
+                **({"io.mino.kernel-id": self.kernel_id} if self.kernel_id else {}),
+            }),
+            limits=engine.host_limits(),
+            workspace=policy.Mount(str(workspace), policy.WORKDIR, read_only=readonly),
+            ca_bundle=_ca_bundle(ca_setting),
+        )
+        self._ensure_watchdog(engine)
+        session.container_id = engine.run(policy.session_spec(request))
+        session.state = "idle"
+        self.sessions[name] = session
+        if plan.mode == "host":
+            self.notice(f"mino: session '{name}' uses the host network: cells reach everything this "
+                        "machine reaches, its local services included")
+        if not readonly and not _writable_by_cell_user(workspace):
+            self.notice(f"mino: {workspace} is mounted at /workspace but the sandbox user (uid "
+                        f"{policy.CELL_UID}) cannot write there; to let cells save files next to the "
+                        f"notebook: `chown {policy.CELL_UID} {workspace}` or `setfacl -m u:{policy.CELL_UID}:rwx {workspace}`")
+        self._changed()
+        return session
+
+    def _run_in(self, session: Session, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
+        secrets = list(opts.secrets.values())
+        env = {**opts.env, **opts.secrets}
+        log = SessionLog(session.log_path)
+        session.cells_run += 1
+        log.cell_start(session.cells_run, script, secrets)
+        cell_sink = _CellSink(sink, log, secrets)
+        session.state = "running"
+        self._changed()
+        try:
+            result = run_script(self.engine, session.container_id, script, env=env, sink=cell_sink,
+                                timeout=opts.timeout)
+        except MinoError:
+            session.state = "idle"
+            if self.engine.inspect(session.container_id) is None:
+                self._mark_stopped(session)
+                raise MinoError(f"session '{session.name}' container is gone (removed outside mino)",
+                                "run the cell again to start a new container") from None
+            raise
+        finally:
+            cell_sink.close()
+            if session.fresh:
+                self._remove(session)
+            elif session.state == "running":
+                session.state = "idle"
+        log.cell_end(result, cell_sink.dropped)
+        session.last_exit = result.exit_code
+        self._changed()
+        return result, session
+
+    # ------------------------------------------------------------------ management
+    def rows(self) -> list[dict]:
+        with self._lock:
+            return [s.row() for s in self.sessions.values()]
+
+    def get(self, name: str) -> Session:
+        try:
+            return self.sessions[name]
+        except KeyError:
+            known = ", ".join(self.sessions) or "none yet"
+            raise UsageError(f'no session named "{name}"', f"sessions in this kernel: {known}") from None
+
+    def stop(self, name: str) -> Session:
+        with self._lock:
+            session = self.get(name)
+            if session.state != "stopped":
+                self._remove(session)
+        self._changed()
+        return session
+
+    def stop_all(self) -> list[str]:
+        with self._lock:
+            live = [s for s in self.sessions.values() if s.state != "stopped"]
+            if live:
+                remove_all(self.engine, [s.container_id for s in live if s.container_id])
+            for s in live:
+                self._mark_stopped(s)
+        self._changed()
+        return [s.name for s in live]
+
+    def _remove(self, session: Session) -> None:
+        if session.container_id:
+            self.engine.remove(session.container_id)
+        self._mark_stopped(session)
+
+    def _mark_stopped(self, session: Session) -> None:
+        session.state = "stopped"
+        session.stopped_at = time.time()
+
+    def logs(self, name: str, tail: int | None = None) -> str:
+        return SessionLog(self.get(name).log_path).tail(tail)
+
+    def prune(self) -> tuple[list[str], list[str]]:
+        """Forget stopped sessions (their log files stay) and remove orphaned containers."""
+        with self._lock:
+            gone = [n for n, s in self.sessions.items() if s.state == "stopped"]
+            for name in gone:
+                del self.sessions[name]
+        orphaned = prune(self.engine)
+        self._changed()
+        return gone, orphaned
+
+    # ------------------------------------------------------------------ lifetime
+    def _ensure_watchdog(self, engine: Engine) -> None:
+        if not self._want_watchdog or (self._watchdog and self._watchdog.poll() is None):
+            return
+        read_end, write_end = os.pipe()
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "mino_jupyter.watchdog", self.owner.token, engine.endpoint.url,
+                 str(self.owner.pid), str(self.owner.start_ticks)],
+                stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True,
+            )
+        finally:
+            os.close(read_end)
+        self._watchdog_pipe = write_end  # never inherited (O_CLOEXEC); closes when we die
+
+    def shutdown(self) -> None:
+        """Remove every container of this kernel. Runs at exit, restart and unload."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        removed = self._engine is None
+        try:
+            if self._engine is not None:
+                ids = [c["Id"] for c in self._engine.list({**MANAGED, "io.mino.owner": self.owner.token})]
+                remove_all(self._engine, ids)
+                removed = True
+                for s in self.sessions.values():
+                    if s.state != "stopped":
+                        self._mark_stopped(s)
+        except Exception:
+            pass  # not saying "bye" leaves the work to the watchdog
+        finally:
+            if self._watchdog_pipe is not None:
+                try:
+                    if removed:
+                        os.write(self._watchdog_pipe, b"bye\n")
+                    os.close(self._watchdog_pipe)
+                except OSError:
+                    pass
+                self._watchdog_pipe = None
+
+
+def _ca_bundle(setting: str | None) -> str | None:
+    if not setting or setting == "none":
+        return None
+    if setting == "auto":
+        for path in HOST_CA_BUNDLES:
+            if os.path.isfile(path):
+                return os.path.realpath(path)
+        return None
+    if not os.path.isfile(setting):
+        raise UsageError(f"ca_bundle {setting} does not exist", 'set container.ca_bundle to "auto", "none" or a file')
+    return os.path.realpath(setting)
+
+
+def _writable_by_cell_user(path: Path) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_uid == policy.CELL_UID:
+        return bool(st.st_mode & 0o200)
+    if st.st_gid == policy.CELL_UID:
+        return bool(st.st_mode & 0o020)
+    if st.st_mode & 0o002:
+        return True
+    # POSIX ACLs: only a named-user entry for the cell user counts here.
+    try:
+        out = subprocess.run(["getfacl", "-cpn", str(path)], capture_output=True, text=True, timeout=5).stdout
+        return any(line.startswith(f"user:{policy.CELL_UID}:") and "w" in line.split(":")[2]
+                   for line in out.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        return False

@@ -1,0 +1,320 @@
+"""`%%mino` in a real kernel (jupyter_client) against real Podman."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.kernel import Kernel
+
+pytestmark = pytest.mark.podman
+
+
+def _containers(engine, **labels):
+    return engine.list({"io.mino.managed": "true", **labels})
+
+
+def _wait_until(predicate, timeout=30.0, step=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    ws = tmp_path / "notebook-dir"
+    ws.mkdir()
+    os.chown(ws, 1000, 1000)  # the sandbox user may write next to the "notebook"
+    return ws
+
+
+@pytest.fixture
+def kernel(engine, base_image, workspace):
+    k = Kernel(cwd=str(workspace))
+    k.ok("%load_ext mino_jupyter")
+    yield k
+    token = None
+    try:
+        token = k.owner_token()
+    except Exception:
+        pass
+    k.shutdown()
+    if token:
+        assert _wait_until(lambda: not _containers(engine, **{"io.mino.owner": token}), 15)
+
+
+def test_hardening_seen_from_the_cell(kernel):
+    r = kernel.ok("%%mino\ngrep -E '^(Cap|NoNewPrivs)' /proc/self/status\n"
+                  "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max\nid -u\npwd\n")
+    lines = r.stdout.splitlines()
+    fields = dict(line.split(":\t") for line in lines if ":\t" in line)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[cap], 16) == 0, (cap, fields[cap])
+    assert fields["NoNewPrivs"] == "1"
+    assert lines[-3:] == ["4096", "1000", "/workspace"]
+
+
+def test_container_labels_name_the_owner(kernel, engine):
+    kernel.ok("%%mino\ntrue")
+    token = kernel.owner_token()
+    (c,) = _containers(engine, **{"io.mino.owner": token})
+    labels = c["Labels"]
+    from mino_jupyter import __version__
+
+    assert labels["io.mino.owner-pid"] == str(kernel.pid)
+    assert labels["io.mino.version"] == __version__
+    assert labels["io.mino.session"] == "default"
+    assert int(labels["io.mino.owner-start"]) > 0
+
+
+def test_stdout_and_stderr_stay_apart(kernel):
+    r = kernel.ok("%%mino\necho out-1\necho err-1 >&2\necho out-2\n")
+    assert r.stdout == "out-1\nout-2\n"
+    assert r.stderr == "err-1\n"
+
+
+def test_output_streams_while_the_cell_runs(kernel, workspace):
+    """The cell waits for a file the test creates only after it has seen the first line."""
+    go = workspace / "go"
+
+    def on_stream(name, text, reply):
+        if "waiting" in reply.stdout and not go.exists():
+            go.touch()
+
+    r = kernel.execute("%%mino\necho waiting\nfor i in $(seq 300); do [ -e go ] && break; sleep 0.1; done\n"
+                       "[ -e go ] && echo released\n", on_stream=on_stream)
+    assert r.error is None, r.error_text
+    assert r.stdout == "waiting\nreleased\n"
+
+
+def test_decoding_is_incremental_and_forgiving(kernel):
+    r = kernel.ok("%%mino\nprintf '\\xc3'; sleep 0.3; printf '\\xa9\\n'\nprintf 'bad \\xff byte\\n'\n"
+                  "head -c 300000 /dev/zero | tr '\\0' a; echo\nprintf 'no newline'")
+    lines = r.stdout.split("\n")
+    assert lines[0] == "é"
+    assert lines[1] == "bad \ufffd byte"
+    assert lines[2] == "a" * 300000
+    assert lines[3] == "no newline"
+
+
+def test_exit_code_raises_called_process_error(kernel):
+    r = kernel.execute("%%mino\necho before; exit 42")
+    assert r.stdout == "before\n"
+    assert r.error["ename"] == "CellFailed"
+    assert "exit status 42" in r.error["evalue"]
+    r = kernel.ok("import subprocess\ntry:\n    get_ipython().run_cell_magic('mino', '', 'exit 42')\n"
+                  "except subprocess.CalledProcessError as e:\n    print('caught', e.returncode)")
+    assert r.stdout.strip() == "caught 42"
+    kernel.ok("%%mino --no-raise-error\nexit 42")
+
+
+def test_out_and_err_capture(kernel):
+    r = kernel.ok("%%mino --out o --err e\necho to-out; echo to-err >&2")
+    assert r.stdout == "" and r.stderr == ""
+    r = kernel.ok("print(repr(o), repr(e))")
+    assert r.stdout.strip() == "'to-out\\n' 'to-err\\n'"
+
+
+def test_interrupt_stops_the_whole_process_group(kernel, workspace):
+    ticks = workspace / "ticks"
+
+    def on_stream(name, text, reply):
+        if "started" in reply.stdout and not getattr(on_stream, "sent", False):
+            on_stream.sent = True
+            kernel.km.interrupt_kernel()
+
+    r = kernel.execute("%%mino\necho hello > marker\n"
+                       "(while true; do echo tick >> ticks; sleep 0.1; done) &\n"
+                       "sleep 0.3; echo started; sleep 100; echo never\n", on_stream=on_stream, timeout=60)
+    # Background jobs of a non-interactive shell ignore SIGINT: TERM had to follow.
+    assert "Process was terminated." in r.stdout
+    assert "never" not in r.stdout
+    assert r.error and r.error["ename"] == "CellFailed" and "terminated" in r.error["evalue"]
+    size = ticks.stat().st_size
+    time.sleep(0.6)
+    assert ticks.stat().st_size == size, "the background ticker is still running"
+    r = kernel.ok("%%mino\ncat marker; ps -eo args | grep -E 'sleep 100|ticks' | grep -v grep || echo none-left")
+    assert r.stdout == "hello\nnone-left\n"  # same container, still usable, nothing left over
+
+
+def test_interrupt_of_a_plain_foreground_command(kernel):
+    def on_stream(name, text, reply):
+        if "started" in reply.stdout and not getattr(on_stream, "sent", False):
+            on_stream.sent = True
+            kernel.km.interrupt_kernel()
+
+    r = kernel.execute("%%mino\necho started; sleep 100; echo never\n", on_stream=on_stream, timeout=60)
+    assert r.stdout == "started\nProcess was interrupted.\n"
+    assert r.error["ename"] == "CellFailed" and "exit status 130 (interrupted)" in r.error["evalue"]
+
+
+def test_timeout_kills_the_group_and_says_so(kernel):
+    r = kernel.execute("%%mino --timeout 1\n(sleep 50; echo bg) & echo started; sleep 60; echo never")
+    assert r.stdout.startswith("started\n") and "never" not in r.stdout
+    assert "timed out after 1 s" in r.stderr
+    assert r.error["ename"] == "CellFailed" and "124" in r.error["evalue"] and "timed out after 1 s" in r.error["evalue"]
+    r = kernel.ok("%%mino\nps -eo args | grep -c '^sleep [56]0' || true")
+    assert r.stdout.strip() == "0"
+
+
+def test_sessions_reuse_separate_and_fresh(kernel, engine):
+    kernel.ok("%%mino\necho default > /tmp/where")
+    r = kernel.ok("%%mino\ncat /tmp/where")
+    assert r.stdout == "default\n"
+    r = kernel.ok("%%mino --session other\ncat /tmp/where 2>/dev/null || echo missing")
+    assert r.stdout == "missing\n"
+    r = kernel.ok("%%mino --fresh\ncat /tmp/where 2>/dev/null || echo missing")
+    assert r.stdout == "missing\n"
+    token = kernel.owner_token()
+    assert _containers(engine, **{"io.mino.owner": token, "io.mino.role": "fresh"}) == []
+    assert len(_containers(engine, **{"io.mino.owner": token, "io.mino.role": "session"})) == 2
+    table = kernel.ok("%mino sessions").stdout
+    header, *rows = table.splitlines()
+    assert header.split()[:4] == ["name", "container", "image", "network"]
+    states = {row.split()[0]: row for row in rows}
+    assert set(states) == {"default", "other", "fresh-1"}
+    assert " idle " in states["default"] and " stopped " in states["fresh-1"]
+
+
+def test_logs_outlive_the_container_and_mask_secrets(kernel, engine):
+    kernel.ok("MY_TOKEN = 's3cr3t-value-123'")
+    r = kernel.ok("%%mino --secret MY_TOKEN\necho token=$MY_TOKEN\n"
+                  "printf '%s' \"${MY_TOKEN:0:6}\"; sleep 0.3; printf '%s\\n' \"${MY_TOKEN:6}\"")
+    assert "s3cr3t-value-123" not in r.stdout and "s3cr3t" not in r.stdout
+    assert r.stdout.count("********") == 2
+    token = kernel.owner_token()
+    (container,) = _containers(engine, **{"io.mino.owner": token})
+    import json
+
+    assert "s3cr3t" not in json.dumps(engine.inspect(container["Id"]))  # not in the container's config
+    kernel.ok("%mino stop default")
+    assert _containers(engine, **{"io.mino.owner": token}) == []
+    r = kernel.ok("%mino logs default")
+    assert "token=********" in r.stdout and "s3cr3t" not in r.stdout
+    r = kernel.ok("%mino logs default --tail 1")
+    assert r.stdout.startswith("=== exit 0")
+    r = kernel.ok("from mino_jupyter.magics import current_manager as _cm\n"
+                  "print(open(_cm().sessions['default'].log_path).read().count('s3cr3t'))")
+    assert r.stdout.strip() == "0"
+    assert "stopped" in kernel.ok("%mino sessions").stdout
+    kernel.ok("%mino prune")
+    assert "no sessions" in kernel.ok("%mino sessions").stdout
+
+
+def test_environment_options(kernel):
+    r = kernel.ok("%%mino -e GREETING=hi -e 'SPACED=a b'\necho \"$GREETING|$SPACED\"")
+    assert r.stdout == "hi|a b\n"
+    r = kernel.execute("%%mino -e 1BAD=x\necho no")
+    assert r.error and "invalid environment variable" in r.error_text and "Traceback" not in r.error_text
+
+
+def test_workspace_is_the_notebook_directory(kernel, workspace):
+    (workspace / "input.txt").write_text("from host\n")
+    r = kernel.ok("%%mino\ncat input.txt; echo from-cell > output.txt")
+    assert r.stdout == "from host\n"
+    assert (workspace / "output.txt").read_text() == "from-cell\n"
+    r = kernel.execute("%%mino --session ro --readonly-workspace\necho x > blocked.txt")
+    assert r.error is not None and "Read-only file system" in r.stderr
+    assert not (workspace / "blocked.txt").exists()
+
+
+def test_bad_options_and_missing_image_start_nothing(kernel, engine):
+    token = kernel.owner_token()
+    for cell, expected in [
+        ("%%mino --bogus\ntrue", "unrecognized arguments: --bogus"),
+        ("%%mino --network nope\ntrue", 'unknown network mode "nope"'),
+        ("%%mino --timeout -1\ntrue", "--timeout must be a positive number"),
+        ("%%mino --session 'bad name'\ntrue", 'invalid session name "bad name"'),
+        ("%%mino --image localhost/mino-no-such-image:1\ntrue", "is not present"),
+        ("%%mino --network none --network-preset dev\ntrue", "--network none conflicts with --network-preset dev"),
+    ]:
+        r = kernel.execute(cell)
+        assert r.error is not None, cell
+        text = r.error_text
+        assert expected in text, (cell, text)
+        assert "Traceback" not in text and "hint:" in text, text
+    assert _containers(engine, **{"io.mino.owner": token}) == []
+
+
+def test_no_engine_is_one_clear_error(engine, base_image, tmp_path):
+    k = Kernel(cwd=str(tmp_path), env={"CONTAINER_HOST": f"unix://{tmp_path}/no-podman.sock"})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        r = k.execute("%%mino\necho hi")
+        assert r.error is not None
+        assert r.error["traceback"][0].startswith("mino: cannot reach the Podman API at unix://")
+        assert "hint:" in r.error_text and "Traceback" not in r.error_text
+    finally:
+        k.shutdown()
+
+
+def test_clean_shutdown_removes_containers(engine, base_image, workspace):
+    k = Kernel(cwd=str(workspace))
+    k.ok("%load_ext mino_jupyter")
+    k.ok("%%mino\ntrue")
+    k.ok("%%mino --session two\ntrue")
+    token = k.owner_token()
+    assert len(_containers(engine, **{"io.mino.owner": token})) == 2
+    k.shutdown(now=False)
+    assert _containers(engine, **{"io.mino.owner": token}) == []
+
+
+def test_restart_and_unload_remove_containers(engine, base_image, workspace):
+    k = Kernel(cwd=str(workspace))
+    try:
+        k.ok("%load_ext mino_jupyter")
+        k.ok("%%mino\ntrue")
+        token = k.owner_token()
+        k.ok("%unload_ext mino_jupyter")
+        assert _containers(engine, **{"io.mino.owner": token}) == []
+        k.ok("%load_ext mino_jupyter")
+        k.ok("%%mino\ntrue")
+        token = k.owner_token()
+        assert len(_containers(engine, **{"io.mino.owner": token})) == 1
+        k.km.restart_kernel(now=False)
+        k.kc.wait_for_ready(timeout=60)
+        assert _containers(engine, **{"io.mino.owner": token}) == []
+    finally:
+        k.shutdown()
+
+
+def test_sigkilled_kernel_is_cleaned_up_by_the_watchdog(engine, base_image, workspace):
+    k = Kernel(cwd=str(workspace))
+    k.ok("%load_ext mino_jupyter")
+    k.ok("%%mino\ntrue")
+    k.ok("%%mino --session two\ntrue")
+    token = k.owner_token()
+    assert len(_containers(engine, **{"io.mino.owner": token})) == 2
+    os.kill(k.pid, signal.SIGKILL)
+    k.shutdown(now=True)
+    assert _wait_until(lambda: not _containers(engine, **{"io.mino.owner": token}), timeout=30), \
+        "the watchdog did not remove the dead kernel's containers"
+
+
+def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
+    """A container whose owner is gone (and whose watchdog died too) goes at the next load."""
+    import uuid
+
+    from mino_jupyter import policy
+    from mino_jupyter.owner import current_owner
+
+    me = current_owner()
+    dead = {**me.labels(), "io.mino.owner": "dead" + uuid.uuid4().hex[:8], "io.mino.owner-pid": "999999999"}
+    spec = policy.session_spec(policy.SessionRequest(
+        name=f"mino-orphan-{uuid.uuid4().hex[:6]}", image=base_image, network="none",
+        labels={**policy.version_labels(), **dead, "io.mino.role": "session"}, limits=engine.host_limits()))
+    cid = engine.run(spec)
+    k = Kernel(cwd=str(workspace))
+    try:
+        k.ok("%load_ext mino_jupyter")
+        assert _wait_until(lambda: engine.inspect(cid) is None, timeout=20)
+    finally:
+        k.shutdown()
+        engine.remove(cid)

@@ -1,0 +1,91 @@
+"""A real IPython kernel (jupyter_client) for integration tests."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import time
+from dataclasses import dataclass, field
+
+from jupyter_client.manager import KernelManager
+
+
+@dataclass
+class Reply:
+    stdout: str = ""
+    stderr: str = ""
+    error: dict | None = None
+    status: str = ""
+    streams: list = field(default_factory=list)  # (monotonic time, name, text)
+    displays: list = field(default_factory=list)
+
+    @property
+    def error_text(self) -> str:
+        if not self.error:
+            return ""
+        return "\n".join(self.error.get("traceback", [])) + f"\n{self.error.get('ename')}: {self.error.get('evalue')}"
+
+
+class Kernel:
+    def __init__(self, cwd: str, env: dict | None = None):
+        self.km = KernelManager(kernel_name="python3")
+        kernel_env = {**os.environ, **(env or {})}
+        kernel_env.pop("MINO_REQUIRE_PODMAN", None)
+        self.km.start_kernel(cwd=cwd, env=kernel_env, extra_arguments=["--HistoryManager.enabled=False"])
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    @property
+    def pid(self) -> int:
+        return self.km.provisioner.process.pid
+
+    def execute(self, code: str, timeout: float = 120, on_stream=None) -> Reply:
+        msg_id = self.kc.execute(code, allow_stdin=False)
+        reply = Reply()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no idle status within {timeout} s for: {code[:80]!r}")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=remaining)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                reply.streams.append((time.monotonic(), content["name"], content["text"]))
+                if content["name"] == "stdout":
+                    reply.stdout += content["text"]
+                else:
+                    reply.stderr += content["text"]
+                if on_stream:
+                    on_stream(content["name"], content["text"], reply)
+            elif kind == "error":
+                reply.error = content
+            elif kind in ("display_data", "execute_result"):
+                reply.displays.append(content)
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        shell = self.kc.get_shell_msg(timeout=30)
+        reply.status = shell["content"]["status"]
+        return reply
+
+    def ok(self, code: str, **kw) -> Reply:
+        r = self.execute(code, **kw)
+        assert r.error is None, r.error_text + "\nstdout:" + r.stdout + "\nstderr:" + r.stderr
+        return r
+
+    def owner_token(self) -> str:
+        r = self.ok("from mino_jupyter.magics import current_manager as _cm; print(_cm().owner.token)")
+        return r.stdout.strip()
+
+    def shutdown(self, now: bool = False) -> None:
+        try:
+            self.kc.stop_channels()
+        finally:
+            if self.km.has_kernel:
+                self.km.shutdown_kernel(now=now)
