@@ -43,6 +43,14 @@ KEYS: dict[str, Key] = {k.name: k for k in (
 )}
 
 
+def parse_error_text(exc: ParseError) -> str:
+    """tomlkit's reason without its own position suffix; end of file said in words."""
+    reason = str(exc).split(" at line")[0]
+    if "\\x00" in reason or "\x00" in reason:
+        reason = "unexpected end of file (an unclosed bracket or quote?)"
+    return reason
+
+
 def global_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get("MINO_CONFIG"):
@@ -113,7 +121,7 @@ def read_file(path: Path) -> tuple[FileConfig | None, list[str]]:
     try:
         doc = tomlkit.parse(text).unwrap()
     except ParseError as exc:
-        reason = str(exc).split(" at line")[0]
+        reason = parse_error_text(exc)
         return None, [f"mino: {path}:{exc.line}:{exc.col}: not valid TOML ({reason}); this file is ignored "
                       f"and left untouched"]
     warnings: list[str] = []

@@ -161,7 +161,7 @@ class NetworkPlan:
     preset: str | None = None
     allow: tuple[AllowEntry, ...] = ()  # the union of the preset's and the extra entries
     extra: tuple[AllowEntry, ...] = ()  # the extra entries alone (for display)
-    source: str = "default"
+    source: str = field(default="default", compare=False)  # where it was decided, not what
 
     def describe(self) -> str:
         if self.mode != "allowlist":

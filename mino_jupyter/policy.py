@@ -137,9 +137,10 @@ def session_spec(req: SessionRequest) -> dict:
         **_hardening(req.limits),
     }
     if req.no_dns:
-        # No nameserver inside: names resolve only from /etc/hosts, which mino fills.
-        spec["dns_server"] = []
-        spec["use_image_resolve_conf"] = True
+        # The only nameserver is loopback, where nothing answers: names resolve from /etc/hosts,
+        # which mino fills with its own answers, and no DNS query leaves the container.
+        spec["dns_server"] = ["127.0.0.1"]
+        spec["dns_search"] = ["."]
     return spec
 
 

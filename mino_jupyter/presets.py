@@ -17,6 +17,7 @@ from typing import Iterable, Mapping
 import tomlkit
 from tomlkit.exceptions import ParseError
 
+from .config import parse_error_text
 from .errors import ConfigError, UsageError
 from .network import AllowEntry, parse_allow_entry
 from .paths import config_dir
@@ -60,7 +61,7 @@ def parse_preset(path: Path, *, builtin: bool) -> Preset:
     try:
         doc = tomlkit.parse(text).unwrap()
     except ParseError as exc:
-        raise ConfigError(f"{path}:{exc.line}:{exc.col}: not valid TOML: {_reason(exc)}",
+        raise ConfigError(f"{path}:{exc.line}:{exc.col}: not valid TOML: {parse_error_text(exc)}",
                           "fix or remove the file; each preset needs description = \"...\" and allow = [...]") from None
     unknown = sorted(set(doc) - {"description", "allow"})
     if unknown:
@@ -81,11 +82,6 @@ def parse_preset(path: Path, *, builtin: bool) -> Preset:
         except UsageError as exc:
             raise ConfigError(f"{path}:{_line_of(text, item)}: {exc.message}", exc.hint) from None
     return Preset(name, description, tuple(dict.fromkeys(entries)), str(path), builtin)
-
-
-def _reason(exc: ParseError) -> str:
-    message = str(exc)
-    return message.split(" at line")[0]
 
 
 def load(dirs: Iterable[tuple[Path, bool]] | None = None) -> dict[str, Preset]:

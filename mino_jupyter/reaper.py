@@ -10,8 +10,7 @@ from .runtime import Engine
 MANAGED = {"io.mino.managed": "true"}
 
 
-def remove_all(engine: Engine, ids: list[str]) -> None:
-    """Remove containers in parallel: kernel shutdown with many sessions must not take long."""
+def _parallel(engine: Engine, ids: list[str]) -> None:
     # Plain threads, not concurrent.futures: this also runs from atexit, where executors refuse work.
     errors: list[BaseException] = []
 
@@ -30,6 +29,21 @@ def remove_all(engine: Engine, ids: list[str]) -> None:
         raise errors[0]
 
 
+def remove_containers(engine: Engine, containers: list[dict]) -> list[str]:
+    """Remove containers (as listed by Engine.list) in parallel; firewall containers, which join
+    their session's network namespace, go with their session (removal with dependents)."""
+    sessions = [c["Id"] for c in containers if (c.get("Labels") or {}).get("io.mino.role") != "firewall"]
+    _parallel(engine, sessions)
+    left = {c["Id"] for c in engine.list(MANAGED)}
+    firewalls = [c["Id"] for c in containers if c["Id"] not in sessions and c["Id"] in left]
+    _parallel(engine, firewalls)
+    return [c["Id"] for c in containers]
+
+
+def owned_by(engine: Engine, token: str) -> list[dict]:
+    return engine.list({**MANAGED, "io.mino.owner": token})
+
+
 def orphans(engine: Engine) -> list[dict]:
     return [c for c in engine.list(MANAGED) if not owner_alive(c.get("Labels") or {})]
 
@@ -37,6 +51,4 @@ def orphans(engine: Engine) -> list[dict]:
 def prune(engine: Engine, everything: bool = False) -> list[str]:
     """Remove orphaned mino containers (or, with `everything`, all of this host's)."""
     victims = engine.list(MANAGED) if everything else orphans(engine)
-    ids = [c["Id"] for c in victims]
-    remove_all(engine, ids)
-    return ids
+    return remove_containers(engine, victims)

@@ -346,9 +346,10 @@ class Engine:
         return None if response is None else response.json()
 
     def remove(self, cid: str, timeout: int = 0) -> None:
-        """Force-remove (stop with `timeout` seconds of grace first). Missing is fine."""
+        """Force-remove (stop with `timeout` seconds of grace first), with the containers that
+        depend on it (an allowlist session's firewall container). Missing is fine."""
         self.request("delete", f"/containers/{cid}",
-                      params={"force": "true", "v": "true", "timeout": str(timeout)},
+                      params={"force": "true", "v": "true", "depend": "true", "timeout": str(timeout)},
                       what=f"remove container {cid[:12]}", ok_missing=True)
 
     def list(self, labels: Mapping[str, str | None]) -> list[dict]:

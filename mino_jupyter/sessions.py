@@ -19,20 +19,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import config, policy, presets as presets_mod
+from . import config, firewall, policy, presets as presets_mod
 from .cell import CellResult, Sink, run_script
-from .errors import MinoError, UsageError
+from .errors import FirewallError, MinoError, UsageError
 from .image import base_image_ref
 from .network import NetworkChoice, NetworkPlan, NetworkResolutionInput, Resolution, resolve
 from .owner import Owner, current_owner
 from .paths import logs_dir
-from .reaper import MANAGED, prune, remove_all
+from .reaper import owned_by, prune, remove_containers
 from .redact import Redactor, mask
 from .runtime import STDERR, STDOUT, Engine
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 DEFAULT_SESSION = "default"
 LOG_CELL_LIMIT = 1 << 20  # bytes of output kept in the log per cell
+RESOLVE_REFRESH = 30.0  # seconds after which an allowlist session's names are resolved again
 HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
                    "/etc/ssl/cert.pem")
 
@@ -65,7 +66,9 @@ class Session:
     started_at: float = field(default_factory=time.time)
     stopped_at: float | None = None
     workspace_readonly: bool = False
-    warned_host: bool = False
+    firewall_id: str | None = None
+    resolved: firewall.Resolved | None = None
+    resolved_at: float = 0.0
 
     def row(self) -> dict:
         return {
@@ -165,10 +168,13 @@ def kernel_id() -> str | None:
 class SessionManager:
     def __init__(self, *, cwd: Callable[[], Path] = Path.cwd, notice: Notice | None = None,
                  env: Mapping[str, str] | None = None, owner: Owner | None = None,
-                 watchdog: bool = True):
+                 watchdog: bool = True, resolver: firewall.Resolver = firewall.system_resolver):
         self.cwd = cwd
         self.notice = notice or (lambda message: print(message, file=sys.stderr))
         self.env = env
+        self.resolver = resolver
+        # The firewall container always runs mino's own image (it has nft), whatever the session's.
+        self.firewall_image = base_image_ref()
         self.owner = owner or current_owner()
         self.kernel_id = kernel_id()
         self.sessions: dict[str, Session] = {}
@@ -274,18 +280,19 @@ class SessionManager:
                 self._check_compatible(existing, resolution.plan, image, opts)
             for warning in resolution.warnings:
                 self.notice(f"mino: {warning}")
-            if resolution.plan.mode == "allowlist":
-                raise UsageError("allowlist mode (--network-preset / --network-allow) is not available yet",
-                                 "use --network bridge, host or none")
             engine = self.engine
+            if existing is not None and resolution.plan != existing.plan:
+                self._replan(existing, resolution.plan)  # allowlist entries changed: new rules
             session = existing or self._start_session(engine, opts, image, resolution.plan, readonly, loaded)
+            if session.firewall_id and time.monotonic() - session.resolved_at > RESOLVE_REFRESH:
+                self._refresh_firewall(session)
         return self._run_in(session, script, opts, sink)
 
     def _check_compatible(self, s: Session, plan: NetworkPlan, image: str, opts: CellOptions) -> None:
         hint = (f"use --session NEW_NAME or --fresh for a different set-up, or `%mino stop {s.name}` first")
         if opts.image and image != s.image:
             raise UsageError(f"session '{s.name}' runs image {s.image}, not {image}", hint)
-        if plan != s.plan and not opts.network.silent:
+        if plan != s.plan and not opts.network.silent and not (plan.mode == s.plan.mode == "allowlist"):
             raise UsageError(f"session '{s.name}' uses network {s.plan.describe()}, not {plan.describe()}", hint)
         if opts.workspace_readonly is not None and opts.workspace_readonly != s.workspace_readonly:
             mode = "read-only" if s.workspace_readonly else "read-write"
@@ -301,24 +308,42 @@ class SessionManager:
             name = opts.session
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh,
                           log_path=self.log_dir / f"{name}.log", workspace_readonly=readonly)
+        resolved = None
+        if plan.mode == "allowlist":
+            engine.require_image(self.firewall_image)
+            resolved = self._resolve(plan)
         workspace = self.cwd().resolve()
         ca_setting = config.merged(loaded, "ca_bundle", "auto")[0]
+        base_labels = {
+            "io.mino.session": name,
+            "io.mino.network": plan.describe(),
+            **({"io.mino.kernel-id": self.kernel_id} if self.kernel_id else {}),
+        }
         request = policy.SessionRequest(
             name=f"mino-{self.owner.token[:8]}-{name}",
             image=image,
-            network=plan.mode if plan.mode != "allowlist" else "bridge",
-            labels=_labels(self.owner, {
-                "io.mino.role": "fresh" if opts.fresh else "session",
-                "io.mino.session": name,
-                "io.mino.network": plan.describe(),
-                **({"io.mino.kernel-id": self.kernel_id} if self.kernel_id else {}),
-            }),
+            network="bridge" if plan.mode == "allowlist" else plan.mode,
+            labels=_labels(self.owner, {"io.mino.role": "fresh" if opts.fresh else "session", **base_labels}),
             limits=engine.host_limits(),
             workspace=policy.Mount(str(workspace), policy.WORKDIR, read_only=readonly),
             ca_bundle=_ca_bundle(ca_setting),
+            hosts=resolved.hosts if resolved else (),
+            no_dns=resolved is not None,
         )
         self._ensure_watchdog(engine)
         session.container_id = engine.run(policy.session_spec(request))
+        if resolved is not None:
+            try:
+                session.firewall_id = engine.run(policy.firewall_spec(
+                    name=f"{request.name}-fw", image=self.firewall_image, target_container=session.container_id,
+                    labels=_labels(self.owner, {"io.mino.role": "firewall", **base_labels}),
+                    limits=engine.host_limits()))
+                self._install_rules(session, resolved)
+            except MinoError as exc:
+                engine.remove(session.container_id)
+                raise FirewallError(f"the allowlist firewall could not be installed, so nothing ran: {exc.message}",
+                                    "mino never falls back to an open network; `mino-jupyter doctor` checks "
+                                    "the image (nft) and the engine") from None
         session.state = "idle"
         self.sessions[name] = session
         if plan.mode == "host":
@@ -330,6 +355,90 @@ class SessionManager:
                         f"notebook: `chown {policy.CELL_UID} {workspace}` or `setfacl -m u:{policy.CELL_UID}:rwx {workspace}`")
         self._changed()
         return session
+
+    # ------------------------------------------------------------------ the allowlist
+    def _resolve(self, plan: NetworkPlan, previous: firewall.Resolved | None = None) -> firewall.Resolved:
+        resolved = firewall.resolve_entries(plan.allow, self.resolver)
+        if previous is not None and resolved.unresolved:
+            # A name that stopped resolving keeps its last answers rather than breaking the session.
+            keep = [(n, a) for n, a in previous.hosts if n in resolved.unresolved]
+            if keep:
+                kept = {(a, e.port) for n, a in keep for e in plan.allow if e.host == n}
+                resolved = firewall.Resolved(
+                    resolved.v4 | {p for p in kept if ":" not in p[0]},
+                    resolved.v6 | {p for p in kept if ":" in p[0]},
+                    resolved.hosts + tuple(keep),
+                    tuple(n for n in resolved.unresolved if n not in {k[0] for k in keep}))
+        if resolved.unresolved and (previous is None or set(resolved.unresolved) != set(previous.unresolved)):
+            self.notice("mino: allowlist: no address for " + ", ".join(resolved.unresolved)
+                        + " on this host; they stay unreachable")
+        return resolved
+
+    def _install_rules(self, session: Session, resolved: firewall.Resolved) -> None:
+        """Install the ruleset from the firewall container and check it is what we asked for."""
+        code, out, err = self.engine.exec_run(session.firewall_id, policy.exec_body(
+            ["sh", "-c", firewall.INSTALL, "mino-firewall", firewall.ruleset(resolved)], workdir="/", user="0:0"))
+        if code != 0:
+            raise FirewallError(f"nft failed (exit {code}): {err.decode(errors='replace').strip()[:300]}")
+        problems = firewall.verify(out.decode(errors="replace"), resolved)
+        if problems:
+            raise FirewallError("the installed rules differ from the allowlist: " + "; ".join(problems))
+        session.resolved = resolved
+        session.resolved_at = time.monotonic()
+
+    def _write_hosts(self, session: Session, resolved: firewall.Resolved) -> None:
+        code, out, _ = self.engine.exec_run(session.container_id, policy.exec_body(
+            ["cat", "/etc/hosts"], workdir="/"))
+        names = {e.host for e in session.plan.allow if not e.is_ip} | {n for n, _ in (session.resolved or firewall.Resolved()).hosts}
+        text = firewall.rewrite_hosts(out.decode(errors="replace"), names, resolved.hosts)
+        # Root in the session container holds no capability; it only owns /etc/hosts.
+        code, _, err = self.engine.exec_run(session.container_id, policy.exec_body(
+            ["sh", "-c", 'printf "%s" "$1" > /etc/hosts', "mino-hosts", text], workdir="/", user="0:0"))
+        if code != 0:
+            raise FirewallError(f"could not update /etc/hosts: {err.decode(errors='replace').strip()}")
+
+    def _apply(self, session: Session, resolved: firewall.Resolved) -> None:
+        try:
+            self._install_rules(session, resolved)
+            self._write_hosts(session, resolved)
+        except MinoError as exc:
+            # The old rules may be half-replaced: this session must not run anything any more.
+            self._remove(session)
+            raise FirewallError(f"updating the allowlist of session '{session.name}' failed, the session "
+                                f"was stopped and nothing ran: {exc.message}",
+                                "run the cell again to start a new session") from None
+
+    def _refresh_firewall(self, session: Session) -> None:
+        resolved = self._resolve(session.plan, session.resolved)
+        if session.resolved is not None and (resolved.v4, resolved.v6, set(resolved.hosts)) == \
+                (session.resolved.v4, session.resolved.v6, set(session.resolved.hosts)):
+            session.resolved_at = time.monotonic()
+            return
+        self._apply(session, resolved)
+
+    def _replan(self, session: Session, plan: NetworkPlan) -> None:
+        """Allowlist entries changed for a live session: re-resolve and replace the rules."""
+        old = session.plan
+        resolved = self._resolve(plan)
+        session.plan = plan
+        try:
+            self._apply(session, resolved)
+        except MinoError:
+            session.plan = old
+            raise
+        self.notice(f"mino: session '{session.name}' network is now {plan.describe()}")
+
+    def _report_refused(self, session: Session) -> None:
+        try:
+            code, out, _ = self.engine.exec_run(session.firewall_id, policy.exec_body(
+                ["sh", "-c", firewall.READ_REFUSED], workdir="/", user="0:0"))
+        except MinoError:
+            return
+        if code == 0:
+            line = firewall.describe_refused(firewall.parse_refused(out.decode(errors="replace")),
+                                             session.resolved or firewall.Resolved())
+            if line:
+                self.notice(line)
 
     def _run_in(self, session: Session, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
         secrets = list(opts.secrets.values())
@@ -352,6 +461,8 @@ class SessionManager:
             raise
         finally:
             cell_sink.close()
+            if session.firewall_id and session.state == "running":
+                self._report_refused(session)
             if session.fresh:
                 self._remove(session)
             elif session.state == "running":
@@ -385,7 +496,7 @@ class SessionManager:
         with self._lock:
             live = [s for s in self.sessions.values() if s.state != "stopped"]
             if live:
-                remove_all(self.engine, [s.container_id for s in live if s.container_id])
+                remove_containers(self.engine, owned_by(self.engine, self.owner.token))
             for s in live:
                 self._mark_stopped(s)
         self._changed()
@@ -438,8 +549,7 @@ class SessionManager:
         removed = self._engine is None
         try:
             if self._engine is not None:
-                ids = [c["Id"] for c in self._engine.list({**MANAGED, "io.mino.owner": self.owner.token})]
-                remove_all(self._engine, ids)
+                remove_containers(self._engine, owned_by(self._engine, self.owner.token))
                 removed = True
                 for s in self.sessions.values():
                     if s.state != "stopped":

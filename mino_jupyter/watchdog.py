@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
 
     while process_start_ticks(pid) == start:  # pipe closed but the kernel lives: poll it
         time.sleep(2)
-    from .reaper import MANAGED, remove_all
+    from .reaper import owned_by, remove_containers
     from .runtime import Engine, discover
 
     env = dict(os.environ)
@@ -42,8 +42,7 @@ def main(argv: list[str]) -> int:
     for attempt in range(3):
         try:
             engine = Engine.connect(env)
-            ids = [c["Id"] for c in engine.list({**MANAGED, "io.mino.owner": token})]
-            remove_all(engine, ids)
+            remove_containers(engine, owned_by(engine, token))
             return 0
         except Exception:
             time.sleep(1 + attempt)

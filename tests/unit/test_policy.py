@@ -58,7 +58,7 @@ def test_workspace_and_ca_bundle_mounts():
 def test_allowlist_namespace_has_hosts_and_no_dns():
     spec = _spec(hosts=[("pypi.org", "1.2.3.4"), ("pypi.org", "2001:db8::1")], no_dns=True)
     assert spec["hostadd"] == ["pypi.org:1.2.3.4", "pypi.org:2001:db8::1"]
-    assert spec["dns_server"] == []
+    assert spec["dns_server"] == ["127.0.0.1"]  # loopback: nothing answers, nothing leaves
 
 
 def test_firewall_container_holds_net_admin_only():
