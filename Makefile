@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration bench lab clean-containers
+.PHONY: setup demo test unit notebooks bench lab clean-containers
 
 setup:
 	@scripts/setup-host.sh
@@ -15,6 +15,10 @@ demo: setup
 
 test: setup
 	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) scripts/notebooks.py --check
+
+notebooks: setup
+	$(PY) scripts/notebooks.py
 
 unit:
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
