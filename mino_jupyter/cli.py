@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--mirror", default=None, metavar="URL", help="Debian mirror for --offline")
     build.add_argument("--force", action="store_true", help="rebuild even when the image exists")
 
+    cfg = sub.add_parser("config", help="show, get, set or unset settings (--local: the project's .mino.toml)")
+    from .magics import add_config_arguments
+
+    add_config_arguments(cfg)
+    trust = sub.add_parser("trust", help="trust the project .mino.toml's current content")
+    trust.add_argument("path", nargs="?", help="default: the nearest .mino.toml from here")
+    sub.add_parser("presets", help="network presets: names, descriptions, entries")
+
     prune = sub.add_parser("prune", help="remove containers whose kernel is gone")
     prune.add_argument("--all", action="store_true",
                        help="remove every mino container of this host, live owners included")
@@ -71,6 +79,32 @@ def _dispatch(args) -> int:
                          mirror=args.mirror or DEFAULT_MIRROR, force=args.force,
                          progress=lambda m: print(m, flush=True))
         print(ref)
+        return 0
+    if args.command == "config":
+        from pathlib import Path
+
+        from . import presets
+        from .magics import run_config_command
+
+        run_config_command(args, cwd=Path.cwd(), env=None, presets=presets.entries(presets.load()))
+        return 0
+    if args.command == "trust":
+        from pathlib import Path
+
+        from . import config
+
+        path = Path(args.path) if args.path else config.find_project(Path.cwd())
+        if path is None or not path.is_file():
+            raise MinoError(f"no project file to trust ({args.path or 'no .mino.toml here or above'})",
+                            "run it in the project directory or give the path")
+        text = path.read_text(encoding="utf-8")
+        config.record_trust(path, text)
+        print(f"trusted {path.resolve()} (sha256 {config.content_hash(text)[:16]}...)")
+        return 0
+    if args.command == "presets":
+        from . import presets
+
+        print(presets.render(presets.load()))
         return 0
     if args.command == "prune":
         from .reaper import prune

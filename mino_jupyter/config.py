@@ -4,24 +4,39 @@ Global: ``$MINO_CONFIG``, else ``$XDG_CONFIG_HOME/mino/config.toml``, else
 ``~/.config/mino/config.toml``. Project: the nearest ``.mino.toml`` walking up from the notebook's
 directory. Keys live under ``[container]``. A file that does not parse is reported (path, line,
 column) and ignored, never overwritten.
+
+Edits go through tomlkit and touch only the edited key (comments and formatting elsewhere stay
+byte for byte), under an exclusive lock, written to a temporary file and renamed into place.
+
+Trust: a project file arrives with whatever repository was cloned. Until its current content is
+trusted (its SHA-256 recorded in the user's state directory), values that would weaken isolation
+are not applied: image, ca_bundle, a read-write workspace, and network settings less strict than
+what applies without the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import tomlkit
 from tomlkit.exceptions import ParseError
 
 from .errors import UsageError
-from .network import MODES, NetworkChoice, parse_allow_list
-from .paths import config_dir
+from .network import (MODES, AllowEntry, NetworkChoice, NetworkPlan, NetworkResolutionInput,
+                      parse_allow_list, resolve)
+from .paths import config_dir, state_dir
 
 PROJECT_FILE = ".mino.toml"
 SECTION = "container"
+NETWORK_KEYS = {"network", "network_preset", "network_allow"}
 
 
 @dataclass(frozen=True)
@@ -106,8 +121,16 @@ class FileConfig:
 @dataclass(frozen=True)
 class Loaded:
     global_: FileConfig | None
-    project: FileConfig | None
+    project: FileConfig | None  # its values are the ones applied (filtered when untrusted)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    project_trusted: bool = True
+    skipped: dict = field(default_factory=dict)  # untrusted project values not applied
+
+    def explicit_network(self) -> bool:
+        """Has the user chosen a network anywhere in a file (whatever the value)?"""
+        files = [self.global_, self.project]
+        return any(fc is not None and set(fc.values) & NETWORK_KEYS for fc in files) or \
+            bool(set(self.skipped) & NETWORK_KEYS)
 
 
 def read_file(path: Path) -> tuple[FileConfig | None, list[str]]:
@@ -140,14 +163,57 @@ def read_file(path: Path) -> tuple[FileConfig | None, list[str]]:
     return FileConfig(path, values, text), warnings
 
 
-def load(cwd: Path, env: Mapping[str, str] | None = None) -> Loaded:
+def load(cwd: Path, env: Mapping[str, str] | None = None,
+         presets: Mapping[str, Sequence[AllowEntry]] | None = None) -> Loaded:
+    """Both files, validated; an untrusted project file filtered (see the module doc)."""
     warnings: list[str] = []
     g, w = read_file(global_path(env))
     warnings += w
     project_path = find_project(cwd)
     p, w = read_file(project_path) if project_path else (None, [])
     warnings += w
-    return Loaded(g, p, tuple(warnings))
+    if p is None or not p.values or is_trusted(p.path, p.text, env):
+        return Loaded(g, p, tuple(warnings))
+    kept, skipped = untrusted_filter(p.values, network_choice(g, "global"), presets or {})
+    if skipped:
+        shown = ", ".join(f"{k}={toml_value(v)}" for k, v in skipped.items())
+        warnings.append(f"mino: {p.path} is not trusted, so {shown} from it "
+                        f"{'is' if len(skipped) == 1 else 'are'} not applied; review the file, then "
+                        f"`%mino trust` (or `mino-jupyter config trust`)")
+    return Loaded(g, FileConfig(p.path, kept, p.text), tuple(warnings), project_trusted=False, skipped=skipped)
+
+
+STRICTNESS = {"host": 0, "bridge": 1, "allowlist": 2, "none": 3}
+
+
+def at_least_as_strict(a: NetworkPlan, b: NetworkPlan) -> bool:
+    """Does plan `a` allow nothing that plan `b` forbids?"""
+    if a.mode == b.mode == "allowlist":
+        return set(a.allow) <= set(b.allow)
+    return STRICTNESS[a.mode] >= STRICTNESS[b.mode]
+
+
+def untrusted_filter(values: dict, fallback: NetworkChoice | None,
+                     presets: Mapping[str, Sequence[AllowEntry]]) -> tuple[dict, dict]:
+    """Split an untrusted project file's values into (applied, skipped)."""
+    kept, skipped = {}, {}
+    for key, value in values.items():
+        if key in ("image", "ca_bundle") or (key == "workdir_readonly" and value is not True):
+            skipped[key] = value
+        elif key not in NETWORK_KEYS:
+            kept[key] = value
+    network = {k: v for k, v in values.items() if k in NETWORK_KEYS}
+    if network:
+        mine = NetworkChoice("project", network.get("network"), network.get("network_preset"),
+                             tuple(network["network_allow"]) if "network_allow" in network else None)
+        try:
+            plan = resolve(NetworkResolutionInput(project=mine), presets).plan
+            before = resolve(NetworkResolutionInput(global_=fallback), presets).plan
+            safe = at_least_as_strict(plan, before)
+        except UsageError:
+            safe = False
+        (kept if safe else skipped).update(network)
+    return kept, skipped
 
 
 def network_choice(fc: FileConfig | None, label: str) -> NetworkChoice | None:
@@ -165,3 +231,189 @@ def merged(loaded: Loaded, key: str, default: Any = None) -> tuple[Any, str]:
             return fc.values[key], f"{label} {fc.path}"
     return default, "default"
 
+
+
+# --------------------------------------------------------------------------- trust
+def trust_store(env: Mapping[str, str] | None = None) -> Path:
+    return state_dir(env) / "trusted-projects.json"
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_trust(env) -> dict:
+    try:
+        data = json.loads(trust_store(env).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_trusted(path: Path, text: str, env: Mapping[str, str] | None = None) -> bool:
+    return _read_trust(env).get(str(Path(path).resolve())) == content_hash(text)
+
+
+def record_trust(path: Path, text: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Trust the file's current content. Returns its hash."""
+    path = Path(path).resolve()
+    if text is None:
+        text = path.read_text(encoding="utf-8")
+    digest = content_hash(text)
+    store = trust_store(env)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(store):
+        data = _read_trust(env)
+        data[str(path)] = digest
+        _atomic_write(store, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return digest
+
+
+# --------------------------------------------------------------------------- editing
+def canonical_key(name: str) -> str:
+    key = name[len(SECTION) + 1:] if name.startswith(SECTION + ".") else name
+    if key not in KEYS:
+        raise UsageError(f'unknown config key "{name}"', f"valid keys: {', '.join(f'{SECTION}.{k}' for k in KEYS)}")
+    return key
+
+
+def parse_raw(key: str, raw: str, presets: Mapping[str, Any] | None = None) -> Any:
+    """A value typed on a command line, converted to the key's type and validated."""
+    spec = KEYS[key]
+    if spec.kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            raise UsageError(f"{SECTION}.{key} must be true or false, not \"{raw}\"", spec.help)
+        value: Any = lowered in ("true", "yes", "on", "1")
+    elif spec.kind is int:
+        if not raw.strip().isdigit():
+            raise UsageError(f"{SECTION}.{key} must be an integer, not \"{raw}\"", spec.help)
+        value = int(raw)
+    elif spec.kind is list:
+        value = [str(e) for e in parse_allow_list([raw], where=f"{SECTION}.{key}")]
+    else:
+        value = raw.strip()
+    value = validate_value(key, value)
+    if key == "network_preset" and presets is not None and value not in presets:
+        available = ", ".join(sorted(presets)) or "none"
+        raise UsageError(f'unknown network preset "{value}"', f"available presets: {available}")
+    if key == "ca_bundle" and value not in ("auto", "none") and not os.path.isfile(value):
+        raise UsageError(f'ca_bundle "{value}" is not a file', 'use "auto", "none" or the path of a PEM bundle')
+    return value
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def edit(path: Path, key: str, value: Any | None) -> str:
+    """Set (value) or remove (None) one key in one file. Returns the new text.
+
+    Only that key's line changes. A file that does not parse is refused, never rewritten.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        try:
+            doc = tomlkit.parse(text)
+        except ParseError as exc:
+            raise UsageError(f"{path}:{exc.line}:{exc.col}: not valid TOML ({parse_error_text(exc)}); "
+                             "mino will not rewrite it", "fix the file by hand first") from None
+        table = doc.get(SECTION)
+        if value is None:
+            if table is None or key not in table:
+                return text
+            del table[key]
+        else:
+            if table is None:
+                table = tomlkit.table()
+                doc.add(SECTION, table)
+            elif not isinstance(table, dict):
+                raise UsageError(f"{path}: [{SECTION}] is not a table; mino will not rewrite it",
+                                 "fix the file by hand first")
+            table[key] = value
+        new = tomlkit.dumps(doc)
+        if new != text:
+            _atomic_write(path, new)
+        return new
+
+
+def target_file(local: bool, cwd: Path, env: Mapping[str, str] | None = None) -> Path:
+    if not local:
+        return global_path(env)
+    return find_project(cwd) or (cwd.resolve() / PROJECT_FILE)
+
+
+def set_key(name: str, raw: str, *, local: bool, cwd: Path, env=None, presets=None) -> tuple[Path, Any]:
+    key = canonical_key(name)
+    value = parse_raw(key, raw, presets)
+    path = target_file(local, cwd, env)
+    trusted_before = _trusted_or_new(path, env)
+    text = edit(path, key, value)
+    if local and trusted_before:
+        record_trust(path, text, env)  # the user wrote it; a file that came untrusted stays untrusted
+    return path, value
+
+
+def _trusted_or_new(path: Path, env) -> bool:
+    try:
+        return is_trusted(path, path.read_text(encoding="utf-8"), env)
+    except FileNotFoundError:
+        return True
+
+
+def unset_key(name: str, *, local: bool, cwd: Path, env=None) -> tuple[Path, bool]:
+    key = canonical_key(name)
+    path = target_file(local, cwd, env)
+    if not path.exists():
+        return path, False
+    before = path.read_text(encoding="utf-8")
+    trusted_before = _trusted_or_new(path, env)
+    text = edit(path, key, None)
+    if local and text != before and trusted_before:
+        record_trust(path, text, env)
+    return path, text != before
+
+
+def toml_value(value: Any) -> str:
+    return tomlkit.item(value).as_string()
+
+
+def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
+    """(key, value, source) for every key, as `config show` prints it."""
+    rows = []
+    for key in KEYS:
+        value, source = merged(loaded, key)
+        if key in NETWORK_KEYS:
+            for fc, label in ((loaded.project, "project"), (loaded.global_, "global")):
+                if fc is not None and set(fc.values) & NETWORK_KEYS:
+                    value, source = fc.values.get(key), f"{label} {fc.path}"
+                    break
+        if key in loaded.skipped:
+            source += f" (untrusted project value {toml_value(loaded.skipped[key])} not applied)"
+        rows.append((f"{SECTION}.{key}", "-" if value is None else toml_value(value), source))
+    return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 import shlex
 import sys
 import time
@@ -89,7 +90,65 @@ def line_parser() -> argparse.ArgumentParser:
     sub.add_parser("prune", help="forget stopped sessions; remove containers of dead kernels")
     sub.add_parser("doctor", help="check Podman, the service, the image, the hardening")
     sub.add_parser("presets", help="network presets: names, descriptions, entries")
+    cfg = sub.add_parser("config", help="show, get, set or unset settings")
+    add_config_arguments(cfg)
+    trust = sub.add_parser("trust", help="trust the project .mino.toml's current content")
+    trust.add_argument("path", nargs="?")
     return p
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`config show|get KEY|set KEY VALUE|unset KEY [--local]`, shared with the command line."""
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    sub.add_parser("show", help="every setting, its value and the file it comes from")
+    get = sub.add_parser("get", help="one setting")
+    get.add_argument("key")
+    set_ = sub.add_parser("set", help="set a value (global config; --local: this project)")
+    set_.add_argument("key")
+    set_.add_argument("value")
+    set_.add_argument("--local", action="store_true", help="edit the project .mino.toml")
+    unset = sub.add_parser("unset", help="remove a value")
+    unset.add_argument("key")
+    unset.add_argument("--local", action="store_true", help="edit the project .mino.toml")
+
+
+def run_config_command(args, *, cwd, env, presets, out=print) -> None:
+    """The config commands, for %mino config and mino-jupyter config alike."""
+    from . import config
+
+    action = args.action or "show"
+    if action == "show":
+        loaded = config.load(cwd, env, presets)
+        for warning in loaded.warnings:
+            out(warning)
+        rows = config.describe(loaded)
+        width = max(len(k) for k, _, _ in rows)
+        vwidth = max(len(v) for _, v, _ in rows)
+        out(f"global file:  {config.global_path(env)}")
+        project = config.find_project(cwd)
+        if project is None:
+            trusted = ""
+        elif loaded.project is None:
+            trusted = " (ignored: see above)"
+        else:
+            trusted = " (trusted)" if loaded.project_trusted else " (NOT trusted: `%mino trust` after review)"
+        out(f"project file: {project or 'none'}{trusted}")
+        for key, value, source in rows:
+            out(f"{key.ljust(width)}  {value.ljust(vwidth)}  {source}")
+    elif action == "get":
+        key = config.canonical_key(args.key)
+        loaded = config.load(cwd, env, presets)
+        row = next(r for r in config.describe(loaded) if r[0] == f"{config.SECTION}.{key}")
+        out(row[1])
+    elif action == "set":
+        path, value = config.set_key(args.key, args.value, local=args.local, cwd=cwd, env=env, presets=presets)
+        out(f"{config.SECTION}.{config.canonical_key(args.key)} = {config.toml_value(value)} in {path}")
+        if args.local and not config.is_trusted(path, path.read_text(encoding="utf-8"), env):
+            out(f"note: {path} is not trusted (its other values came from elsewhere); review it, then trust it")
+    elif action == "unset":
+        path, changed = config.unset_key(args.key, local=args.local, cwd=cwd, env=env)
+        key = f"{config.SECTION}.{config.canonical_key(args.key)}"
+        out(f"removed {key} from {path}" if changed else f"{key} was not set in {path}")
 
 
 class _DisplaySink:
@@ -129,12 +188,36 @@ def render_sessions(rows: list[dict]) -> str:
 class MinoMagics(Magics):
     """`%%mino` runs a cell in a hardened container; `%mino COMMAND` manages sessions."""
 
-    default_image = Unicode("", help="image for new sessions when neither the cell nor config names one").tag(config=True)
+    image = Unicode("", help="image for new sessions in this kernel (above config files)").tag(config=True)
+    network = Unicode("", help="network mode for this kernel: bridge, host, none or allowlist").tag(config=True)
+    network_preset = Unicode("", help="allowlist preset for this kernel").tag(config=True)
     workspace_readonly = Bool(False, help="mount the notebook's directory read-only by default").tag(config=True)
 
     def __init__(self, shell, manager: SessionManager | None = None):
         super().__init__(shell)
         self.manager = manager or SessionManager()
+        self.manager.first_run_hook = self._first_run
+
+    def _apply_traits(self) -> None:
+        self.manager.kernel_image = self.image or None
+        if self.network or self.network_preset:
+            self.manager.kernel_network = NetworkChoice("%config MinoMagics", self.network or None,
+                                                        self.network_preset or None)
+        elif self.manager.kernel_network is not None and self.manager.kernel_network.source == "%config MinoMagics":
+            self.manager.kernel_network = None
+
+    def _first_run(self) -> None:
+        """No network chosen anywhere yet: offer the picker (interactive) or say so (headless)."""
+        if interactive_frontend(self.shell):
+            from IPython.display import display
+
+            from .widgets import NetworkPicker
+
+            display(NetworkPicker(self.manager.remember_network))
+        else:
+            print("mino: no network chosen yet, so this runs with bridge (full internet, no access to this "
+                  "machine's services); to choose: `%mino config set network MODE` (--local for this project)",
+                  file=sys.stderr)
 
     # -------------------------------------------------------------- the magic
     @line_cell_magic
@@ -162,7 +245,7 @@ class MinoMagics(Magics):
         opts = CellOptions(
             session=args.session,
             fresh=args.fresh,
-            image=args.image or (self.default_image or None),
+            image=args.image,
             timeout=args.timeout,
             env=self._env(args.env),
             secrets=self._secrets(args.secret),
@@ -174,6 +257,7 @@ class MinoMagics(Magics):
         for var in (args.out, args.err):
             if var is not None and not var.isidentifier():
                 raise UsageError(f'--out/--err need a Python variable name, not "{var}"', "e.g. --out result")
+        self._apply_traits()
         sink = _DisplaySink(args.out is not None, args.err is not None)
         try:
             result, session = self.manager.run_cell(cell, opts, sink)
@@ -256,7 +340,20 @@ class MinoMagics(Magics):
         elif args.command == "presets":
             from . import presets
 
-            print(presets.render(presets.load()))
+            print(presets.render(presets.load(env=m.env)))
+        elif args.command == "config":
+            run_config_command(args, cwd=m.cwd(), env=m.env, presets=m.presets())
+        elif args.command == "trust":
+            from . import config
+
+            path = Path(args.path) if args.path else config.find_project(m.cwd())
+            if path is None or not path.is_file():
+                raise UsageError(f"no project file to trust ({args.path or 'no .mino.toml here or above'})",
+                                 "the project file is .mino.toml in the notebook's directory or a parent")
+            text = path.read_text(encoding="utf-8")
+            config.record_trust(path, text, m.env)
+            print(f"trusted {path.resolve()} (sha256 {config.content_hash(text)[:16]}...); "
+                  "it is asked again if its content changes")
         return None
 
 
@@ -267,7 +364,18 @@ _COMMANDS_HELP = """%mino COMMAND
   prune                     forget stopped sessions; remove containers whose kernel died
   doctor                    check Podman, the API service, the base image and the hardening
   presets                   network presets: names, descriptions, entries
+  config show | get KEY | set KEY VALUE [--local] | unset KEY [--local]
+                            settings (global file; --local: the project's .mino.toml)
+  trust [PATH]              apply the project .mino.toml's values after reviewing them
 %%mino [options]            run the cell in a container; `%%mino --help` lists the options"""
+
+
+def interactive_frontend(shell) -> bool:
+    """A person at a notebook frontend (which allows stdin), not nbclient/nbval/papermill/CI."""
+    if os.environ.get("MINO_NO_PICKER"):
+        return False
+    kernel = getattr(shell, "kernel", None)
+    return bool(kernel is not None and getattr(kernel, "_allow_stdin", False))
 
 
 def _show_mino_error(shell, etype, value, tb, tb_offset=None):

@@ -2,8 +2,9 @@
 
 Pure: plain values in, a :class:`NetworkPlan` and warnings out. No Podman, no IPython.
 
-Layers, highest first: the cell's flags, the session's remembered choice, the project
-``.mino.toml``, the global config, the default (bridge). The highest layer that says anything
+Layers, highest first: the cell's flags, the session's remembered choice, the kernel's choice
+(``%config MinoMagics.network``/``network_preset``, or "remember for this session" in the
+first-run picker), the project ``.mino.toml``, the global config, the default (bridge). The highest layer that says anything
 about the network decides it completely; lower layers are not mixed in. Within one layer:
 
 * a preset and allow entries combine (union) into allowlist mode;
@@ -148,11 +149,12 @@ class NetworkChoice:
 class NetworkResolutionInput:
     flags: NetworkChoice = NetworkChoice("cell flags")
     session: NetworkChoice | None = None
+    kernel: NetworkChoice | None = None
     project: NetworkChoice | None = None
     global_: NetworkChoice | None = None
 
     def layers(self) -> list[NetworkChoice]:
-        return [c for c in (self.flags, self.session, self.project, self.global_) if c is not None]
+        return [c for c in (self.flags, self.session, self.kernel, self.project, self.global_) if c is not None]
 
 
 @dataclass(frozen=True)

@@ -85,16 +85,19 @@ class SessionRequest:
     ca_bundle: str | None = None  # host path of a CA bundle to trust inside
     hosts: Sequence[tuple[str, str]] = ()  # (name, address) for /etc/hosts
     no_dns: bool = False  # allowlist mode: no resolver inside, names come from `hosts`
+    pids_limit: int = PIDS_LIMIT  # configuration may only lower it
     extra_mounts: Sequence[Mount] = field(default_factory=tuple)
 
 
-def _hardening(limits: HostLimits) -> dict:
+def _hardening(limits: HostLimits, pids_limit: int = PIDS_LIMIT) -> dict:
+    if not 1 <= pids_limit <= PIDS_LIMIT:
+        raise ValueError(f"pids limit must be 1..{PIDS_LIMIT}, not {pids_limit}")
     return {
         "cap_drop": ["ALL"],
         "cap_add": [],
         "no_new_privileges": True,
         "privileged": False,
-        "resource_limits": {"pids": {"limit": PIDS_LIMIT}},
+        "resource_limits": {"pids": {"limit": pids_limit}},
         "r_limits": container_ulimits(limits),
         "init": True,
         # Keep Podman from giving the container a host-wide /dev/shm or devices.
@@ -134,7 +137,7 @@ def session_spec(req: SessionRequest) -> dict:
         "hostadd": [f"{name}:{addr}" for name, addr in req.hosts],
         "stop_timeout": 1,
         "remove": False,
-        **_hardening(req.limits),
+        **_hardening(req.limits, req.pids_limit),
     }
     if req.no_dns:
         # The only nameserver is loopback, where nothing answers: names resolve from /etc/hosts,

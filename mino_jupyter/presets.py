@@ -84,10 +84,10 @@ def parse_preset(path: Path, *, builtin: bool) -> Preset:
     return Preset(name, description, tuple(dict.fromkeys(entries)), str(path), builtin)
 
 
-def load(dirs: Iterable[tuple[Path, bool]] | None = None) -> dict[str, Preset]:
+def load(dirs: Iterable[tuple[Path, bool]] | None = None, env: Mapping[str, str] | None = None) -> dict[str, Preset]:
     """Presets by name; later directories shadow earlier ones. Each item is (dir, builtin)."""
     if dirs is None:
-        dirs = [(builtin_dir(), True), (user_dir(), False)]
+        dirs = [(builtin_dir(), True), (user_dir(env), False)]
     found: dict[str, Preset] = {}
     for directory, builtin in dirs:
         if not directory.is_dir():

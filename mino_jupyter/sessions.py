@@ -188,6 +188,12 @@ class SessionManager:
         self._reaped = False
         self.log_dir = logs_dir(env) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.owner.token}"
         self.listeners: list[Callable[[], None]] = []  # called when sessions change (the panel)
+        # Kernel-level choices (%config MinoMagics.*, the picker's "for this session").
+        self.kernel_network: NetworkChoice | None = None
+        self.kernel_image: str | None = None
+        self.first_run_hook: Callable[[], None] | None = None  # no network chosen anywhere yet
+        self._first_run_done = False
+        self._shown_warnings: set[str] = set()
         atexit.register(self.shutdown)
 
     # ------------------------------------------------------------------ engine
@@ -235,21 +241,24 @@ class SessionManager:
                 pass
 
     # ------------------------------------------------------------------ decisions
+    def presets(self) -> dict:
+        return presets_mod.entries(presets_mod.load(env=self.env))
+
     def settings(self) -> config.Loaded:
-        return config.load(self.cwd(), self.env)
+        return config.load(self.cwd(), self.env, self.presets())
 
     def plan_for(self, flags: NetworkChoice, session: Session | None, loaded: config.Loaded) -> Resolution:
-        presets = presets_mod.entries(presets_mod.load())
         inp = NetworkResolutionInput(
             flags=flags,
             session=session.plan.as_choice(f"session '{session.name}'") if session and session.state != "stopped" else None,
+            kernel=self.kernel_network,
             project=config.network_choice(loaded.project, "project"),
             global_=config.network_choice(loaded.global_, "global"),
         )
-        return resolve(inp, presets)
+        return resolve(inp, self.presets())
 
     def resolve_image(self, requested: str | None, loaded: config.Loaded) -> str:
-        image = requested or config.merged(loaded, "image")[0]
+        image = requested or self.kernel_image or config.merged(loaded, "image")[0]
         if not image or image in ("base", "mino-base"):
             return base_image_ref()
         return image
@@ -266,7 +275,11 @@ class SessionManager:
                              "e.g. --timeout 30")
         loaded = self.settings()
         for warning in loaded.warnings:
-            self.notice(warning)
+            if warning not in self._shown_warnings:  # once per kernel, not at every cell
+                self._shown_warnings.add(warning)
+                self.notice(warning)
+        first_run = (not self._first_run_done and opts.network.silent and self.kernel_network is None
+                     and not loaded.explicit_network() and opts.session not in self.sessions)
         with self._lock:
             existing = None if opts.fresh else self.sessions.get(opts.session)
             if existing is not None and existing.state == "stopped":
@@ -284,6 +297,10 @@ class SessionManager:
             if existing is not None and resolution.plan != existing.plan:
                 self._replan(existing, resolution.plan)  # allowlist entries changed: new rules
             session = existing or self._start_session(engine, opts, image, resolution.plan, readonly, loaded)
+            if first_run:
+                self._first_run_done = True
+                if self.first_run_hook:
+                    self.first_run_hook()
             if session.firewall_id and time.monotonic() - session.resolved_at > RESOLVE_REFRESH:
                 self._refresh_firewall(session)
         return self._run_in(session, script, opts, sink)
@@ -308,6 +325,7 @@ class SessionManager:
             name = opts.session
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh,
                           log_path=self.log_dir / f"{name}.log", workspace_readonly=readonly)
+        pids_limit = config.merged(loaded, "pids_limit", policy.PIDS_LIMIT)[0]
         resolved = None
         if plan.mode == "allowlist":
             engine.require_image(self.firewall_image)
@@ -329,6 +347,7 @@ class SessionManager:
             ca_bundle=_ca_bundle(ca_setting),
             hosts=resolved.hosts if resolved else (),
             no_dns=resolved is not None,
+            pids_limit=pids_limit,
         )
         self._ensure_watchdog(engine)
         session.container_id = engine.run(policy.session_spec(request))
@@ -471,6 +490,42 @@ class SessionManager:
         session.last_exit = result.exit_code
         self._changed()
         return result, session
+
+    # ------------------------------------------------------------------ choosing a network
+    def remember_network(self, mode: str, preset: str | None, scope: str) -> str:
+        """Save a network choice: scope "session" (this kernel), "project" or "global".
+
+        Returns a one-line description of what was saved where. The default session restarts
+        at its next cell when its network differs from the new choice.
+        """
+        if scope not in ("session", "project", "global"):
+            raise UsageError(f'unknown scope "{scope}"', "valid scopes: session, project, global")
+        choice = NetworkChoice("this kernel", mode, preset)
+        resolve(NetworkResolutionInput(flags=choice), self.presets())  # validate before saving anything
+        self._first_run_done = True
+        if scope == "session":
+            self.kernel_network = choice
+            where = "for this kernel"
+        else:
+            local = scope == "project"
+            settings = {"network": mode, "network_preset": preset, "network_allow": None}
+            path = None
+            for key, value in settings.items():
+                if value is None:
+                    path, _ = config.unset_key(key, local=local, cwd=self.cwd(), env=self.env)
+                else:
+                    path, _ = config.set_key(key, value, local=local, cwd=self.cwd(), env=self.env,
+                                             presets=self.presets())
+            where = f"in {path}"
+        described = f"allowlist ({preset})" if preset else mode
+        message = f"mino: network {described} saved {where}"
+        current = self.sessions.get(DEFAULT_SESSION)
+        if current is not None and current.state != "stopped":
+            wanted = self.plan_for(NetworkChoice("cell flags"), None, self.settings()).plan
+            if wanted != current.plan:
+                self.stop(DEFAULT_SESSION)
+                message += "; the default session restarts with it at the next cell"
+        return message
 
     # ------------------------------------------------------------------ management
     def rows(self) -> list[dict]:

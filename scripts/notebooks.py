@@ -81,8 +81,15 @@ NOTEBOOK_SOURCES = {"quickstart": QUICKSTART}
 
 
 def scratch_copy() -> Path:
-    """A copy of notebooks/ that UID 1000 may write to, as a user's own directory would be."""
+    """A copy of notebooks/ that UID 1000 may write to, as a user's own directory would be.
+
+    The kernels get a config and state of their own (a first run, like a new user's), so the
+    outputs do not depend on the machine's global mino settings.
+    """
     work = Path(tempfile.mkdtemp(prefix="mino-notebooks-"))
+    os.environ["MINO_CONFIG"] = str(work / "config" / "config.toml")
+    os.environ["XDG_CONFIG_HOME"] = str(work / "config")
+    os.environ["XDG_STATE_HOME"] = str(work / "state")
     target = work / "notebooks"
     shutil.copytree(NOTEBOOKS, target, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "*.txt"))
     os.chmod(work, 0o755)

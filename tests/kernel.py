@@ -41,8 +41,9 @@ class Kernel:
     def pid(self) -> int:
         return self.km.provisioner.process.pid
 
-    def execute(self, code: str, timeout: float = 120, on_stream=None) -> Reply:
-        msg_id = self.kc.execute(code, allow_stdin=False)
+    def execute(self, code: str, timeout: float = 120, on_stream=None, allow_stdin: bool = False) -> Reply:
+        """allow_stdin=True is what a person's frontend (JupyterLab) sends; nbclient/nbval send False."""
+        msg_id = self.kc.execute(code, allow_stdin=allow_stdin)
         reply = Reply()
         deadline = time.monotonic() + timeout
         while True:

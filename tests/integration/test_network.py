@@ -37,6 +37,7 @@ class TcpListener:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.hits = 0
+        self.token = uuid.uuid4().hex[:8]  # the body says which listener answered
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
@@ -49,13 +50,18 @@ class TcpListener:
             try:
                 conn.settimeout(2)
                 conn.recv(4096)
-                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                body = f"{self.token}\n".encode()
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             except OSError:
                 pass
             finally:
                 conn.close()
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() so the socket really closes
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -75,6 +81,10 @@ class UdpListener:
             self.hits += 1
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -312,11 +322,11 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
             assert out.startswith("200") and gateway in out and listener.hits == 1
             answers["svc.mino.test"] = [second_gateway]
             monkeypatch.setattr(sessions_mod, "RESOLVE_REFRESH", 0.0)
-            code, out, _ = run(m, f"getent hosts svc.mino.test; {CURL} http://svc.mino.test:{listener.port}/; echo\n"
+            code, out, _ = run(m, f"getent hosts svc.mino.test; curl -sS -m 5 http://svc.mino.test:{listener.port}/\n"
                                   f"{CURL} http://{gateway}:{listener.port}/; echo \" exit=$?\"")
             lines = out.splitlines()
             assert lines[0].split() == [second_gateway, "svc.mino.test"]
-            assert lines[1] == "200" and listener.hits == 2
+            assert lines[1] == listener.token and listener.hits == 2
             assert lines[2].endswith("exit=7") and listener.hits == 2  # the old answer is refused now
         finally:
             listener.close()
