@@ -94,6 +94,7 @@ def line_parser() -> argparse.ArgumentParser:
     add_config_arguments(cfg)
     trust = sub.add_parser("trust", help="trust the project .mino.toml's current content")
     trust.add_argument("path", nargs="?")
+    sub.add_parser("panel", help="the panel: network picker, sessions, logs")
     return p
 
 
@@ -344,16 +345,13 @@ class MinoMagics(Magics):
         elif args.command == "config":
             run_config_command(args, cwd=m.cwd(), env=m.env, presets=m.presets())
         elif args.command == "trust":
-            from . import config
+            print(m.trust_project(Path(args.path) if args.path else None))
+        elif args.command == "panel":
+            from IPython.display import display
 
-            path = Path(args.path) if args.path else config.find_project(m.cwd())
-            if path is None or not path.is_file():
-                raise UsageError(f"no project file to trust ({args.path or 'no .mino.toml here or above'})",
-                                 "the project file is .mino.toml in the notebook's directory or a parent")
-            text = path.read_text(encoding="utf-8")
-            config.record_trust(path, text, m.env)
-            print(f"trusted {path.resolve()} (sha256 {config.content_hash(text)[:16]}...); "
-                  "it is asked again if its content changes")
+            from .widgets import Panel
+
+            display(Panel(m))
         return None
 
 
@@ -367,6 +365,7 @@ _COMMANDS_HELP = """%mino COMMAND
   config show | get KEY | set KEY VALUE [--local] | unset KEY [--local]
                             settings (global file; --local: the project's .mino.toml)
   trust [PATH]              apply the project .mino.toml's values after reviewing them
+  panel                     network picker, live sessions and logs (widgets)
 %%mino [options]            run the cell in a container; `%%mino --help` lists the options"""
 
 

@@ -471,9 +471,12 @@ def start_service(endpoint: Endpoint) -> Path:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / "podman-service.log"
     with open(log, "ab") as out:
+        # cwd "/": the service (and every conmon it starts) must not sit in the caller's
+        # directory, which may be a notebook folder that is deleted later; conmon then fails
+        # with "Failed to get working directory" and no container starts.
         subprocess.Popen(
             [binary, "system", "service", "--time=0", endpoint.url],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd="/",
             start_new_session=True, close_fds=True,
         )
     return log

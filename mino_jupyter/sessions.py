@@ -492,7 +492,8 @@ class SessionManager:
         return result, session
 
     # ------------------------------------------------------------------ choosing a network
-    def remember_network(self, mode: str, preset: str | None, scope: str) -> str:
+    def remember_network(self, mode: str, preset: str | None, scope: str,
+                         allow: tuple[str, ...] = ()) -> str:
         """Save a network choice: scope "session" (this kernel), "project" or "global".
 
         Returns a one-line description of what was saved where. The default session restarts
@@ -500,15 +501,16 @@ class SessionManager:
         """
         if scope not in ("session", "project", "global"):
             raise UsageError(f'unknown scope "{scope}"', "valid scopes: session, project, global")
-        choice = NetworkChoice("this kernel", mode, preset)
-        resolve(NetworkResolutionInput(flags=choice), self.presets())  # validate before saving anything
+        choice = NetworkChoice("this kernel", mode, preset, tuple(allow) or None)
+        plan = resolve(NetworkResolutionInput(flags=choice), self.presets()).plan  # validate first
         self._first_run_done = True
         if scope == "session":
             self.kernel_network = choice
-            where = "for this kernel"
+            where = "for this kernel's sessions"
         else:
             local = scope == "project"
-            settings = {"network": mode, "network_preset": preset, "network_allow": None}
+            settings = {"network": mode, "network_preset": preset,
+                        "network_allow": ",".join(allow) if allow else None}
             path = None
             for key, value in settings.items():
                 if value is None:
@@ -517,15 +519,32 @@ class SessionManager:
                     path, _ = config.set_key(key, value, local=local, cwd=self.cwd(), env=self.env,
                                              presets=self.presets())
             where = f"in {path}"
-        described = f"allowlist ({preset})" if preset else mode
-        message = f"mino: network {described} saved {where}"
+        message = f"mino: network {plan.describe()} saved {where}"
         current = self.sessions.get(DEFAULT_SESSION)
         if current is not None and current.state != "stopped":
             wanted = self.plan_for(NetworkChoice("cell flags"), None, self.settings()).plan
             if wanted != current.plan:
                 self.stop(DEFAULT_SESSION)
                 message += "; the default session restarts with it at the next cell"
+        self._changed()
         return message
+
+    def trust_project(self, path: Path | None = None) -> str:
+        """Trust the project file's current content (after the user reviewed it)."""
+        path = Path(path) if path else config.find_project(self.cwd())
+        if path is None or not path.is_file():
+            raise UsageError(f"no project file to trust ({path or 'no .mino.toml here or above'})",
+                             "the project file is .mino.toml in the notebook's directory or a parent")
+        text = path.read_text(encoding="utf-8")
+        digest = config.record_trust(path, text, self.env)
+        self._shown_warnings = {w for w in self._shown_warnings if str(path) not in w}
+        self._changed()
+        return (f"trusted {path.resolve()} (sha256 {digest[:16]}...); it is asked again if its content changes")
+
+    def current_network(self) -> Resolution:
+        """What the next plain %%mino cell in the default session would get."""
+        session = self.sessions.get(DEFAULT_SESSION)
+        return self.plan_for(NetworkChoice("cell flags"), session, self.settings())
 
     # ------------------------------------------------------------------ management
     def rows(self) -> list[dict]:

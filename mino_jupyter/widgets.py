@@ -1,16 +1,20 @@
 """ipywidgets views over the session manager. They display and forward; they decide nothing.
 
 * :class:`NetworkPicker`: the first-run choice (a mode and where to remember it).
+* :class:`Panel`: network picker, the kernel's sessions (logs, stop), project trust.
 """
 
 from __future__ import annotations
 
+import html
+import time
 from typing import Callable
 
 import ipywidgets as w
 
+from . import presets as presets_mod
 from .errors import MinoError
-from .network import MODE_MEANINGS
+from .network import MODE_MEANINGS, MODES, parse_allow_entry
 
 # (label, (mode, preset)) in the order the picker shows them.
 PICKER_CHOICES = [
@@ -48,9 +52,9 @@ class NetworkPicker:
         try:
             message = self._remember(mode, preset, scope)
         except MinoError as exc:
-            self.status.value = f"<span style='color:#b00'>{_escape(exc.message)}</span>"
+            self.status.value = f"<span style='color:#b00'>{_text(exc.message)}</span>"
             return exc.message
-        self.status.value = _escape(message)
+        self.status.value = _text(message)
         for button in self.buttons:
             button.disabled = True
         self.choice.disabled = True
@@ -63,5 +67,220 @@ class NetworkPicker:
         return bundle
 
 
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+def _text(text: str) -> str:
+    """HTML text content (quotes stay quotes: messages quote what they reject)."""
+    return html.escape(text, quote=False)
+
+
+WARN_STYLE = "color:#a05a00"
+ERROR_STYLE = "color:#b00020"
+
+
+def _uptime(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Panel:
+    """`%mino panel` / `mino_jupyter.panel()`. Every action goes through the SessionManager."""
+
+    SESSION_COLUMNS = ("name", "state", "network", "image", "cells", "last exit", "uptime", "", "")
+
+    def __init__(self, manager, clock: Callable[[], float] = time.time):
+        self.m = manager
+        self.clock = clock
+        self.presets = presets_mod.load(env=manager.env)
+        # ---------------------------------------------------------------- network picker
+        self.mode = w.Dropdown(options=list(MODES), description="mode")
+        self.preset = w.Dropdown(options=[("(none)", None)] + [(n, n) for n in sorted(self.presets)],
+                                 description="preset")
+        self.preview = w.HTML()
+        self.allow = w.Textarea(placeholder="extra allow entries, host:port, one per line",
+                                layout=w.Layout(width="32em", height="5em"))
+        self.allow_errors = w.HTML()
+        self.mode_note = w.HTML()
+        self.apply_button = w.Button(description="apply to this session")
+        self.save_project = w.Button(description="save for this project")
+        self.save_global = w.Button(description="save globally")
+        self.apply_button.on_click(lambda _: self.save("session"))
+        self.save_project.on_click(lambda _: self.save("project"))
+        self.save_global.on_click(lambda _: self.save("global"))
+        self.current = w.HTML()
+        for widget in (self.mode, self.preset, self.allow):
+            widget.observe(lambda _change: self._validate(), names="value")
+        # ---------------------------------------------------------------- sessions
+        self.sessions = w.GridBox(layout=w.Layout(grid_template_columns="repeat(7, auto) auto auto",
+                                                  grid_gap="2px 12px"))
+        self.stop_all_button = w.Button(description="stop all")
+        self.stop_all_button.on_click(lambda _: self._guard(self._stop_all))
+        self.logs = w.HTML()
+        # ---------------------------------------------------------------- trust and status
+        self.trust_box = w.VBox()
+        self.status = w.HTML()
+        self.view = w.VBox([
+            w.HTML("<b>Network</b>"), self.current,
+            w.HBox([self.mode, self.preset]), self.mode_note, self.preview,
+            self.allow, self.allow_errors,
+            w.HBox([self.apply_button, self.save_project, self.save_global]),
+            self.trust_box,
+            w.HTML("<b>Sessions</b>"), self.sessions, self.stop_all_button, self.logs,
+            self.status,
+        ])
+        self._init_from_current()
+        self._validate()
+        self.refresh()
+        manager.listeners.append(self.refresh)
+
+    # ------------------------------------------------------------------ network choice
+    def _init_from_current(self) -> None:
+        try:
+            plan = self.m.current_network().plan
+        except MinoError:
+            return
+        self.mode.value = plan.mode
+        if plan.preset in self.presets:
+            self.preset.value = plan.preset
+        self.allow.value = "\n".join(str(e) for e in plan.extra)
+
+    def entries(self) -> tuple[list[str], list[str]]:
+        """(valid entries, error messages) from the text area, one entry per line or comma."""
+        valid, errors = [], []
+        for raw in self.allow.value.replace(",", "\n").splitlines():
+            if not raw.strip():
+                continue
+            try:
+                valid.append(str(parse_allow_entry(raw)))
+            except MinoError as exc:
+                errors.append(exc.message)
+        return valid, errors
+
+    def choice(self) -> tuple[str, str | None, tuple[str, ...]]:
+        """What the buttons save: a preset or entries make it an allowlist (host is overridden,
+        as the note under the mode says)."""
+        entries, _ = self.entries()
+        mode, preset = self.mode.value, self.preset.value
+        if (preset or entries) and mode in ("bridge", "host"):
+            mode = "allowlist"
+        return mode, preset, tuple(entries)
+
+    def _validate(self) -> None:
+        preset = self.presets.get(self.preset.value) if self.preset.value else None
+        if preset:
+            self.preview.value = (f"<small>{_text(preset.description)}<br>"
+                                  + _text(", ".join(str(e) for e in preset.allow)) + "</small>")
+        else:
+            self.preview.value = ""
+        entries, errors = self.entries()
+        self.allow_errors.value = "".join(f"<div style='{ERROR_STYLE}'>{_text(e)}</div>" for e in errors)
+        notes = []
+        mode = self.mode.value
+        if mode == "host" and not (preset or entries):
+            notes.append("host: cells reach everything this machine reaches, its local services included")
+        elif mode == "host":
+            by = f"--network-preset {preset.name}" if preset else "--network-allow"
+            notes.append(f"--network host overridden by {by}")
+        if mode == "none" and (preset or entries):
+            notes.append("none cannot be combined with a preset or allow entries")
+        if mode == "allowlist" and not (preset or entries):
+            notes.append("allowlist needs a preset or allow entries")
+        self.mode_note.value = "".join(f"<div style='{WARN_STYLE}'>{_text(n)}</div>" for n in notes)
+        blocked = bool(errors) or (mode == "none" and bool(preset or entries)) or \
+            (mode == "allowlist" and not (preset or entries))
+        for button in (self.apply_button, self.save_project, self.save_global):
+            button.disabled = blocked
+
+    def save(self, scope: str) -> str:
+        mode, preset, entries = self.choice()
+        return self._guard(lambda: self.m.remember_network(mode, preset, scope, entries))
+
+    # ------------------------------------------------------------------ sessions
+    def refresh(self) -> None:
+        try:
+            resolution = self.m.current_network()
+            self.current.value = (f"next cell: <b>{_text(resolution.plan.describe())}</b> "
+                                  f"<small>({_text(resolution.plan.source)})</small>")
+        except MinoError as exc:
+            self.current.value = f"<span style='{ERROR_STYLE}'>{_text(exc.message)}</span>"
+        cells: list = [w.HTML(f"<b>{c}</b>") for c in self.SESSION_COLUMNS]
+        now = self.clock()
+        for row in self.m.rows():
+            uptime = "-" if row["state"] == "stopped" else _uptime(now - row["started"])
+            last = "-" if row["last_exit"] is None else str(row["last_exit"])
+            cells += [w.Label(row["name"]), w.Label(row["state"]), w.Label(row["network"]),
+                      w.Label(row["image"]), w.Label(str(row["cells"])), w.Label(last), w.Label(uptime)]
+            logs = w.Button(description="logs", layout=w.Layout(width="auto"))
+            logs.on_click(lambda _b, name=row["name"]: self._guard(lambda: self.show_logs(name)))
+            stop = w.Button(description="stop", layout=w.Layout(width="auto"),
+                            disabled=row["state"] == "stopped")
+            stop.on_click(lambda _b, name=row["name"]: self._guard(lambda: self._stop(name)))
+            cells += [logs, stop]
+        self.sessions.children = cells
+        self.stop_all_button.disabled = not any(r["state"] != "stopped" for r in self.m.rows())
+        self._refresh_trust()
+
+    def _refresh_trust(self) -> None:
+        try:
+            loaded = self.m.settings()
+        except MinoError:
+            return
+        if loaded.project is not None and not loaded.project_trusted and loaded.skipped:
+            from .config import toml_value
+
+            values = ", ".join(f"{k} = {toml_value(v)}" for k, v in loaded.skipped.items())
+            button = w.Button(description="trust", button_style="warning")
+            button.on_click(lambda _b: self._guard(lambda: self.m.trust_project(loaded.project.path)))
+            self.trust_box.children = [w.HTML(
+                f"<div style='{WARN_STYLE}'>{_text(str(loaded.project.path))} is not trusted; not applied: "
+                f"{_text(values)}</div>"), button]
+        else:
+            self.trust_box.children = []
+
+    def show_logs(self, name: str) -> str:
+        text = self.m.logs(name, tail=40)
+        self.logs.value = (f"<b>logs of {_text(name)}</b> (last 40 lines)"
+                           f"<pre style='max-height:20em;overflow:auto'>{_text(text)}</pre>")
+        return text
+
+    def _stop(self, name: str) -> str:
+        self.m.stop(name)
+        return f"stopped session '{name}'"
+
+    def _stop_all(self) -> str:
+        names = self.m.stop_all()
+        return f"stopped {len(names)} session(s)"
+
+    def _guard(self, action: Callable[[], str | None]) -> str:
+        """Run an action; its message or its error goes to the status line, never a traceback."""
+        try:
+            message = action() or ""
+        except MinoError as exc:
+            hint = f" ({exc.hint})" if exc.hint else ""
+            self.status.value = f"<span style='{ERROR_STYLE}'>{_text(exc.message + hint)}</span>"
+            return exc.message
+        self.status.value = _text(message)
+        self.refresh()
+        return message
+
+    # ------------------------------------------------------------------ text
+    def summary(self) -> str:
+        try:
+            network = self.m.current_network().plan.describe()
+        except MinoError as exc:
+            network = f"error: {exc.message}"
+        rows = self.m.rows()
+        sessions = "; ".join(f"{r['name']} ({r['state']}, {r['network']}, {r['cells']} cells)" for r in rows)
+        return f"mino panel: next cell network {network}; sessions: {sessions or 'none'}"
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.view._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = self.summary()
+        return bundle
+
+    def close(self) -> None:
+        if self.refresh in self.m.listeners:
+            self.m.listeners.remove(self.refresh)
+        self.view.close()

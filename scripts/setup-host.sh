@@ -101,7 +101,7 @@ else
     rm -f "$SOCKET"
     LOG=${XDG_STATE_HOME:-$HOME/.local/state}/mino/podman-service.log
     mkdir -p "$(dirname "$LOG")"
-    setsid podman system service --time=0 "unix://$SOCKET" </dev/null >>"$LOG" 2>&1 &
+    (cd / && exec setsid podman system service --time=0 "unix://$SOCKET" </dev/null >>"$LOG" 2>&1) &
     for _ in $(seq 1 100); do ping_socket "$SOCKET" && break; sleep 0.1; done
     ping_socket "$SOCKET" || die "the Podman API service did not come up at $SOCKET" "see $LOG and 'podman info'"
     say "started the Podman API service at $SOCKET (log: $LOG)"

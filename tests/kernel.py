@@ -90,3 +90,16 @@ class Kernel:
         finally:
             if self.km.has_kernel:
                 self.km.shutdown_kernel(now=now)
+
+
+def isolated_env(directory, network: str | None = "bridge") -> dict:
+    """Config and state of the kernel's own, so tests do not depend on (or touch) the machine's."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "config.toml"
+    if network is not None:
+        config.write_text(f'[container]\nnetwork = "{network}"\n')
+    return {"MINO_CONFIG": str(config), "XDG_STATE_HOME": str(directory / "state"),
+            "XDG_CONFIG_HOME": str(directory / "xdg-config")}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel import Kernel
+from tests.kernel import Kernel, isolated_env
 
 pytestmark = pytest.mark.podman
 
@@ -37,7 +37,7 @@ def workspace(tmp_path):
 
 @pytest.fixture
 def kernel(engine, base_image, workspace):
-    k = Kernel(cwd=str(workspace))
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     k.ok("%load_ext mino_jupyter")
     yield k
     token = None
@@ -244,7 +244,8 @@ def test_bad_options_and_missing_image_start_nothing(kernel, engine):
 
 
 def test_no_engine_is_one_clear_error(engine, base_image, tmp_path):
-    k = Kernel(cwd=str(tmp_path), env={"CONTAINER_HOST": f"unix://{tmp_path}/no-podman.sock"})
+    k = Kernel(cwd=str(tmp_path), env={**isolated_env(tmp_path / "mino-home"),
+                                       "CONTAINER_HOST": f"unix://{tmp_path}/no-podman.sock"})
     try:
         k.ok("%load_ext mino_jupyter")
         r = k.execute("%%mino\necho hi")
@@ -256,7 +257,7 @@ def test_no_engine_is_one_clear_error(engine, base_image, tmp_path):
 
 
 def test_clean_shutdown_removes_containers(engine, base_image, workspace):
-    k = Kernel(cwd=str(workspace))
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     k.ok("%load_ext mino_jupyter")
     k.ok("%%mino\ntrue")
     k.ok("%%mino --session two\ntrue")
@@ -267,7 +268,7 @@ def test_clean_shutdown_removes_containers(engine, base_image, workspace):
 
 
 def test_restart_and_unload_remove_containers(engine, base_image, workspace):
-    k = Kernel(cwd=str(workspace))
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     try:
         k.ok("%load_ext mino_jupyter")
         k.ok("%%mino\ntrue")
@@ -286,7 +287,7 @@ def test_restart_and_unload_remove_containers(engine, base_image, workspace):
 
 
 def test_sigkilled_kernel_is_cleaned_up_by_the_watchdog(engine, base_image, workspace):
-    k = Kernel(cwd=str(workspace))
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     k.ok("%load_ext mino_jupyter")
     k.ok("%%mino\ntrue")
     k.ok("%%mino --session two\ntrue")
@@ -311,7 +312,7 @@ def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
         name=f"mino-orphan-{uuid.uuid4().hex[:6]}", image=base_image, network="none",
         labels={**policy.version_labels(), **dead, "io.mino.role": "session"}, limits=engine.host_limits()))
     cid = engine.run(spec)
-    k = Kernel(cwd=str(workspace))
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     try:
         k.ok("%load_ext mino_jupyter")
         assert _wait_until(lambda: engine.inspect(cid) is None, timeout=20)

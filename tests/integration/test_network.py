@@ -7,6 +7,7 @@ listener counts its hits, so "refused" is checked where the packet would have ar
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from mino_jupyter import sessions as sessions_mod
 from mino_jupyter.errors import FirewallError, UsageError
 from mino_jupyter.network import NetworkChoice
 from mino_jupyter.sessions import CellOptions, SessionManager
+from tests.kernel import isolated_env
 
 pytestmark = pytest.mark.podman
 
@@ -118,7 +120,8 @@ def gateway(engine, base_image):
 @pytest.fixture
 def manager(engine, base_image, tmp_path):
     notices = []
-    m = SessionManager(cwd=lambda: tmp_path, notice=notices.append, watchdog=False)
+    m = SessionManager(cwd=lambda: tmp_path, notice=notices.append, watchdog=False,
+                       env={**os.environ, **isolated_env(tmp_path / "mino-home")})
     m.notices = notices
     yield m
     token = m.owner.token
@@ -304,7 +307,8 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
     second_gateway = f"10.{subnet_octet}.7.1"
     answers = {"svc.mino.test": [gateway]}
     m = SessionManager(cwd=lambda: tmp_path, notice=lambda n: None, watchdog=False,
-                       resolver=lambda name: answers.get(name, []))
+                       resolver=lambda name: answers.get(name, []),
+                       env={**os.environ, **isolated_env(tmp_path / "mino-home")})
     from mino_jupyter import policy
     from mino_jupyter.owner import current_owner
 
@@ -346,10 +350,9 @@ def test_firewall_failure_runs_nothing(engine, base_image, gateway, tmp_path):
     assert build.returncode == 0, build.stderr
     os_dir = tmp_path / "ws"
     os_dir.mkdir()
-    import os
-
     os.chown(os_dir, 1000, 1000)
-    m = SessionManager(cwd=lambda: os_dir, notice=lambda n: None, watchdog=False)
+    m = SessionManager(cwd=lambda: os_dir, notice=lambda n: None, watchdog=False,
+                       env={**os.environ, **isolated_env(tmp_path / "mino-home")})
     m.firewall_image = tag
     try:
         with pytest.raises(FirewallError) as e:

@@ -78,7 +78,7 @@ def test_exec_exit_code_and_stream_separation(engine, hardened):
     assert (code, out, err) == (42, b"out\n", b"err\n")
 
 
-def test_stopped_service_is_started_again(engine, base_image):
+def test_stopped_service_is_started_again(engine, base_image, tmp_path, monkeypatch):
     path = engine.endpoint.socket_path
     if os.environ.get("CONTAINER_HOST") or not path:
         pytest.skip("needs the local default socket")
@@ -91,10 +91,15 @@ def test_stopped_service_is_started_again(engine, base_image):
         time.sleep(0.1)
     assert _socket_peer_pid(path) is None
     notes = []
+    doomed = tmp_path / "a-notebook-dir"
+    doomed.mkdir()
+    monkeypatch.chdir(doomed)  # kernels start the service from notebook directories
     fresh = Engine.connect(notify=notes.append)
     assert fresh.started_service
     assert notes and "started the Podman API service" in notes[0] and path in notes[0]
     assert fresh.image_exists(base_image)
+    service = _socket_peer_pid(path)
+    assert os.readlink(f"/proc/{service}/cwd") == "/"  # not the directory that may be deleted
     fresh.close()
 
 

@@ -68,3 +68,102 @@ def test_a_refused_save_shows_the_error_in_the_picker(manager):
     picker.buttons[2].click()
     assert "not valid TOML" in picker.status.value and not any(b.disabled for b in picker.buttons)
     assert gpath.read_text() == "broken = [\n"
+
+
+# ---------------------------------------------------------------- the panel
+from mino_jupyter.network import NetworkPlan  # noqa: E402
+from mino_jupyter.sessions import Session  # noqa: E402
+from mino_jupyter.widgets import Panel  # noqa: E402
+
+
+def _fake_session(manager, name, state="idle", started=1000.0):
+    s = Session(name=name, image="img:1", plan=NetworkPlan("bridge"), fresh=False,
+                log_path=manager.log_dir / f"{name}.log", state=state, cells_run=2, last_exit=0, started_at=started)
+    s.log_path.parent.mkdir(parents=True, exist_ok=True)
+    s.log_path.write_text(f"=== cell 1\\n--- output\\nhello from {name}\\n=== exit 0 after 0.10 s\\n")
+    manager.sessions[name] = s
+    return s
+
+
+def test_panel_marks_each_invalid_entry_with_the_magics_message(manager):
+    p = Panel(manager)
+    p.allow.value = "10.88.0.1:8080\npypi.org\n*.evil.com:443"
+    assert 'invalid allow entry "pypi.org": missing :PORT' in p.allow_errors.value
+    assert 'invalid allow entry "*.evil.com:443": wildcards are not supported' in p.allow_errors.value
+    assert p.apply_button.disabled and p.save_project.disabled and p.save_global.disabled
+    p.allow.value = "10.88.0.1:8080"
+    assert p.allow_errors.value == "" and not p.apply_button.disabled
+
+
+def test_panel_preset_preview_and_host_warning(manager):
+    p = Panel(manager)
+    p.preset.value = "registries"
+    assert "pypi.org:443" in p.preview.value and "Package registries" in p.preview.value
+    p.mode.value = "host"
+    assert "--network host overridden by --network-preset registries" in p.mode_note.value
+    p.preset.value = None
+    assert "host: cells reach everything this machine reaches" in p.mode_note.value
+    p.mode.value = "none"
+    p.allow.value = "a.b:1"
+    assert "none cannot be combined" in p.mode_note.value and p.apply_button.disabled
+
+
+def test_panel_apply_and_save(manager):
+    p = Panel(manager)
+    p.preset.value = "registries"
+    p.allow.value = "10.88.0.1:8080"
+    p.apply_button.click()
+    assert manager.kernel_network.network == "allowlist" and manager.kernel_network.allow == ("10.88.0.1:8080",)
+    assert "saved for this kernel" in p.status.value
+    assert "allowlist (registries +1)" in p.current.value
+    p.save_project.click()
+    text = (manager.cwd() / ".mino.toml").read_text()
+    assert 'network_preset = "registries"' in text and 'network_allow = ["10.88.0.1:8080"]' in text
+    assert f"saved in {manager.cwd() / '.mino.toml'}" in p.status.value
+
+
+def test_panel_sessions_table_logs_and_summary(manager):
+    _fake_session(manager, "default", started=1000.0)
+    _fake_session(manager, "old", state="stopped")
+    p = Panel(manager, clock=lambda: 1125.0)
+    labels = [c.value for c in p.sessions.children if isinstance(c, __import__("ipywidgets").Label)]
+    assert labels[:7] == ["default", "idle", "bridge", "img:1", "2", "0", "2m05s"]
+    assert labels[7:14] == ["old", "stopped", "bridge", "img:1", "2", "0", "-"]
+    buttons = [c for c in p.sessions.children if isinstance(c, __import__("ipywidgets").Button)]
+    assert [b.description for b in buttons] == ["logs", "stop", "logs", "stop"]
+    assert buttons[3].disabled  # a stopped session cannot be stopped again
+    buttons[0].click()
+    assert "hello from default" in p.logs.value
+    assert p.summary() == ("mino panel: next cell network bridge; sessions: default (idle, bridge, 2 cells); "
+                           "old (stopped, bridge, 2 cells)")
+    assert p._repr_mimebundle_()["text/plain"] == p.summary()
+
+
+def test_panel_updates_when_sessions_change(manager):
+    p = Panel(manager)
+    assert len(p.sessions.children) == len(Panel.SESSION_COLUMNS)
+    _fake_session(manager, "new")
+    manager._changed()
+    assert "new" in [getattr(c, "value", None) for c in p.sessions.children]
+
+
+def test_panel_trust_button(manager):
+    (manager.cwd() / ".mino.toml").write_text('[container]\nnetwork = "host"\n')
+    p = Panel(manager)
+    (note, button) = p.trust_box.children
+    assert "is not trusted" in note.value and 'network = "host"' in note.value
+    button.click()
+    assert p.trust_box.children == () or list(p.trust_box.children) == []
+    assert "trusted" in p.status.value and manager.settings().project_trusted
+
+
+def test_panel_shows_errors_not_tracebacks(manager):
+    from mino_jupyter.errors import UsageError
+
+    p = Panel(manager)
+
+    def boom():
+        raise UsageError("no session named \"x\"", "sessions in this kernel: none yet")
+
+    p._guard(boom)
+    assert 'no session named "x"' in p.status.value and "sessions in this kernel" in p.status.value
