@@ -277,8 +277,9 @@ class Engine:
                 f"lost the Podman API at {self.endpoint.url} while trying to {what}: {exc}",
                 _unreachable_hint(self.endpoint),
             ) from exc
-        if ok_missing and response.status_code == 404:
-            return None
+        if ok_missing and (response.status_code == 404 or (
+                response.status_code >= 400 and "no such" in _api_message(response).lower())):
+            return None  # also a container removed while we looked ("does not exist in database")
         if response.status_code >= 400:
             raise MinoError(f"Podman could not {what}: {_api_message(response)}",
                             "`mino-jupyter doctor` checks the whole stack")
@@ -449,14 +450,16 @@ def _wait_for_service(endpoint: Endpoint, timeout: float) -> str | None:
     return problem
 
 
+NO_ENGINE_HINT = ("on your own Linux machine: install Podman (`apt-get install podman`, `dnf install podman`), "
+                  "then `mino-jupyter doctor`; or clone the repository and run `make demo`. Hosted notebook "
+                  "services such as Binder cannot run containers: read the saved outputs there")
+
+
 def podman_binary() -> str:
     path = shutil.which("podman")
     if not path:
-        raise PodmanUnavailable(
-            "podman is not installed (no `podman` on PATH)",
-            "install it: `apt-get install podman` on Debian/Ubuntu, `dnf install podman` on "
-            "Fedora; then `mino-jupyter doctor`",
-        )
+        raise PodmanUnavailable("no container engine here: podman is not installed and no Podman API "
+                                "socket answers", NO_ENGINE_HINT)
     return path
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -37,3 +38,21 @@ def base_image(engine):
     if not engine.image_exists(ref):
         _unavailable(f"{ref} is missing; run `make setup`")
     return ref
+
+
+@pytest.fixture(scope="session")
+def gateway(engine, base_image):
+    """The Podman bridge gateway, with its interface up for the whole run (a keeper container)."""
+    from mino_jupyter import policy
+    from mino_jupyter.owner import current_owner
+
+    info = engine.request("get", "/networks/podman/json", what="inspect the podman network").json()
+    gw = info["subnets"][0]["gateway"]
+    keeper = engine.run(policy.session_spec(policy.SessionRequest(
+        name=f"mino-test-keeper-{uuid.uuid4().hex[:6]}", image=base_image, network="bridge",
+        labels={**policy.version_labels(), **current_owner().labels(), "io.mino.role": "test"},
+        limits=engine.host_limits())))
+    yield gw
+    engine.remove(keeper)
+
+

@@ -56,3 +56,18 @@ def test_read_proc_limits_of_self_matches_resource():
     hard_nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     expected = -1 if hard_nofile == resource.RLIM_INFINITY else hard_nofile
     assert limits is not None and limits.nofile == expected
+
+
+def test_no_engine_at_all_is_one_message_with_the_way_to_run_locally(tmp_path, monkeypatch):
+    """Binder-like: an unprivileged user, no podman binary, no socket."""
+    import mino_jupyter.runtime as runtime
+    from mino_jupyter.errors import PodmanUnavailable
+    import pytest
+
+    monkeypatch.setattr(runtime.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    with pytest.raises(PodmanUnavailable) as e:
+        runtime.Engine.connect({"XDG_RUNTIME_DIR": str(tmp_path), "HOME": str(tmp_path)})
+    assert e.value.message == "no container engine here: podman is not installed and no Podman API socket answers"
+    assert "make demo" in e.value.hint and "Binder" in e.value.hint
+    assert "\n" not in e.value.message

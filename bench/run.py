@@ -1,0 +1,292 @@
+"""Benchmarks: mino against its peers, measured side by side in one run (A B A B ...).
+
+    make bench            # writes bench/RESULTS.md
+    .venv/bin/python bench/run.py --pairs 15 --only warm,fresh
+
+Ratios, not absolute times, are what the targets are about; they are not asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mino_jupyter import __version__, policy  # noqa: E402
+from mino_jupyter.image import base_image_ref  # noqa: E402
+from mino_jupyter.runtime import Engine  # noqa: E402
+from tests.kernel import Kernel, isolated_env  # noqa: E402
+
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+def stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt_ms(s: dict) -> str:
+    return f"{s['median'] * 1000:.1f} ms ({s['min'] * 1000:.1f}–{s['max'] * 1000:.1f})"
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class Bench:
+    def __init__(self, pairs: int):
+        self.pairs = pairs
+        self.work = Path(tempfile.mkdtemp(prefix="mino-bench-"))
+        os.chown(self.work, 1000, 1000)
+        self.env = isolated_env(self.work / "home")
+        self.engine = Engine.connect()
+        self.image = base_image_ref()
+        self.sections: list[str] = []
+
+    def kernel(self) -> Kernel:
+        k = Kernel(cwd=str(self.work), env=self.env)
+        k.ok("%load_ext mino_jupyter")
+        return k
+
+    def section(self, title: str, lines: list[str]) -> None:
+        text = f"## {title}\n\n" + "\n".join(lines) + "\n"
+        print(text, flush=True)
+        self.sections.append(text)
+
+    def container_of(self, k: Kernel, session: str = "default") -> str:
+        r = k.ok(f"from mino_jupyter.magics import current_manager as _cm; print(_cm().sessions['{session}'].container_id)")
+        return r.stdout.strip()
+
+    # ---------------------------------------------------------------- 1. warm cell
+    def warm(self) -> None:
+        k = self.kernel()
+        try:
+            k.ok("%%mino\ntrue")
+            cid = self.container_of(k)
+            mino, cli, bash = [], [], []
+            for _ in range(3):  # warm-up
+                k.ok("%%mino\ntrue"), k.ok("%%bash\ntrue")
+            for _ in range(self.pairs):
+                mino.append(timed(lambda: k.ok("%%mino\ntrue")))
+                cli.append(timed(lambda: subprocess.run(["podman", "exec", "--user", "1000", cid, "true"], check=True)))
+                bash.append(timed(lambda: k.ok("%%bash\ntrue")))
+        finally:
+            k.shutdown()
+        m, c, b = stats(mino), stats(cli), stats(bash)
+        ratio = m["median"] / c["median"]
+        self.section("1. Warm cell (`true` in a reused session)", [
+            "| | median (min–max) |", "|---|---|",
+            f"| `%%mino true` (kernel round trip) | {fmt_ms(m)} |",
+            f"| `podman exec --user 1000 <same container> true` | {fmt_ms(c)} |",
+            f"| `%%bash true` (the floor) | {fmt_ms(b)} |",
+            "", f"Ratio mino / CLI exec: **{ratio:.2f}×** (target ≤ 0.6×). "
+                f"mino minus the `%%bash` floor: {(m['median'] - b['median']) * 1000:.1f} ms."])
+
+    # ---------------------------------------------------------------- 2. fresh cell
+    def fresh(self) -> None:
+        limits = self.engine.host_limits()
+        u = policy.container_ulimits(limits)
+        cmd = ["podman", "run", "--rm", "--init", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+               "--pids-limit", "4096", "--user", "1000:1000", "--network", "bridge",
+               "--ulimit", f"nofile={u[0]['hard']}:{u[0]['hard']}", "--ulimit", f"nproc={u[1]['hard']}:{u[1]['hard']}",
+               "-v", f"{self.work}:/workspace", "-w", "/workspace", self.image, "true"]
+        k = self.kernel()
+        try:
+            k.ok("%%mino --fresh\ntrue")
+            mino, cli = [], []
+            for _ in range(self.pairs):
+                mino.append(timed(lambda: k.ok("%%mino --fresh\ntrue")))
+                cli.append(timed(lambda: subprocess.run(cmd, check=True)))
+        finally:
+            k.shutdown()
+        m, c = stats(mino), stats(cli)
+        self.section("2. Fresh cell (`--fresh`, bridge), removal included", [
+            "| | median (min–max) |", "|---|---|",
+            f"| `%%mino --fresh true` | {fmt_ms(m)} |",
+            f"| `podman run --rm` with the same hardening flags | {fmt_ms(c)} |",
+            "", f"Ratio: **{m['median'] / c['median']:.2f}×** (target ≤ 1.0×)."])
+
+    # ---------------------------------------------------------------- 3. allowlist start
+    def allowlist(self) -> None:
+        k = self.kernel()
+        try:
+            allow, bridge = [], []
+            for i in range(self.pairs):
+                allow.append(timed(lambda: k.ok(f"%%mino --session a{i} --network-preset dev\ntrue")))
+                bridge.append(timed(lambda: k.ok(f"%%mino --session b{i}\ntrue")))
+                k.ok(f"%mino stop a{i}"), k.ok(f"%mino stop b{i}")
+        finally:
+            k.shutdown()
+        a, b = stats(allow), stats(bridge)
+        self.section("3. Session start: allowlist (`dev`) vs bridge (first cell of a new session)", [
+            "| | median (min–max) |", "|---|---|",
+            f"| allowlist `dev` | {fmt_ms(a)} |", f"| bridge | {fmt_ms(b)} |",
+            "", f"Ratio: **{a['median'] / b['median']:.2f}×** (target ≤ 1.2×)."])
+
+    # ---------------------------------------------------------------- 4. stream latency
+    def latency(self) -> None:
+        k = self.kernel()
+        delays = []
+        try:
+            k.ok("%%mino\ntrue")
+
+            def on_stream(name, text, reply):
+                now = time.time()
+                for line in text.splitlines():
+                    if line.startswith("t="):
+                        delays.append(now - float(line[2:]))
+
+            lines = max(30, self.pairs * 2)
+            k.execute(f"%%mino\nfor i in $(seq {lines}); do echo t=$(date +%s.%N); sleep 0.1; done", on_stream=on_stream)
+        finally:
+            k.shutdown()
+        d = stats(delays)
+        self.section("4. Stream latency (printed in the container → stream message at a jupyter_client client)", [
+            f"Lines printed every 100 ms: median **{d['median'] * 1000:.1f} ms** (min {d['min'] * 1000:.1f}, "
+            f"max {d['max'] * 1000:.1f}, n={d['n']}) (target: median ≤ 50 ms)."])
+
+    # ---------------------------------------------------------------- 5. 200 MB of output
+    def throughput(self) -> None:
+        rows = []
+        for mode in ("display", "--out"):
+            k = self.kernel()
+            try:
+                k.ok("%%mino\ntrue")
+                before = rss_kb(k.pid)
+                flag = " --out big" if mode == "--out" else ""
+                start = time.perf_counter()
+                received = [0]
+
+                def on_stream(name, text, reply):
+                    received[0] += len(text)
+                    reply.stdout = ""  # the benchmark client does not keep 200 MB either
+
+                k.execute(f"%%mino{flag}\nhead -c 200000000 /dev/zero | tr '\\0' 'x' | fold -w 999", on_stream=on_stream,
+                          timeout=1200)
+                elapsed = time.perf_counter() - start
+                peak = rss_kb(k.pid, "VmHWM")
+                rows.append(f"| {mode} | {200 / elapsed:.1f} MB/s ({elapsed:.1f} s) | {(peak - before) / 1024:.0f} MB |")
+            finally:
+                k.shutdown()
+        self.section("5. 200 MB of output through one cell", [
+            "| output | throughput | kernel peak RSS growth |", "|---|---|---|", *rows,
+            "", "Target: growth ≤ 64 MB when not capturing with `--out` (with `--out` the text itself is kept)."])
+
+    # ---------------------------------------------------------------- 6. shutdown with 10 sessions
+    def shutdown(self) -> None:
+        k = self.kernel()
+        for i in range(10):
+            k.ok(f"%%mino --session s{i}\ntrue")
+        token = k.owner_token()
+        start = time.perf_counter()
+        k.shutdown()
+        while self.engine.list({"io.mino.owner": token}):
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - start
+        self.section("6. Kernel shutdown with 10 live sessions", [
+            f"Until all 10 containers are gone: **{elapsed:.2f} s** (target ≤ 2 s)."])
+
+    # ---------------------------------------------------------------- 7. 20 x 50 concurrent
+    def concurrent(self) -> None:
+        from mino_jupyter.network import NetworkChoice
+        from mino_jupyter.sessions import CellOptions, SessionManager
+
+        class Null:
+            def write(self, stream, text):
+                pass
+
+            def flush(self):
+                pass
+
+        manager = SessionManager(cwd=lambda: self.work, notice=lambda n: None, watchdog=False,
+                                 env={**os.environ, **self.env})
+        rss_before = rss_kb(os.getpid())
+        failures: queue.Queue = queue.Queue()
+
+        def worker(n: int) -> None:
+            for cell in range(50):
+                try:
+                    result, _ = manager.run_cell(f"echo {n}-{cell}", CellOptions(session=f"c{n}"), Null())
+                    if result.exit_code != 0:
+                        failures.put(f"c{n} cell {cell}: exit {result.exit_code}")
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    failures.put(f"c{n} cell {cell}: {exc}")
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        execs = sum(len((self.engine.inspect(s.container_id) or {}).get("ExecIDs") or [])
+                    for s in manager.sessions.values())
+        rss_after = rss_kb(os.getpid())
+        token = manager.owner.token
+        manager.shutdown()
+        leaked = self.engine.list({"io.mino.owner": token})
+        errors = []
+        while not failures.empty():
+            errors.append(failures.get())
+        self.section("7. 20 concurrent sessions × 50 cells", [
+            f"1000 cells in {elapsed:.1f} s; failures: **{len(errors)}**{': ' + '; '.join(errors[:3]) if errors else ''}; "
+            f"exec sessions left in the containers before shutdown: **{execs}**; containers left after: "
+            f"**{len(leaked)}**; process RSS {rss_before / 1024:.0f} MB → {rss_after / 1024:.0f} MB."])
+
+    def write(self, selected: list[str]) -> None:
+        podman = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor())
+        header = [
+            "# Benchmarks", "",
+            f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} with `make bench` "
+            f"({', '.join(selected)}; {self.pairs} alternating pairs where paired).", "",
+            f"- machine: {platform.node()}, {os.cpu_count()} cores ({cpu}), kernel {platform.release()}",
+            f"- {podman}, mino-jupyter {__version__}, Python {platform.python_version()}",
+            "- times are wall-clock medians with min–max; ratios compare medians from the same run", "",
+        ]
+        RESULTS.write_text("\n".join(header) + "\n".join(self.sections))
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+ALL = ["warm", "fresh", "allowlist", "latency", "throughput", "shutdown", "concurrent"]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    args = parser.parse_args(argv)
+    selected = [name for name in args.only.split(",") if name]
+    unknown = set(selected) - set(ALL)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; valid: {', '.join(ALL)}")
+    bench = Bench(args.pairs)
+    for name in selected:
+        getattr(bench, name)()
+    bench.write(selected)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
