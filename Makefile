@@ -13,7 +13,8 @@ setup:
 demo: setup
 	@$(PY) scripts/demo.py
 
-test: setup
+test:
+	@scripts/setup-host.sh --browser
 	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) scripts/notebooks.py --check
 

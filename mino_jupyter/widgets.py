@@ -103,15 +103,17 @@ class Panel:
                                 layout=w.Layout(width="32em", height="5em"))
         self.allow_errors = w.HTML()
         self.mode_note = w.HTML()
-        self.apply_button = w.Button(description="apply to this session")
-        self.save_project = w.Button(description="save for this project")
-        self.save_global = w.Button(description="save globally")
+        wide = w.Layout(width="auto")
+        self.apply_button = w.Button(description="apply to this session", layout=wide)
+        self.save_project = w.Button(description="save for this project", layout=wide)
+        self.save_global = w.Button(description="save globally", layout=wide)
         self.apply_button.on_click(lambda _: self.save("session"))
         self.save_project.on_click(lambda _: self.save("project"))
         self.save_global.on_click(lambda _: self.save("global"))
         self.current = w.HTML()
         for widget in (self.mode, self.preset, self.allow):
             widget.observe(lambda _change: self._validate(), names="value")
+        self.preset.observe(self._preset_chosen, names="value")
         # ---------------------------------------------------------------- sessions
         self.sessions = w.GridBox(layout=w.Layout(grid_template_columns="repeat(7, auto) auto auto",
                                                   grid_gap="2px 12px"))
@@ -145,6 +147,10 @@ class Panel:
         if plan.preset in self.presets:
             self.preset.value = plan.preset
         self.allow.value = "\n".join(str(e) for e in plan.extra)
+
+    def _preset_chosen(self, change) -> None:
+        if change["new"] and self.mode.value == "bridge":
+            self.mode.value = "allowlist"  # a preset means an allowlist; host keeps its override note
 
     def entries(self) -> tuple[list[str], list[str]]:
         """(valid entries, error messages) from the text area, one entry per line or comma."""

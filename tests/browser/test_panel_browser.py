@@ -77,6 +77,9 @@ def lab(tmp_path, engine, base_image):
 
 def _shot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    news = page.get_by_role("button", name="No", exact=True)
+    if news.count() and news.first.is_visible():
+        news.first.click()  # JupyterLab's "notified about news?" toast covers the page
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
@@ -122,6 +125,8 @@ def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):
             preset.wait_for(timeout=60_000)
             _shot(page, "1-panel-opened")
             preset.select_option(label="registries")
+            mode = panel.locator(".widget-dropdown", has_text="mode").locator("select")
+            expect(mode).to_have_value("allowlist")  # choosing a preset means an allowlist
             expect(panel).to_contain_text("pypi.org:443", timeout=10_000)  # the preset's preview
             panel.locator(".widget-textarea textarea").fill(entry)
             panel.get_by_role("button", name="apply to this session").click()
