@@ -44,7 +44,7 @@ rm -f "$f"; echo "$used"
 '''
 
 MAX_ARGV_SCRIPT = 100_000  # bytes; larger scripts are copied in as a file (argv limit is 128 KiB)
-FLUSH_BYTES = 256 * 1024
+FLUSH_BYTES = 64 * 1024  # per stream message; ZMQ queues up to 1000 of them for a slow client
 DRAIN_AFTER_KILL = 1.0
 
 HOW = {"INT": "interrupted", "TERM": "terminated", "KILL": "killed", "none": "interrupted"}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -134,7 +135,27 @@ class Loaded:
 
 
 def read_file(path: Path) -> tuple[FileConfig | None, list[str]]:
-    """Parse and validate one file. Problems become warnings; the file counts as empty."""
+    """Parse and validate one file. Problems become warnings; the file counts as empty.
+
+    Cached while the file's size and modification time stay the same (every cell reads it).
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None, []
+    except OSError as exc:
+        return None, [f"mino: cannot read {path}: {exc.strerror}; using defaults for it"]
+    fc, warnings = _read_cached(str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+    return fc, list(warnings)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_cached(path_text: str, _mtime_ns: int, _size: int, _ino: int) -> tuple[FileConfig | None, tuple[str, ...]]:
+    fc, warnings = _read_uncached(Path(path_text))
+    return fc, tuple(warnings)
+
+
+def _read_uncached(path: Path) -> tuple[FileConfig | None, list[str]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

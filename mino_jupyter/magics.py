@@ -153,17 +153,31 @@ def run_config_command(args, *, cwd, env, presets, out=print) -> None:
 
 
 class _DisplaySink:
-    """Cell output to the notebook (or into --out/--err variables), as it arrives."""
+    """Cell output to the notebook (or into --out/--err variables), as it arrives.
+
+    IPython 9 keeps a copy of everything a cell writes to stdout/stderr in its output history,
+    for the life of the kernel. A cell that prints gigabytes would pin them all in memory, so
+    only the first HISTORY_LIMIT characters per stream go through IPython's recording write;
+    the rest goes straight to the stream (the notebook shows all of it either way).
+    """
+
+    HISTORY_LIMIT = 1 << 20
 
     def __init__(self, capture_out: bool, capture_err: bool):
         self.captured = {1: [] if capture_out else None, 2: [] if capture_err else None}
+        self.recorded = {1: 0, 2: 0}
 
     def write(self, stream: int, text: str) -> None:
         target = self.captured[stream]
         if target is not None:
             target.append(text)
+            return
+        out = sys.stderr if stream == STDERR else sys.stdout
+        if self.recorded[stream] < self.HISTORY_LIMIT:
+            self.recorded[stream] += len(text)
+            out.write(text)
         else:
-            (sys.stderr if stream == STDERR else sys.stdout).write(text)
+            type(out).write(out, text)  # the stream's own write, without IPython's history copy
 
     def flush(self) -> None:
         sys.stdout.flush()

@@ -9,6 +9,7 @@ Built-ins ship inside the package (``presets/*.toml``); user presets in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -54,6 +55,14 @@ def _line_of(text: str, needle: str) -> int:
 
 
 def parse_preset(path: Path, *, builtin: bool) -> Preset:
+    """Parse one preset file (cached while the file's size and mtime stay the same)."""
+    st = path.stat()
+    return _parse_cached(str(path), builtin, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_cached(path_text: str, builtin: bool, _mtime_ns: int, _size: int) -> Preset:
+    path = Path(path_text)
     name = path.stem
     text = path.read_text(encoding="utf-8")
     if not name.replace("-", "").replace("_", "").isalnum():

@@ -186,6 +186,7 @@ class SessionManager:
         self._watchdog_pipe: int | None = None
         self._closed = False
         self._reaped = False
+        self._removals: list[threading.Thread] = []
         self.log_dir = logs_dir(env) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.owner.token}"
         self.listeners: list[Callable[[], None]] = []  # called when sessions change (the panel)
         # Kernel-level choices (%config MinoMagics.*, the picker's "for this session").
@@ -483,7 +484,7 @@ class SessionManager:
             if session.firewall_id and session.state == "running":
                 self._report_refused(session)
             if session.fresh:
-                self._remove(session)
+                self._remove_soon(session)
             elif session.state == "running":
                 session.state = "idle"
         log.cell_end(result, cell_sink.dropped)
@@ -581,6 +582,27 @@ class SessionManager:
             self.engine.remove(session.container_id)
         self._mark_stopped(session)
 
+    def _remove_soon(self, session: Session) -> None:
+        """A --fresh container goes right after its cell, without making the cell wait for
+        Podman's teardown (network and storage, about 0.3 s). Shutdown waits for these."""
+        self._mark_stopped(session)
+        cid, engine = session.container_id, self.engine
+
+        def remove() -> None:
+            try:
+                engine.remove(cid)
+            except Exception:
+                pass  # the shutdown sweep, the watchdog or the reaper removes it
+
+        thread = threading.Thread(target=remove, name=f"mino-remove-{session.name}", daemon=True)
+        self._removals = [t for t in self._removals if t.is_alive()] + [thread]
+        thread.start()
+
+    def wait_for_removals(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in list(self._removals):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
     def _mark_stopped(self, session: Session) -> None:
         session.state = "stopped"
         session.stopped_at = time.time()
@@ -623,6 +645,7 @@ class SessionManager:
         removed = self._engine is None
         try:
             if self._engine is not None:
+                self.wait_for_removals()
                 remove_containers(self._engine, owned_by(self._engine, self.owner.token))
                 removed = True
                 for s in self.sessions.values():

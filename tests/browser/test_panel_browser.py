@@ -50,10 +50,15 @@ def lab(tmp_path, engine, base_image):
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, **isolated_env(tmp_path / "mino-home"), "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"), "JUPYTER_DATA_DIR": str(tmp_path / "jdata")}
+    settings = tmp_path / "lab-settings"
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false", "checkForUpdates": false}')
     log = open(tmp_path / "lab.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--ServerApp.token={token}", "--allow-root", f"--ServerApp.root_dir={workdir}",
+         f"--LabApp.user_settings_dir={settings}",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     deadline = time.monotonic() + 60
@@ -78,8 +83,11 @@ def lab(tmp_path, engine, base_image):
 def _shot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     news = page.get_by_role("button", name="No", exact=True)
-    if news.count() and news.first.is_visible():
-        news.first.click()  # JupyterLab's "notified about news?" toast covers the page
+    try:
+        if news.count() and news.first.is_visible():
+            news.first.click(timeout=2_000)  # a "notified about news?" toast would cover the page
+    except Exception:
+        pass
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 

@@ -173,7 +173,7 @@ def test_sessions_reuse_separate_and_fresh(kernel, engine):
     r = kernel.ok("%%mino --fresh\ncat /tmp/where 2>/dev/null || echo missing")
     assert r.stdout == "missing\n"
     token = kernel.owner_token()
-    assert _containers(engine, **{"io.mino.owner": token, "io.mino.role": "fresh"}) == []
+    assert _wait_until(lambda: _containers(engine, **{"io.mino.owner": token, "io.mino.role": "fresh"}) == [], 10)
     assert len(_containers(engine, **{"io.mino.owner": token, "io.mino.role": "session"})) == 2
     table = kernel.ok("%mino sessions").stdout
     header, *rows = table.splitlines()
