@@ -77,7 +77,129 @@ QUICKSTART = [
     code("%mino sessions"),
 ]
 
-NOTEBOOK_SOURCES = {"quickstart": QUICKSTART}
+NETWORK = [
+    md("# Network modes and presets\n\n"
+       "| mode | what the cell reaches |\n|---|---|\n"
+       "| `bridge` (default) | the internet; not the services on this machine's loopback |\n"
+       "| `host` | everything this machine reaches, its local services included |\n"
+       "| `none` | nothing (loopback only) |\n"
+       "| allowlist | only the listed `host:port` destinations; everything else is refused at once |\n\n"
+       "The destinations here are local test servers started by this notebook (never outside "
+       "addresses), plus the package registries where a preset allows them."),
+    code("%load_ext mino_jupyter"),
+    code("%%mino\necho 'bridge: interfaces with an address:' $(ip -o -4 addr show | awk '{print $2}')"),
+    md("Two local servers: one on the Podman bridge gateway (containers on the bridge reach it), one "
+       "on this machine's loopback (only `host` mode reaches it). Each counts its visitors."),
+    code("from mino_jupyter.demo import LocalServer\n\n"
+         "gateway_server = LocalServer()                # e.g. 10.88.0.1:PORT\n"
+         "loopback_server = LocalServer('127.0.0.1')   # this machine only\n"
+         "other_server = LocalServer()                  # used to show a refusal"),
+    md("## bridge\nThe gateway server answers; the host's loopback does not exist from inside."),
+    code("%%mino -e GW={gateway_server.url} -e LOOP={loopback_server.url}\n"
+         "curl -sS \"$GW\"\ncurl -sS -m 3 \"$LOOP\" || echo \"loopback of the host: not reachable (curl exit $?)\""),
+    md("## host\nShares this machine's network, so its local services are reachable. mino says so once per session."),
+    code("%%mino --session host-demo --network host -e LOOP={loopback_server.url}\ncurl -sS \"$LOOP\""),
+    md("## none\nNo interface but loopback."),
+    code("%%mino --fresh --network none -e GW={gateway_server.url}\n"
+         "echo 'interfaces with an address:' $(ip -o -4 addr show | awk '{print $2}')\n"
+         "curl -sS -m 3 \"$GW\" 2>/dev/null || echo \"no network (curl exit $?)\""),
+    md("## Presets\nNamed allowlists. Files in `~/.config/mino/presets/` add or replace presets."),
+    code("%mino presets"),
+    md("`dev` allows code hosting, package registries and AI APIs. Names are resolved by mino on the "
+       "host; inside, only allowlisted names resolve and no DNS query leaves the container."),
+    code("%%mino --session dev --network-preset dev\n"
+         "curl -s -o /dev/null -w 'pypi.org over HTTPS: %{http_code}\\n' https://pypi.org/simple/six/\n"
+         "getent hosts example.com || echo 'example.com: does not resolve inside'"),
+    md("## A custom allowlist\n`--network-allow HOST:PORT` (repeatable, comma-separated) alone or on top of a "
+       "preset. The allowed server answers; the other is refused at once, and mino says what was refused."),
+    code("%%mino --session lab --network-allow {gateway_server.address} -e OK={gateway_server.url} -e NO={other_server.url}\n"
+         "curl -sS \"$OK\"\ncurl -sS -m 5 \"$NO\" 2>/dev/null || echo \"refused (curl exit $?)\""),
+    code("print('gateway server visits:', gateway_server.hits, '| other server visits:', other_server.hits)"),
+    md("The firewall is installed from outside the cell's processes, which hold no capability:"),
+    code("%%mino --session lab\niptables -F 2>&1 | tail -1\nnft flush ruleset 2>&1 | head -1\n"
+         "ip link set eth0 down 2>&1 || true"),
+    md("## Host plus a preset\nThe allowlist wins, with a warning."),
+    code("%%mino --fresh --network host --network-preset registries\necho 'ran with the registries allowlist'"),
+    md("`none` with an allowlist is an error, and nothing runs:"),
+    code("%%mino --network none --network-preset dev\necho never", "raises-exception"),
+    code("%mino stop --all\nfor server in (gateway_server, loopback_server, other_server):\n    server.close()"),
+]
+
+CONFIG = [
+    md("# Configuration, the first-run choice and the panel\n\n"
+       "Settings live under `[container]` in a global file (`~/.config/mino/config.toml`) and in a "
+       "project's `.mino.toml`. This notebook runs with an empty configuration, like a first run."),
+    code("%load_ext mino_jupyter"),
+    md("With no network chosen anywhere, the first cell runs with bridge right away. In a notebook "
+       "frontend a picker appears to choose and remember a network; headless runs get a one-line notice."),
+    code("%%mino\necho 'ran with bridge'"),
+    code("%mino config show"),
+    md("`set` edits the global file; `--local` the project's `.mino.toml` (created next to the "
+       "notebook when there is none, and trusted because you wrote it)."),
+    code("%mino config set network_preset registries --local"),
+    code("print(open('.mino.toml').read(), end='')"),
+    code("%mino config get network_preset"),
+    md("Edits change only the key edited: comments and formatting elsewhere stay byte for byte."),
+    code("import os\n\nglobal_file = os.environ['MINO_CONFIG']\n"
+         "os.makedirs(os.path.dirname(global_file), exist_ok=True)\n"
+         "with open(global_file, 'w') as f:\n"
+         "    f.write('# my mino settings\\n[container]   # keep this comment\\n# image = \"later\"\\n')"),
+    code("%mino config set pids_limit 2048"),
+    code("print(open(global_file).read(), end='')"),
+    md("Invalid values are refused before anything is written:"),
+    code("%mino config set network sideways", "raises-exception"),
+    code("%mino config unset network_preset --local\nprint(open('.mino.toml').read(), end='')"),
+    md("## Trust\nA `.mino.toml` that came with a cloned repository could ask for the host network. "
+       "Until you trust its content, values that weaken isolation are not applied."),
+    code("with open('.mino.toml', 'w') as f:\n    f.write('[container]\\nnetwork = \"host\"\\n')"),
+    code("%%mino --session cloned\necho 'interfaces with an address:' $(ip -o -4 addr show | awk '{print $2}')"),
+    code("%mino trust"),
+    code("%mino stop cloned"),
+    code("%%mino --session cloned\necho 'now with the project network'"),
+    md("## The panel\n`%mino panel` shows a network picker, the sessions with their logs and stop "
+       "buttons, and a trust button when needed. In a terminal or a text view it reads as a summary."),
+    code("%mino panel"),
+    md("Cleaning up: stop the sessions and remove the files this demo wrote."),
+    code("%mino stop --all\nos.remove('.mino.toml')\nos.remove(global_file)"),
+]
+
+SECURITY = [
+    md("# Security tour: what the hardening means, seen from inside\n\n"
+       "Every mino container drops all capabilities, sets no-new-privileges, limits processes to "
+       "4096 and runs cells as `developer` (UID 1000). Here is what a cell can see and do."),
+    code("%load_ext mino_jupyter"),
+    md("## No capabilities, in any set"),
+    code("%%mino\ngrep -E '^Cap' /proc/self/status\ncapsh --decode=$(awk '/^CapBnd/ {print $2}' /proc/self/status)"),
+    md("## No way to gain privileges\nNo-new-privileges is set, so setuid programs cannot raise privileges."),
+    code("%%mino\ngrep NoNewPrivs /proc/self/status\nid\n"
+         "su -c id root </dev/null 2>&1 | head -1 || true\n"
+         "mount -t tmpfs none /mnt 2>&1 | head -1"),
+    md("## The process limit stops a fork bomb\nA bounded fork bomb in a one-shot container: children "
+       "are created until the cgroup's limit of 4096 processes is reached."),
+    code("%%mino --fresh\nperl -e '\n"
+         "  for my $n (1 .. 5000) {\n"
+         "    my $pid = fork();\n"
+         "    if (!defined $pid) {\n"
+         "      my $why = \"$!\";\n"
+         "      open(my $f, \"<\", -e \"/sys/fs/cgroup/pids.current\" ? \"/sys/fs/cgroup/pids.current\" : \"/sys/fs/cgroup/pids/pids.current\");\n"
+         "      my $current = <$f>; chomp $current;\n"
+         "      print \"fork refused: $why; processes in the container: $current\\n\"; last;\n"
+         "    }\n"
+         "    if ($pid == 0) { sleep 2; exit 0 }\n"
+         "  }'"),
+    md("## The firewall cannot be touched from inside\nIn allowlist mode the rules are installed from a separate "
+       "container; the cell's processes hold no NET_ADMIN."),
+    code("%%mino --session fw --network-preset registries\n"
+         "iptables -F 2>&1 | tail -1\nnft flush ruleset 2>&1 | head -1\nip link set eth0 down 2>&1\n"
+         "curl -s -o /dev/null -w 'pypi.org still allowed: %{http_code}\\n' https://pypi.org/simple/"),
+    md("## Only the notebook's directory is shared\nThe container has its own filesystem; of the host it "
+       "sees only `/workspace`, this notebook's directory."),
+    code("%%mino\nls / | tr '\\n' ' '; echo\nls /home\nls /root 2>&1\ngrep -c ' /workspace ' /proc/self/mounts"),
+    code("%mino stop --all"),
+]
+
+NOTEBOOK_SOURCES = {"quickstart": QUICKSTART, "network-presets": NETWORK, "config-and-panel": CONFIG,
+                    "security-tour": SECURITY}
 
 
 def scratch_copy() -> Path:

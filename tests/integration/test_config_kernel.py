@@ -53,7 +53,7 @@ def test_config_set_get_unset_in_both_scopes(kernel, home, tmp_path):
     assert "nameserver 127.0.0.1" in r.stdout
     kernel.ok("%mino stop --all")
     kernel.ok("%mino config unset network_preset --local")
-    r = kernel.ok("%%mino\ncurl -sS -m 3 http://127.0.0.1:9/ 2>&1 | head -c 0; ip -o link | wc -l")
+    r = kernel.ok("%%mino\ncurl -sS -m 3 http://127.0.0.1:9/ 2>&1 | head -c 0; ip -o -4 addr show | wc -l")
     assert r.stdout.strip() == "1"  # the global "none" applies now: loopback only
     assert Path(env["MINO_CONFIG"]).read_text() == '[container]\nnetwork = "none"\n'
 
@@ -86,7 +86,7 @@ def test_broken_toml_is_reported_with_its_line_and_left_alone(kernel, home):
 def test_untrusted_project_file_is_skipped_until_trusted(kernel, home):
     project, env = home
     (project / ".mino.toml").write_text('[container]\nnetwork = "host"\n')
-    r = kernel.ok("%%mino\nip -o link | grep -c eth0 || true")
+    r = kernel.ok("%%mino\nip -o -4 addr show | grep -c eth0 || true")
     assert f"mino: {project / '.mino.toml'} is not trusted, so network=\"host\" from it is not applied" in r.stderr
     assert "`%mino trust`" in r.stderr
     assert r.stdout.strip() == "1"  # bridge: the container's own eth0
@@ -134,7 +134,7 @@ def test_first_run_interactive_shows_the_picker_once_and_not_after_a_save(engine
 
 def test_traitlets_defaults(kernel):
     kernel.ok('%config MinoMagics.network = "none"')
-    r = kernel.ok("%%mino\nip -o link | wc -l")
+    r = kernel.ok("%%mino\nip -o -4 addr show | wc -l")
     assert r.stdout.strip() == "1"
     r = kernel.execute('%config MinoMagics.network = "sideways"\n')
     r = kernel.execute("%%mino --session s2\ntrue")

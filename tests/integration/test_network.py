@@ -183,7 +183,7 @@ def test_host_mode_reaches_host_loopback_and_bridge_does_not(manager):
 def test_none_mode_has_no_network(manager, gateway):
     listener = TcpListener(gateway)
     try:
-        code, out, _ = run(manager, f"{CURL} http://{gateway}:{listener.port}/; echo \" exit=$?\"; ip -o link | wc -l",
+        code, out, _ = run(manager, f"{CURL} http://{gateway}:{listener.port}/; echo \" exit=$?\"; ip -o -4 addr show | wc -l",
                            network="none")
         assert out.splitlines()[0].endswith("exit=7") and listener.hits == 0
         assert out.splitlines()[1] == "1"  # loopback only
