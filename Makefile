@@ -10,15 +10,17 @@ PYTEST_ARGS ?=
 setup:
 	@scripts/setup-host.sh
 
-demo: setup
+demo:
+	@scripts/setup-host.sh --toolchains
 	@$(PY) scripts/demo.py
 
 test:
-	@scripts/setup-host.sh --browser
+	@scripts/setup-host.sh --browser --toolchains
 	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) scripts/notebooks.py --check
 
-notebooks: setup
+notebooks:
+	@scripts/setup-host.sh --toolchains
 	$(PY) scripts/notebooks.py
 
 unit:
@@ -29,3 +31,6 @@ bench: setup
 
 clean-containers:
 	$(VENV)/bin/mino-jupyter prune --all
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --allow-root notebooks

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     image = sub.add_parser("image", help="build or inspect mino images")
     image_sub = image.add_subparsers(dest="image_command", metavar="ACTION", parser_class=_Parser)
-    build = image_sub.add_parser("build", help="build the base image (localhost/mino-base:<version>)")
+    build = image_sub.add_parser("build", help="build mino images: base (default), python, node")
+    build.add_argument("names", nargs="*", metavar="NAME", help="base, python, node (default: base)")
     how = build.add_mutually_exclusive_group()
     how.add_argument("--offline", action="store_true",
                      help="build from Debian packages (debootstrap), no container registry needed")
@@ -71,14 +72,25 @@ def _dispatch(args) -> int:
     if args.command == "image":
         if args.image_command != "build":
             raise MinoError("missing action for `image`", "use `mino-jupyter image build [--offline]`")
-        from .image import DEFAULT_MIRROR, build_base
+        from .image import DEFAULT_MIRROR, SHORT_NAMES, build_base, build_variant
         from .runtime import Engine
 
+        names = args.names or ["base"]
+        unknown = [n for n in names if n not in SHORT_NAMES]
+        if unknown:
+            raise MinoError(f"unknown image {unknown[0]!r}", f"valid names: {', '.join(SHORT_NAMES)}")
         engine = Engine.connect(notify=lambda m: print(m, file=sys.stderr))
-        ref = build_base(engine, offline=args.offline, from_image=args.from_image,
-                         mirror=args.mirror or DEFAULT_MIRROR, force=args.force,
-                         progress=lambda m: print(m, flush=True))
-        print(ref)
+
+        def progress(message: str) -> None:
+            print(message, flush=True)
+
+        if "base" in names or args.offline or args.from_image:
+            print(build_base(engine, offline=args.offline, from_image=args.from_image,
+                             mirror=args.mirror or DEFAULT_MIRROR, force=args.force and "base" in names,
+                             progress=progress))
+        for name in names:
+            if name != "base":
+                print(build_variant(engine, name, force=args.force, progress=progress))
         return 0
     if args.command == "config":
         from pathlib import Path

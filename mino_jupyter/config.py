@@ -56,6 +56,7 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("pids_limit", int, "process limit per container, 1-4096 (can only tighten the default)"),
     Key("workdir_readonly", bool, "mount the notebook's directory read-only at /workspace"),
     Key("ca_bundle", str, 'CA bundle to trust inside: "auto" (the host\'s), "none", or a path', weakens=True),
+    Key("package_cache", bool, "share a pip/npm cache volume between this user's python/node sessions"),
 )}
 
 
@@ -219,7 +220,8 @@ def untrusted_filter(values: dict, fallback: NetworkChoice | None,
     """Split an untrusted project file's values into (applied, skipped)."""
     kept, skipped = {}, {}
     for key, value in values.items():
-        if key in ("image", "ca_bundle") or (key == "workdir_readonly" and value is not True):
+        if key in ("image", "ca_bundle") or (key == "workdir_readonly" and value is not True) or \
+                (key == "package_cache" and value is not False):
             skipped[key] = value
         elif key not in NETWORK_KEYS:
             kept[key] = value

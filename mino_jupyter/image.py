@@ -39,6 +39,78 @@ def base_image_ref(version: str = __version__) -> str:
     return f"{BASE_REPO}:{version}"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A toolchain image built FROM mino-base with its own recipe."""
+
+    name: str
+    containerfile: str
+    tools: tuple[str, ...]
+    caches: tuple[tuple[str, str], ...]  # (volume name, path in the container)
+
+    @property
+    def ref(self) -> str:
+        return f"localhost/mino-{self.name}:{__version__}"
+
+
+VARIANTS = {
+    "python": Variant("python", "python.Containerfile", ("python3", "pip"),
+                      (("mino-cache-pip", "/home/developer/.cache/pip"),)),
+    "node": Variant("node", "node.Containerfile", ("node", "npm"),
+                    (("mino-cache-npm", "/home/developer/.npm"),)),
+}
+SHORT_NAMES = ("base", *VARIANTS)
+
+
+def resolve_ref(name: str) -> str:
+    """A short name (base, python, node) to its local tag; anything else is a full reference."""
+    if name in ("base", "mino-base"):
+        return base_image_ref()
+    if name in VARIANTS:
+        return VARIANTS[name].ref
+    return name
+
+
+def variant_of(ref: str) -> Variant | None:
+    return next((v for v in VARIANTS.values() if v.ref == ref), None)
+
+
+def cache_volumes(ref: str) -> tuple[tuple[str, str], ...]:
+    variant = variant_of(ref)
+    return variant.caches if variant else ()
+
+
+def ensure(engine: Engine, ref: str, progress: Progress) -> None:
+    """Make sure `ref` exists: mino's own images are built on first use, others must be present."""
+    if engine.image_exists(ref):
+        return
+    variant = variant_of(ref)
+    if ref == base_image_ref():
+        progress(f"mino: building {ref} (first use; about a minute) ...")
+        build_base(engine, progress=progress)
+    elif variant is not None:
+        progress(f"mino: building {ref} (first use; a minute or two) ...")
+        build_variant(engine, variant.name, progress=progress)
+    else:
+        engine.require_image(ref)
+
+
+def build_variant(engine: Engine, name: str, *, force: bool = False, progress: Progress = print) -> str:
+    variant = VARIANTS[name]
+    if not force and engine.image_exists(variant.ref):
+        progress(f"image {variant.ref} is present (use --force to rebuild)")
+        return variant.ref
+    base = base_image_ref()
+    if not engine.image_exists(base):
+        build_base(engine, progress=progress)
+    started = time.monotonic()
+    progress(f"building {variant.ref} FROM {base} ...")
+    build_recipe(engine, base=base, target=variant.ref, progress=progress,
+                 containerfile=variant.containerfile, tools=REQUIRED_TOOLS + variant.tools)
+    progress(f"built {variant.ref} in {time.monotonic() - started:.0f} s")
+    return variant.ref
+
+
 def containerfile_dir() -> Path:
     return Path(str(resources.files("mino_jupyter") / "image"))
 
@@ -172,10 +244,11 @@ def _context_tar() -> bytes:
     return buf.getvalue()
 
 
-def build_recipe(engine: Engine, *, base: str, target: str, progress: Progress) -> None:
+def build_recipe(engine: Engine, *, base: str, target: str, progress: Progress,
+                 containerfile: str = "Containerfile", tools: tuple[str, ...] | None = None) -> None:
     candidate = f"{target}-candidate"
     params = {
-        "dockerfile": "Containerfile",
+        "dockerfile": containerfile,
         "t": candidate,
         "buildargs": json.dumps({"BASE": base, "MINO_VERSION": __version__}),
         "pull": "false",
@@ -187,22 +260,27 @@ def build_recipe(engine: Engine, *, base: str, target: str, progress: Progress) 
                                headers={"Content-Type": "application/x-tar"}, stream=True,
                                timeout=(10, 1800), what=f"build {target}")
     error = None
+    packages = 0
     for line in response.iter_lines():
         if not line:
             continue
         item = json.loads(line)
         if item.get("error"):
             error = item["error"].strip()
-        text = (item.get("stream") or "").rstrip()
-        if text and (text.startswith(("STEP", "COMMIT", "-->", "Successfully")) or "Setting up" in text
-                     or text.startswith(("Get:", "Err:", "E:"))):
-            progress("  " + text)
+        for text in (item.get("stream") or "").splitlines():
+            text = text.rstrip()
+            if text.startswith("Setting up "):
+                packages += 1
+                if packages % 25 == 0:
+                    progress(f"  ... {packages} packages set up")
+            elif text.startswith(("STEP", "COMMIT", "Successfully", "Err:", "E:")):
+                progress("  " + text[:160])
     if error or not engine.image_exists(candidate):
         _discard(engine, candidate)
         raise ImageBuildError(f"building {target} failed: {error or 'no image produced'}",
                               "read the build output above; rerun with --force once fixed")
     try:
-        verify_image(engine, candidate)
+        verify_image(engine, candidate, tools or REQUIRED_TOOLS)
     except MinoError:
         _discard(engine, candidate)
         raise
@@ -213,11 +291,11 @@ def build_recipe(engine: Engine, *, base: str, target: str, progress: Progress) 
 REQUIRED_TOOLS = ("bash", "capsh", "iptables", "nft", "setsid", "curl", "ip", "ps")
 
 
-def verify_image(engine: Engine, ref: str) -> None:
+def verify_image(engine: Engine, ref: str, tools: tuple[str, ...] = REQUIRED_TOOLS) -> None:
     """Run the image once, hardened, and check what sessions and the firewall rely on."""
     from .owner import current_owner
 
-    check = ("set -e; for t in " + " ".join(REQUIRED_TOOLS) + "; do command -v $t >/dev/null "
+    check = ("set -e; for t in " + " ".join(tools) + "; do command -v $t >/dev/null "
              "|| { echo missing:$t; exit 3; }; done; test \"$(id -u developer)\" = 1000; "
              "test -d /workspace && test -O /workspace; echo ok")
     spec = policy.session_spec(policy.SessionRequest(

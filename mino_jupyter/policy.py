@@ -86,6 +86,7 @@ class SessionRequest:
     hosts: Sequence[tuple[str, str]] = ()  # (name, address) for /etc/hosts
     no_dns: bool = False  # allowlist mode: no resolver inside, names come from `hosts`
     pids_limit: int = PIDS_LIMIT  # configuration may only lower it
+    volumes: Sequence[tuple[str, str]] = ()  # (named volume, path): package caches of this user
     extra_mounts: Sequence[Mount] = field(default_factory=tuple)
 
 
@@ -115,6 +116,9 @@ def session_spec(req: SessionRequest) -> dict:
     if req.network not in NETWORK_MODES:
         raise ValueError(f"network namespace mode must be one of {NETWORK_MODES}, not {req.network!r}")
     env = {"HOME": HOME, "LANG": "C.UTF-8", "TERM": "dumb", "USER": "developer"}
+    if req.network == "none":
+        # Nothing can ever connect: package managers should fail at once instead of retrying.
+        env.update({"PIP_RETRIES": "0", "NPM_CONFIG_FETCH_RETRIES": "0"})
     mounts = []
     if req.workspace is not None:
         mounts.append(_mount(req.workspace))
@@ -134,6 +138,7 @@ def session_spec(req: SessionRequest) -> dict:
         "hostname": "mino",
         "netns": {"nsmode": req.network},
         "mounts": mounts,
+        "volumes": [{"Name": name, "Dest": dest, "Options": ["nosuid", "nodev"]} for name, dest in req.volumes],
         "hostadd": [f"{name}:{addr}" for name, addr in req.hosts],
         "stop_timeout": 1,
         "remove": False,

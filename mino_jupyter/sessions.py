@@ -8,6 +8,7 @@ keeps logs that outlive the containers.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import subprocess
@@ -22,6 +23,7 @@ from typing import Callable, Mapping
 from . import config, firewall, policy, presets as presets_mod
 from .cell import CellResult, Sink, run_script
 from .errors import FirewallError, MinoError, UsageError
+from . import image as images
 from .image import base_image_ref
 from .network import NetworkChoice, NetworkPlan, NetworkResolutionInput, Resolution, resolve
 from .owner import Owner, current_owner
@@ -260,9 +262,7 @@ class SessionManager:
 
     def resolve_image(self, requested: str | None, loaded: config.Loaded) -> str:
         image = requested or self.kernel_image or config.merged(loaded, "image")[0]
-        if not image or image in ("base", "mino-base"):
-            return base_image_ref()
-        return image
+        return images.resolve_ref(image or "base")
 
     # ------------------------------------------------------------------ cells
     def run_cell(self, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
@@ -318,7 +318,7 @@ class SessionManager:
 
     def _start_session(self, engine: Engine, opts: CellOptions, image: str, plan: NetworkPlan,
                        readonly: bool, loaded: config.Loaded) -> Session:
-        engine.require_image(image)
+        images.ensure(engine, image, self.notice)  # mino's own images are built on first use
         if opts.fresh:
             self._fresh_count += 1
             name = f"fresh-{self._fresh_count}"
@@ -327,6 +327,9 @@ class SessionManager:
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh,
                           log_path=self.log_dir / f"{name}.log", workspace_readonly=readonly)
         pids_limit = config.merged(loaded, "pids_limit", policy.PIDS_LIMIT)[0]
+        volumes = images.cache_volumes(image) if config.merged(loaded, "package_cache", True)[0] else ()
+        for volume, _ in volumes:
+            self._ensure_volume(engine, volume)
         resolved = None
         if plan.mode == "allowlist":
             engine.require_image(self.firewall_image)
@@ -349,6 +352,7 @@ class SessionManager:
             hosts=resolved.hosts if resolved else (),
             no_dns=resolved is not None,
             pids_limit=pids_limit,
+            volumes=volumes,
         )
         self._ensure_watchdog(engine)
         session.container_id = engine.run(policy.session_spec(request))
@@ -375,6 +379,14 @@ class SessionManager:
                         f"notebook: `chown {policy.CELL_UID} {workspace}` or `setfacl -m u:{policy.CELL_UID}:rwx {workspace}`")
         self._changed()
         return session
+
+    def _ensure_volume(self, engine: Engine, name: str) -> None:
+        """A package cache volume, labelled as mino's. Podman copies the image's directory (owned
+        by the sandbox user) into it on first mount; it is shared by this user's sessions only."""
+        if engine.request("get", f"/volumes/{name}/exists", what=f"look up volume {name}", ok_missing=True) is None:
+            engine.request("post", "/volumes/create", data=json.dumps(
+                {"Name": name, "Label": {**policy.version_labels(), "io.mino.cache": name}}),
+                headers={"Content-Type": "application/json"}, what=f"create volume {name}")
 
     # ------------------------------------------------------------------ the allowlist
     def _resolve(self, plan: NetworkPlan, previous: firewall.Resolved | None = None) -> firewall.Resolved:

@@ -59,6 +59,12 @@ QUICKSTART = [
     code("%%mino\necho 'kept between cells' > /tmp/state\necho 'written by the sandbox' > from-sandbox.txt"),
     code("%%mino\ncat /tmp/state"),
     code("print(open('from-sandbox.txt').read(), end='')"),
+    md("## Installing packages\nThe `python` and `node` images add pip and npm to the base image (built "
+       "on first use, or ahead with `mino-jupyter image build python node`). `pip install` goes into the "
+       "session's own virtualenv, so the package stays for the session's later cells."),
+    code("%%mino --image python --session py\npip install -q six\n"
+         "python3 -c 'import six; print(\"six imported inside the sandbox from\", six.__file__.split(\"/lib/\")[0])'"),
+    code("%%mino --session py\npython3 -c 'import six; print(\"still installed:\", six.__name__)'"),
     md("Named sessions are separate containers; `--fresh` gives a one-shot container that is removed "
        "right after the cell."),
     code("%%mino --session scratch\ncat /tmp/state 2>/dev/null || echo 'a separate container: no /tmp/state here'"),

@@ -4,10 +4,11 @@
 #   2. Podman configuration this host needs (OCI runtime on hybrid cgroups)
 #   3. the Podman API service, started when its socket does not answer
 #   4. the project's virtualenv (.venv) with the package and its test extras
-#   5. the base image localhost/mino-base:<version>, built offline when missing
+#   5. the base image localhost/mino-base:<version>, built offline when missing (and with
+#      --toolchains the python and node images on top of it)
 # With everything in place it changes nothing and takes a few seconds.
 #
-# Usage: scripts/setup-host.sh [--no-image] [--browser]
+# Usage: scripts/setup-host.sh [--no-image] [--browser] [--toolchains]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -16,11 +17,13 @@ VENV=${MINO_VENV:-$ROOT/.venv}
 SOCKET=/run/podman/podman.sock
 WANT_IMAGE=1
 WANT_BROWSER=0
+WANT_TOOLCHAINS=0
 for arg in "$@"; do
     case $arg in
         --no-image) WANT_IMAGE=0 ;;
         --browser) WANT_BROWSER=1 ;;
-        *) echo "setup-host: unknown option $arg (valid: --no-image, --browser)" >&2; exit 2 ;;
+        --toolchains) WANT_TOOLCHAINS=1 ;;
+        *) echo "setup-host: unknown option $arg (valid: --no-image, --browser, --toolchains)" >&2; exit 2 ;;
     esac
 done
 
@@ -125,16 +128,26 @@ else
     say "virtualenv up to date"
 fi
 
-# ---------------------------------------------------------------- 5. the base image
+# ---------------------------------------------------------------- 5. the images
 if [ "$WANT_IMAGE" = 1 ]; then
-    ref=$("$VENV/bin/python" -c 'from mino_jupyter.image import base_image_ref; print(base_image_ref())')
-    if podman image exists "$ref" 2>/dev/null; then
-        say "image $ref present"
+    refs=$("$VENV/bin/python" -c 'from mino_jupyter.image import resolve_ref as r; print(r("base"), r("python"), r("node"))')
+    read -r base_ref python_ref node_ref <<<"$refs"
+    if podman image exists "$base_ref" 2>/dev/null; then
+        say "image $base_ref present"
     else
         # This machine kind reaches no container registry: build from Debian packages.
         # Elsewhere `mino-jupyter image build` (without --offline) starts FROM debian:bookworm-slim.
         "$VENV/bin/mino-jupyter" image build ${MINO_IMAGE_FROM:+--from "$MINO_IMAGE_FROM"} \
             $([ -z "${MINO_IMAGE_FROM:-}" ] && echo --offline)
+    fi
+    if [ "$WANT_TOOLCHAINS" = 1 ]; then
+        for pair in "python:$python_ref" "node:$node_ref"; do
+            if podman image exists "${pair#*:}" 2>/dev/null; then
+                say "image ${pair#*:} present"
+            else
+                "$VENV/bin/mino-jupyter" image build "${pair%%:*}"
+            fi
+        done
     fi
 fi
 say "done"
