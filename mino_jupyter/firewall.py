@@ -109,11 +109,43 @@ table inet {TABLE} {{
 """
 
 
-# The firewall container runs these; $1 is the ruleset.
+# Exec'd in the firewall container (the fallback path); $1 is the ruleset.
 INSTALL = (f'set -e; printf "%s" "$1" | nft -f -; nft -j list table inet {TABLE}')
 READ_REFUSED = (f"nft -j reset counters table inet {TABLE}; nft -j list set inet {TABLE} refused4; "
                 f"nft -j list set inet {TABLE} refused6; nft flush set inet {TABLE} refused4; "
                 f"nft flush set inet {TABLE} refused6")
+
+# The firewall container's main process: it serves requests on its stdin, which only mino can
+# reach (through the engine's attach), so installing rules and reading what was refused take
+# one round trip instead of a new process each time. Requests: "install N\n" + N bytes of
+# ruleset, or "report\n". Every answer ends with a line "@@mino-end RC".
+END = b"@@mino-end"
+AGENT = (
+    "while IFS=' ' read -r cmd n; do\n"
+    "  case \"$cmd\" in\n"
+    "    install) head -c \"$n\" > /tmp/rules\n"
+    "      if nft -f /tmp/rules 2>/tmp/err; then nft -j list table inet " + TABLE + "; echo '@@mino-end 0';\n"
+    "      else cat /tmp/err; echo '@@mino-end 1'; fi ;;\n"
+    "    report) " + READ_REFUSED.replace("; ", " 2>/dev/null; ") + " 2>/dev/null; echo '@@mino-end 0' ;;\n"
+    "    *) echo '@@mino-end 2' ;;\n"
+    "  esac\n"
+    "done\n"
+)
+
+
+def install_request(text: str) -> bytes:
+    data = text.encode()
+    return f"install {len(data)}\n".encode() + data
+
+
+REPORT_REQUEST = b"report\n"
+
+
+def split_answer(out: bytes) -> tuple[int, str]:
+    """(return code, text before the end line) of an agent answer."""
+    body, _, tail = out.rpartition(END)
+    code = int(tail.split()[0]) if tail.split() else 1
+    return code, body.decode(errors="replace")
 
 
 def _objects(text: str) -> list[dict]:

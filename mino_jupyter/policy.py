@@ -153,7 +153,7 @@ def session_spec(req: SessionRequest) -> dict:
 
 
 def firewall_spec(*, name: str, image: str, target_container: str, labels: Mapping[str, str],
-                  limits: HostLimits) -> dict:
+                  limits: HostLimits, command: Sequence[str] = ("sleep", "infinity")) -> dict:
     """The allowlist firewall container: joins the session's network namespace only.
 
     It holds NET_ADMIN and nothing else, shares no PID, mount, IPC or user namespace with the
@@ -164,7 +164,8 @@ def firewall_spec(*, name: str, image: str, target_container: str, labels: Mappi
     spec = {
         "name": name,
         "image": image,
-        "command": ["sleep", "infinity"],
+        "command": list(command),
+        "stdin": True,  # mino sends it requests through the engine's attach; nothing else can
         "entrypoint": [],
         "user": "0:0",
         "work_dir": "/",

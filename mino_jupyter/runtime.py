@@ -204,6 +204,45 @@ class ExecStream:
             time.sleep(0.02)
 
 
+class Attached:
+    """A hijacked attach to a container's main process: write its stdin, read its framed output."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes = b""):
+        self.sock = sock
+        self._buf = leftover
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the attached process closed its output")
+            self._buf += chunk
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def read_until(self, marker: bytes, timeout: float = 30.0) -> tuple[bytes, bytes]:
+        """(stdout, stderr) up to and including the line that starts with `marker` on stdout."""
+        self.sock.settimeout(timeout)
+        out, err = bytearray(), bytearray()
+        while True:
+            kind, size = struct.unpack(">BxxxL", self._read(8))
+            payload = self._read(size)
+            (err if kind == STDERR else out).extend(payload)
+            if kind != STDERR:
+                at = out.find(marker)
+                if at >= 0 and out.find(b"\n", at) >= 0:
+                    return bytes(out), bytes(err)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 def _read_exact(raw, n: int) -> bytes:
     chunks = []
     while n > 0:
@@ -389,6 +428,39 @@ class Engine:
                                 stream=True, timeout=(10, None),
                                 what=f"start a process in {cid[:12]}")
         return ExecStream(self, exec_id, started)
+
+    def attach(self, cid: str, timeout: float = 10.0) -> Attached:
+        """Attach to a running container's stdin/stdout/stderr over a raw connection (HTTP upgrade).
+
+        Works for unix:// and tcp:// endpoints; raises MinoError otherwise (callers fall back).
+        """
+        url = urllib.parse.urlparse(self.endpoint.url)
+        try:
+            if url.scheme == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                sock.connect(url.path)
+            elif url.scheme == "tcp":
+                sock = socket.create_connection((url.hostname, url.port or 80), timeout=timeout)
+            else:
+                raise MinoError(f"attaching needs a unix:// or tcp:// engine, not {url.scheme}://")
+            path = f"{self.api.path_prefix}containers/{cid}/attach?stdin=true&stdout=true&stderr=true&stream=true"
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                         f"Content-Length: 0\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise MinoError("the engine closed the attach connection")
+                head += chunk
+        except OSError as exc:
+            raise MinoError(f"cannot attach to {cid[:12]}: {exc}") from exc
+        header, _, leftover = head.partition(b"\r\n\r\n")
+        status = header.split(b"\r\n", 1)[0]
+        if b" 101 " not in status and b" 200 " not in status:
+            sock.close()
+            raise MinoError(f"cannot attach to {cid[:12]}: {status.decode(errors='replace')}")
+        return Attached(sock, leftover)
 
     def exec_inspect(self, exec_id: str) -> dict:
         return self.request("get", f"/exec/{exec_id}/json", what="read an exec's state").json()

@@ -69,6 +69,7 @@ class Session:
     stopped_at: float | None = None
     workspace_readonly: bool = False
     firewall_id: str | None = None
+    fw_channel: object | None = None  # runtime.Attached to the firewall agent, when the engine allows
     resolved: firewall.Resolved | None = None
     resolved_at: float = 0.0
 
@@ -361,7 +362,11 @@ class SessionManager:
                 session.firewall_id = engine.run(policy.firewall_spec(
                     name=f"{request.name}-fw", image=self.firewall_image, target_container=session.container_id,
                     labels=_labels(self.owner, {"io.mino.role": "firewall", **base_labels}),
-                    limits=engine.host_limits()))
+                    limits=engine.host_limits(), command=("sh", "-c", firewall.AGENT)))
+                try:
+                    session.fw_channel = engine.attach(session.firewall_id)
+                except MinoError:
+                    session.fw_channel = None  # an engine we cannot attach to: exec each time
                 self._install_rules(session, resolved)
             except MinoError as exc:
                 engine.remove(session.container_id)
@@ -406,13 +411,30 @@ class SessionManager:
                         + " on this host; they stay unreachable")
         return resolved
 
+    def _firewall_request(self, session: Session, request: bytes, script: list[str]) -> tuple[int, str, str]:
+        """Ask the firewall container: through its attached agent, else with an exec."""
+        if session.fw_channel is not None:
+            try:
+                session.fw_channel.send(request)
+                out, err = session.fw_channel.read_until(firewall.END)
+                code, text = firewall.split_answer(out)
+                return code, text, err.decode(errors="replace") or (text if code else "")
+            except (OSError, ConnectionError) as exc:
+                session.fw_channel.close()
+                session.fw_channel = None
+                raise FirewallError(f"lost the firewall container's control channel: {exc}") from None
+        code, out, err = self.engine.exec_run(session.firewall_id, policy.exec_body(
+            ["sh", "-c", *script], workdir="/", user="0:0"))
+        return code, out.decode(errors="replace"), err.decode(errors="replace")
+
     def _install_rules(self, session: Session, resolved: firewall.Resolved) -> None:
         """Install the ruleset from the firewall container and check it is what we asked for."""
-        code, out, err = self.engine.exec_run(session.firewall_id, policy.exec_body(
-            ["sh", "-c", firewall.INSTALL, "mino-firewall", firewall.ruleset(resolved)], workdir="/", user="0:0"))
+        text = firewall.ruleset(resolved)
+        code, out, err = self._firewall_request(session, firewall.install_request(text),
+                                                [firewall.INSTALL, "mino-firewall", text])
         if code != 0:
-            raise FirewallError(f"nft failed (exit {code}): {err.decode(errors='replace').strip()[:300]}")
-        problems = firewall.verify(out.decode(errors="replace"), resolved)
+            raise FirewallError(f"nft failed (exit {code}): {(err or out).strip()[:300]}")
+        problems = firewall.verify(out, resolved)
         if problems:
             raise FirewallError("the installed rules differ from the allowlist: " + "; ".join(problems))
         session.resolved = resolved
@@ -462,12 +484,11 @@ class SessionManager:
 
     def _report_refused(self, session: Session) -> None:
         try:
-            code, out, _ = self.engine.exec_run(session.firewall_id, policy.exec_body(
-                ["sh", "-c", firewall.READ_REFUSED], workdir="/", user="0:0"))
+            code, out, _ = self._firewall_request(session, firewall.REPORT_REQUEST, [firewall.READ_REFUSED])
         except MinoError:
             return
         if code == 0:
-            line = firewall.describe_refused(firewall.parse_refused(out.decode(errors="replace")),
+            line = firewall.describe_refused(firewall.parse_refused(out),
                                              session.resolved or firewall.Resolved())
             if line:
                 self.notice(line)
@@ -618,6 +639,9 @@ class SessionManager:
     def _mark_stopped(self, session: Session) -> None:
         session.state = "stopped"
         session.stopped_at = time.time()
+        if session.fw_channel is not None:
+            session.fw_channel.close()
+            session.fw_channel = None
 
     def logs(self, name: str, tail: int | None = None) -> str:
         return SessionLog(self.get(name).log_path).tail(tail)
