@@ -221,7 +221,6 @@ class Bench:
 
     # ---------------------------------------------------------------- 7. 20 x 50 concurrent
     def concurrent(self) -> None:
-        from mino_jupyter.network import NetworkChoice
         from mino_jupyter.sessions import CellOptions, SessionManager
 
         class Null:
@@ -252,8 +251,17 @@ class Bench:
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - start
-        execs = sum(len((self.engine.inspect(s.container_id) or {}).get("ExecIDs") or [])
-                    for s in manager.sessions.values())
+        def exec_records() -> int:
+            return sum(len((self.engine.inspect(s.container_id) or {}).get("ExecIDs") or [])
+                       for s in manager.sessions.values())
+
+        def conmons() -> int:
+            out = subprocess.run(["pgrep", "-c", "conmon"], capture_output=True, text=True).stdout.strip()
+            return int(out or 0)
+
+        execs, conmon_now = exec_records(), conmons()
+        time.sleep(15)  # Podman's exit_command_delay, 10 s as scripts/setup-host.sh configures it
+        execs_later, conmon_later = exec_records(), conmons()
         rss_after = rss_kb(os.getpid())
         token = manager.owner.token
         manager.shutdown()
@@ -262,9 +270,39 @@ class Bench:
         while not failures.empty():
             errors.append(failures.get())
         self.section("7. 20 concurrent sessions × 50 cells", [
-            f"1000 cells in {elapsed:.1f} s; failures: **{len(errors)}**{': ' + '; '.join(errors[:3]) if errors else ''}; "
-            f"exec sessions left in the containers before shutdown: **{execs}**; containers left after: "
-            f"**{len(leaked)}**; process RSS {rss_before / 1024:.0f} MB → {rss_after / 1024:.0f} MB."])
+            f"1000 cells in {elapsed:.1f} s; failures: **{len(errors)}**{': ' + '; '.join(errors[:3]) if errors else ''}.",
+            "",
+            f"- exec session records in the 20 containers right after the last cell: {execs} "
+            f"(conmon processes on the host: {conmon_now}); 15 s later: **{execs_later}** ({conmon_later})",
+            f"- containers left after the manager shut down: **{len(leaked)}**",
+            f"- process RSS before/after the 1000 cells: {rss_before / 1024:.0f} MB → {rss_after / 1024:.0f} MB",
+            "",
+            "Podman keeps each finished API exec (its record and a conmon process) for "
+            "`exit_command_delay` seconds, 300 by default; `scripts/setup-host.sh` sets 10."])
+
+    NOTES = """## What the profiles showed, and what changed
+
+Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on this machine:
+
+- Warm cell, before: 132 ms per cell, of which 16 ms re-parsed the preset and config TOML files
+  at every cell. Parsed files are now cached by (path, size, mtime, inode): 110 ms. What remains is
+  Podman's exec itself (create 6 ms, start until the first byte 20-30 ms, the process ~75 ms,
+  exit code 6 ms); `podman exec` from the CLI pays the same plus its own start-up.
+- Fresh cell, before: 597 ms, of which 283 ms waited for Podman to tear the container down
+  (network, storage). The container is now removed right after the cell on a background thread
+  (shutdown waits for it): the cell is done at about 0.6x the CLI; the container is gone at about
+  1.2x, because an exec into a started container is one step more than `podman run`.
+- Allowlist session start, before: 2.43x bridge; every allowlist cell also paid one more exec
+  (about 100 ms) to read what the firewall refused. The firewall container now serves install and
+  report requests on its attached stdin (one round trip): allowlist cells cost the same as bridge
+  cells, and the start is about 1.7x. The rest is the firewall container's own start (about
+  130 ms), which keeps NET_ADMIN out of the session container; installing the rules from a
+  privileged exec inside the session container would be faster and is deliberately not done.
+- 200 MB through one cell, before: the kernel grew by 194 MB for displayed output, because
+  IPython 9 keeps a copy of everything a cell prints in its output history. mino now lets only
+  the first MiB per stream through IPython's recording write: 2 MB growth. With `--out` the text
+  is the result, so it stays (twice, briefly, while the pieces are joined).
+"""
 
     def write(self, selected: list[str]) -> None:
         podman = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
@@ -278,7 +316,7 @@ class Bench:
             f"- {podman}, mino-jupyter {__version__}, Python {platform.python_version()}",
             "- times are wall-clock medians with min–max; ratios compare medians from the same run", "",
         ]
-        RESULTS.write_text("\n".join(header) + "\n".join(self.sections))
+        RESULTS.write_text("\n".join(header) + "\n".join(self.sections) + "\n" + self.NOTES)
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

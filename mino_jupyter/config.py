@@ -284,7 +284,9 @@ def record_trust(path: Path, text: str | None = None, env: Mapping[str, str] | N
         text = path.read_text(encoding="utf-8")
     digest = content_hash(text)
     store = trust_store(env)
-    store.parent.mkdir(parents=True, exist_ok=True)
+    if not store.parent.is_dir():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(store.parent, 0o700)
     with _locked(store):
         data = _read_trust(env)
         data[str(path)] = digest

@@ -86,7 +86,10 @@ class SessionLog:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for directory in (path.parent.parent, path.parent):  # output can be sensitive: owner only
+                os.chmod(directory, 0o700)
 
     def cell_start(self, number: int, script: str, secrets: list[str]) -> None:
         stamp = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")

@@ -73,21 +73,31 @@ else
 fi
 
 # ---------------------------------------------------------------- 2. podman configuration
+CONFIG_CHANGED=0
+write_dropin() {  # write_dropin FILE CONTENT: only when it differs, so re-runs change nothing
+    if [ "$(cat "$1" 2>/dev/null)" != "$2" ]; then
+        mkdir -p "$(dirname "$1")"
+        printf '%s\n' "$2" >"$1"
+        CONFIG_CHANGED=1
+        say "wrote $1"
+    fi
+}
 if [ "$(id -u)" = 0 ]; then
-    DROPIN=/etc/containers/containers.conf.d/50-mino-runtime.conf
+    DROPINS=/etc/containers/containers.conf.d
     # crun refuses cgroup v1 hosts whose cgroup2 hierarchy holds controllers ("hybrid mode");
     # runc handles them. Decide from the host, not from a guess.
-    hybrid=0
-    if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = tmpfs ] && [ -s /sys/fs/cgroup/unified/cgroup.controllers ]; then
-        hybrid=1
+    if [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = tmpfs ] && [ -n "$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null)" ]; then
+        write_dropin "$DROPINS/50-mino-runtime.conf" '# written by mino-jupyter scripts/setup-host.sh: crun fails on hybrid cgroups here
+[engine]
+runtime = "runc"'
     fi
-    if [ "$hybrid" = 1 ]; then
-        if [ ! -f "$DROPIN" ]; then
-            mkdir -p "$(dirname "$DROPIN")"
-            printf '# written by mino-jupyter scripts/setup-host.sh: crun fails on hybrid cgroups here\n[engine]\nruntime = "runc"\n' >"$DROPIN"
-            say "configured Podman to use runc (hybrid cgroup host): $DROPIN"
-        fi
-    fi
+    # Through the REST API every finished exec keeps its session record and a conmon process
+    # for exit_command_delay seconds (300 by default, "like Docker"). mino reads the exit code
+    # within milliseconds of the end of the stream, so a short delay is enough and a notebook
+    # with thousands of cells does not pile up thousands of processes.
+    write_dropin "$DROPINS/51-mino-exec-cleanup.conf" '# written by mino-jupyter scripts/setup-host.sh: clean up finished exec sessions soon
+[engine]
+exit_command_delay = 10'
 fi
 
 # ---------------------------------------------------------------- 3. the API service
@@ -97,9 +107,15 @@ if [ "$(id -u)" != 0 ]; then
 fi
 if [ -n "${CONTAINER_HOST:-}" ]; then
     say "CONTAINER_HOST=$CONTAINER_HOST is set: using it as is"
-elif ping_socket "$SOCKET"; then
+elif ping_socket "$SOCKET" && [ "$CONFIG_CHANGED" = 0 ]; then
     say "Podman API answers at $SOCKET"
 else
+    if [ "$CONFIG_CHANGED" = 1 ] && ping_socket "$SOCKET"; then
+        # The service reads containers.conf when it starts; containers keep running meanwhile.
+        pkill -f "podman system service --time=0 unix://$SOCKET" || true
+        for _ in $(seq 1 50); do ping_socket "$SOCKET" || break; sleep 0.1; done
+        say "restarting the Podman API service for the new configuration"
+    fi
     mkdir -p "$(dirname "$SOCKET")"
     rm -f "$SOCKET"
     LOG=${XDG_STATE_HOME:-$HOME/.local/state}/mino/podman-service.log

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -103,3 +102,16 @@ def isolated_env(directory, network: str | None = "bridge") -> dict:
         config.write_text(f'[container]\nnetwork = "{network}"\n')
     return {"MINO_CONFIG": str(config), "XDG_STATE_HOME": str(directory / "state"),
             "XDG_CONFIG_HOME": str(directory / "xdg-config")}
+
+
+class Capture:
+    """An output sink for SessionManager.run_cell that keeps stdout and stderr apart."""
+
+    def __init__(self):
+        self.out, self.err = [], []
+
+    def write(self, stream, text):
+        (self.err if stream == 2 else self.out).append(text)
+
+    def flush(self):
+        pass

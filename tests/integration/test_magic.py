@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -256,13 +255,18 @@ def test_no_engine_is_one_clear_error(engine, base_image, tmp_path):
         k.shutdown()
 
 
-def test_clean_shutdown_removes_containers(engine, base_image, workspace):
+def _kernel_with_two_sessions(engine, workspace):
     k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     k.ok("%load_ext mino_jupyter")
     k.ok("%%mino\ntrue")
     k.ok("%%mino --session two\ntrue")
     token = k.owner_token()
     assert len(_containers(engine, **{"io.mino.owner": token})) == 2
+    return k, token
+
+
+def test_clean_shutdown_removes_containers(engine, base_image, workspace):
+    k, token = _kernel_with_two_sessions(engine, workspace)
     k.shutdown(now=False)
     assert _containers(engine, **{"io.mino.owner": token}) == []
 
@@ -287,12 +291,7 @@ def test_restart_and_unload_remove_containers(engine, base_image, workspace):
 
 
 def test_sigkilled_kernel_is_cleaned_up_by_the_watchdog(engine, base_image, workspace):
-    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
-    k.ok("%load_ext mino_jupyter")
-    k.ok("%%mino\ntrue")
-    k.ok("%%mino --session two\ntrue")
-    token = k.owner_token()
-    assert len(_containers(engine, **{"io.mino.owner": token})) == 2
+    k, token = _kernel_with_two_sessions(engine, workspace)
     os.kill(k.pid, signal.SIGKILL)
     k.shutdown(now=True)
     assert _wait_until(lambda: not _containers(engine, **{"io.mino.owner": token}), timeout=30), \

@@ -10,8 +10,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
-import threading
 import time
 import uuid
 
@@ -21,21 +19,10 @@ from mino_jupyter import sessions as sessions_mod
 from mino_jupyter.errors import FirewallError, UsageError
 from mino_jupyter.network import NetworkChoice
 from mino_jupyter.sessions import CellOptions, SessionManager
-from tests.kernel import isolated_env
+from tests.kernel import Capture, isolated_env
 from tests.listeners import TcpListener, UdpListener
 
 pytestmark = pytest.mark.podman
-
-
-class Capture:
-    def __init__(self):
-        self.out, self.err = [], []
-
-    def write(self, stream, text):
-        (self.err if stream == 2 else self.out).append(text)
-
-    def flush(self):
-        pass
 
 
 @pytest.fixture

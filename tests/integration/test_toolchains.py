@@ -14,21 +14,10 @@ import pytest
 from mino_jupyter import image as images
 from mino_jupyter.network import NetworkChoice
 from mino_jupyter.sessions import CellOptions, SessionManager
-from tests.kernel import isolated_env
+from tests.kernel import Capture, isolated_env
 from tests.listeners import TcpListener
 
 pytestmark = pytest.mark.podman
-
-
-class Capture:
-    def __init__(self):
-        self.out, self.err = [], []
-
-    def write(self, stream, text):
-        (self.err if stream == 2 else self.out).append(text)
-
-    def flush(self):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,10 @@ def test_rewrite_hosts_replaces_only_allowlisted_names():
                     "5.6.7.8\tpypi.org\t# mino allowlist\n")
     again = firewall.rewrite_hosts(text, {"pypi.org"}, [("pypi.org", "9.9.9.9")])
     assert again.count("pypi.org") == 1 and "9.9.9.9" in again
+
+
+def test_agent_protocol_framing():
+    assert firewall.install_request("table inet mino {}\n") == b"install 19\ntable inet mino {}\n"
+    assert firewall.split_answer(b'{"nftables": []}\n@@mino-end 0\n') == (0, '{"nftables": []}\n')
+    assert firewall.split_answer(b"Error: syntax\n@@mino-end 1\n") == (1, "Error: syntax\n")
+    assert "while IFS=' ' read -r cmd n" in firewall.AGENT and "@@mino-end" in firewall.AGENT

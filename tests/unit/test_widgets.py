@@ -6,7 +6,7 @@ import pytest
 
 from mino_jupyter import config
 from mino_jupyter.sessions import SessionManager
-from mino_jupyter.widgets import PICKER_CHOICES, NetworkPicker
+from mino_jupyter.widgets import NetworkPicker
 
 
 @pytest.fixture
