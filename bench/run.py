@@ -316,7 +316,7 @@ Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on
             f"- {podman}, mino-jupyter {__version__}, Python {platform.python_version()}",
             "- times are wall-clock medians with min–max; ratios compare medians from the same run", "",
         ]
-        RESULTS.write_text("\n".join(header) + "\n".join(self.sections) + "\n" + self.NOTES)
+        RESULTS.write_text("\n".join(header) + "\n" + "\n".join(self.sections) + "\n" + self.NOTES)
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

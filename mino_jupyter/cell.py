@@ -16,7 +16,7 @@ import tarfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Mapping, Protocol
 
 from . import policy
 from .runtime import STDERR, STDOUT, Engine, ExecStream
@@ -26,7 +26,7 @@ from .runtime import STDERR, STDOUT, Engine, ExecStream
 # from printing job notifications. The group id file stays while the group has members.
 _WRAPPER = ('set -m; bash -c "$2" mino-cell & pid=$!; set +m; echo $pid > "$1"; wait $pid; rc=$?; '
             'kill -0 -- -$pid 2>/dev/null || rm -f "$1"; exit $rc')
-_FILE_WRAPPER = _WRAPPER.replace('bash -c "$2" mino-cell', 'bash "$2"')
+_FILE_WRAPPER = _WRAPPER.replace('bash -c "$2" mino-cell', 'bash "$2"').replace('exit $rc', 'rm -f "$2"; exit $rc')
 
 # $1: the group id file. Prints the last signal it had to send (INT, TERM, KILL) or "none".
 _KILLER = r'''
@@ -65,8 +65,7 @@ class CellResult:
 
 
 def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str, str],
-               sink: Sink, timeout: float | None = None,
-               on_started: Callable[[], None] | None = None) -> CellResult:
+               sink: Sink, timeout: float | None = None) -> CellResult:
     """Run `script` with bash in `container`; stream output to `sink` as it arrives."""
     token = uuid.uuid4().hex[:12]
     pgid_file = f"/tmp/.mino-cell-{token}"
@@ -74,13 +73,15 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
     if len(data) > MAX_ARGV_SCRIPT:
         path = f"/tmp/.mino-cell-{token}.sh"
         _upload(engine, container, path, data)
-        cmd = ["bash", "-c", _FILE_WRAPPER + f'; rm -f "{path}"', "mino", pgid_file, path]
+        cmd = ["bash", "-c", _FILE_WRAPPER, "mino", pgid_file, path]
     else:
         cmd = ["bash", "-c", _WRAPPER, "mino", pgid_file, script]
     started = time.monotonic()
-    stream = engine.exec_start(container, policy.exec_body(cmd, env=env))
-    if on_started:
-        on_started()
+    try:
+        stream = engine.exec_start(container, policy.exec_body(cmd, env=env))
+    except KeyboardInterrupt:  # the process may have started before we saw its stream
+        how = _stop_group_guarded(engine, container, pgid_file)
+        return CellResult(exit_code=130, duration=time.monotonic() - started, interrupted=how)
     decoders = {STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
                 STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
     deadline = started + timeout if timeout else None

@@ -318,3 +318,11 @@ def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
     finally:
         k.shutdown()
         engine.remove(cid)
+
+
+def test_a_script_larger_than_the_argument_limit_runs(kernel):
+    filler = "# " + "x" * 998 + "\n"
+    r = kernel.ok("%%mino\n" + filler * 150 + "echo \"big script ran as $0\"\n")
+    assert r.stdout.startswith("big script ran as /tmp/.mino-cell-")  # copied in as a file
+    r = kernel.ok("%%mino\nls -a /tmp | grep -c '^[.]mino-cell-.*[.]sh$' || true")
+    assert r.stdout.strip() == "0"  # and removed afterwards
