@@ -201,7 +201,7 @@ def load(cwd: Path, env: Mapping[str, str] | None = None,
         shown = ", ".join(f"{k}={toml_value(v)}" for k, v in skipped.items())
         warnings.append(f"mino: {p.path} is not trusted, so {shown} from it "
                         f"{'is' if len(skipped) == 1 else 'are'} not applied; review the file, then "
-                        f"`%mino trust` (or `mino-jupyter config trust`)")
+                        f"`%mino trust` (or `mino-jupyter trust`)")
     return Loaded(g, FileConfig(p.path, kept, p.text), tuple(warnings), project_trusted=False, skipped=skipped)
 
 

@@ -248,6 +248,10 @@ def build(name: str) -> Path:
         shutil.rmtree(work.parent, ignore_errors=True)
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        for output in cell.get("outputs", []):
+            # A widget's live view needs its kernel; the committed notebook keeps its text form.
+            output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+    nb.metadata.pop("widgets", None)
     path = NOTEBOOKS / f"{name}.ipynb"
     nbformat.write(nb, path)
     return path
