@@ -81,13 +81,46 @@ class SessionRequest:
     network: str  # "bridge" | "host" | "none": the namespace; allowlist mode is bridge + firewall
     labels: Mapping[str, str]
     limits: HostLimits
-    workspace: Mount | None = None
+    workspace: Sequence[Mount] = ()  # the notebook's directory, and what stays read-only in it
     ca_bundle: str | None = None  # host path of a CA bundle to trust inside
     hosts: Sequence[tuple[str, str]] = ()  # (name, address) for /etc/hosts
     no_dns: bool = False  # allowlist mode: no resolver inside, names come from `hosts`
     pids_limit: int = PIDS_LIMIT  # configuration may only lower it
     volumes: Sequence[tuple[str, str]] = ()  # (named volume, path): package caches of this user
     extra_mounts: Sequence[Mount] = field(default_factory=tuple)
+
+
+# Inside a read-write workspace these stay read-only when they exist: writing them would let a
+# cell run code on the host later (git hooks, a project virtualenv, shell and editor start-up
+# files, direnv) or change mino's own project settings.
+PROTECTED_IN_WORKSPACE = (".git", ".hg", ".svn", ".venv", "venv", ".envrc", ".mino.toml", ".ipython",
+                          ".jupyter", ".vscode", ".idea", ".bashrc", ".profile", ".bash_profile", ".zshrc",
+                          ".ssh", ".config", ".local", ".gnupg")
+
+
+@dataclass(frozen=True)
+class WorkspacePlan:
+    mounts: tuple[Mount, ...]
+    note: str | None = None  # said to the user when the plan differs from what was asked
+
+
+def workspace_mounts(workspace: str, *, readonly: bool, home: str | None, existing: Sequence[str]) -> WorkspacePlan:
+    """How the notebook's directory is shared. `existing`: names present at its top level.
+
+    A home directory (or `/`, or anything above a home) is never shared read-write: too much of
+    the user's machine would be writable from the sandbox.
+    """
+    root = Mount(workspace, WORKDIR, read_only=readonly)
+    wide = workspace == "/" or (home is not None and (workspace == home or home.startswith(workspace.rstrip("/") + "/")))
+    if wide and not readonly:
+        return WorkspacePlan((Mount(workspace, WORKDIR, read_only=True),),
+                             f"{workspace} contains a home directory, so it is shared read-only; open the "
+                             "notebook from a project folder to let cells write next to it")
+    if readonly:
+        return WorkspacePlan((root,))
+    guarded = tuple(Mount(f"{workspace.rstrip('/')}/{name}", f"{WORKDIR}/{name}", read_only=True)
+                    for name in PROTECTED_IN_WORKSPACE if name in existing)
+    return WorkspacePlan((root, *guarded))
 
 
 def _hardening(limits: HostLimits, pids_limit: int = PIDS_LIMIT) -> dict:
@@ -119,9 +152,7 @@ def session_spec(req: SessionRequest) -> dict:
     if req.network == "none":
         # Nothing can ever connect: package managers should fail at once instead of retrying.
         env.update({"PIP_RETRIES": "0", "NPM_CONFIG_FETCH_RETRIES": "0"})
-    mounts = []
-    if req.workspace is not None:
-        mounts.append(_mount(req.workspace))
+    mounts = [_mount(m) for m in req.workspace]
     if req.ca_bundle:
         mounts.append(_mount(Mount(req.ca_bundle, CONTAINER_CA_BUNDLE, read_only=True)))
         env.update({name: CONTAINER_CA_BUNDLE for name in CA_ENV_VARS})

