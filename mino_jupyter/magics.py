@@ -36,8 +36,13 @@ class CellFailed(CalledProcessError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise UsageError(message, f"`{self.prog}?` shows the options" if self.prog.startswith("%%")
-                         else "`%mino help` lists the commands")
+        if self.prog.startswith("%%"):
+            hint = f"`{self.prog}?` shows the options"
+        elif self.prog.startswith("%"):
+            hint = "`%mino help` lists the commands"
+        else:  # the same parsers serve the mino-jupyter command line
+            hint = f"`{self.prog} --help` lists the valid arguments"
+        raise UsageError(message, hint)
 
     def exit(self, status=0, message=None):  # --help inside a kernel must not exit it
         if message:
