@@ -105,13 +105,7 @@ def _dispatch(args) -> int:
 
         from . import config
 
-        path = Path(args.path) if args.path else config.find_project(Path.cwd())
-        if path is None or not path.is_file():
-            raise MinoError(f"no project file to trust ({args.path or 'no .mino.toml here or above'})",
-                            "run it in the project directory or give the path")
-        text = path.read_text(encoding="utf-8")
-        config.record_trust(path, text)
-        print(f"trusted {path.resolve()} (sha256 {config.content_hash(text)[:16]}...)")
+        print(config.trust_project(Path(args.path) if args.path else None, Path.cwd())[1])
         return 0
     if args.command == "presets":
         from . import presets

@@ -45,17 +45,16 @@ class Key:
     name: str
     kind: type
     help: str
-    weakens: bool = False  # from an untrusted project file it is not applied
 
 
 KEYS: dict[str, Key] = {k.name: k for k in (
-    Key("image", str, "image for new sessions: a short name (base) or a full reference", weakens=True),
-    Key("network", str, f"network mode: {', '.join(MODES)}", weakens=True),
-    Key("network_preset", str, "allowlist preset name (see `%mino presets`)", weakens=True),
-    Key("network_allow", list, 'extra allowlist entries, e.g. ["pypi.org:443"]', weakens=True),
+    Key("image", str, "image for new sessions: a short name (base) or a full reference"),
+    Key("network", str, f"network mode: {', '.join(MODES)}"),
+    Key("network_preset", str, "allowlist preset name (see `%mino presets`)"),
+    Key("network_allow", list, 'extra allowlist entries, e.g. ["pypi.org:443"]'),
     Key("pids_limit", int, "process limit per container, 1-4096 (can only tighten the default)"),
     Key("workdir_readonly", bool, "mount the notebook's directory read-only at /workspace"),
-    Key("ca_bundle", str, 'CA bundle to trust inside: "auto" (the host\'s), "none", or a path', weakens=True),
+    Key("ca_bundle", str, 'CA bundle to trust inside: "auto" (the host\'s), "none", or a path'),
     Key("package_cache", bool, "share a pip/npm cache volume between this user's python/node sessions"),
 )}
 
@@ -292,6 +291,16 @@ def record_trust(path: Path, text: str | None = None, env: Mapping[str, str] | N
         data[str(path)] = digest
         _atomic_write(store, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return digest
+
+
+def trust_project(path: Path | None, cwd: Path, env: Mapping[str, str] | None = None) -> tuple[Path, str]:
+    """Trust a project file's current content (the user reviewed it): (its path, a message)."""
+    path = Path(path) if path else find_project(cwd)
+    if path is None or not path.is_file():
+        raise UsageError(f"no project file to trust ({path or 'no .mino.toml here or above'})",
+                         "the project file is .mino.toml in this directory or a parent, or give its path")
+    digest = record_trust(path, path.read_text(encoding="utf-8"), env)
+    return path, f"trusted {path.resolve()} (sha256 {digest[:16]}...); it is asked again if its content changes"
 
 
 # --------------------------------------------------------------------------- editing

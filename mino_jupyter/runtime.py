@@ -144,8 +144,6 @@ class ExecStream:
         self.exec_id = exec_id
         self._response = response
         self._queue: queue.Queue = queue.Queue(maxsize=64)
-        self._error: BaseException | None = None
-        self.done = threading.Event()
         self._thread = threading.Thread(target=self._pump, name=f"mino-exec-{exec_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -164,10 +162,9 @@ class ExecStream:
                     self._queue.put((kind if kind in (STDOUT, STDERR) else STDOUT, payload))
                 if len(payload) < size:
                     break
-        except BaseException as exc:  # connection torn down while closing, etc.
-            self._error = exc
+        except Exception:  # the connection was torn down (closing, engine gone): end of stream
+            pass
         finally:
-            self.done.set()
             self._queue.put(self._EOF)
 
     def get(self, timeout: float | None) -> tuple[int, bytes] | None:

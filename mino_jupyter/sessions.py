@@ -220,21 +220,19 @@ class SessionManager:
             except Exception:
                 return  # no engine running: reap when a cell first connects
             try:
-                self._reaped = True
-                removed = prune(engine)
-            except Exception:
-                return
+                self._reap(engine)
             finally:
                 engine.close()
-            if removed:
-                self.notice(f"mino: removed {len(removed)} container(s) left behind by a kernel that died")
 
         threading.Thread(target=reap, name="mino-reaper", daemon=True).start()
 
     def _reap_orphans(self) -> None:
+        self._reap(self._engine)
+
+    def _reap(self, engine: Engine) -> None:
         self._reaped = True
         try:
-            removed = prune(self._engine)
+            removed = prune(engine)
         except Exception:
             return
         if removed:
@@ -251,10 +249,11 @@ class SessionManager:
     def presets(self) -> dict:
         return presets_mod.entries(presets_mod.load(env=self.env))
 
-    def settings(self) -> config.Loaded:
-        return config.load(self.cwd(), self.env, self.presets())
+    def settings(self, presets: dict | None = None) -> config.Loaded:
+        return config.load(self.cwd(), self.env, self.presets() if presets is None else presets)
 
-    def plan_for(self, flags: NetworkChoice, session: Session | None, loaded: config.Loaded) -> Resolution:
+    def plan_for(self, flags: NetworkChoice, session: Session | None, loaded: config.Loaded,
+                 presets: dict | None = None) -> Resolution:
         inp = NetworkResolutionInput(
             flags=flags,
             session=session.plan.as_choice(f"session '{session.name}'") if session and session.state != "stopped" else None,
@@ -262,7 +261,7 @@ class SessionManager:
             project=config.network_choice(loaded.project, "project"),
             global_=config.network_choice(loaded.global_, "global"),
         )
-        return resolve(inp, self.presets())
+        return resolve(inp, self.presets() if presets is None else presets)
 
     def resolve_image(self, requested: str | None, loaded: config.Loaded) -> str:
         image = requested or self.kernel_image or config.merged(loaded, "image")[0]
@@ -278,7 +277,8 @@ class SessionManager:
         if opts.timeout is not None and not opts.timeout > 0:
             raise UsageError(f"--timeout must be a positive number of seconds, not {opts.timeout:g}",
                              "e.g. --timeout 30")
-        loaded = self.settings()
+        presets = self.presets()  # read once per cell, for the config filter and the plan
+        loaded = self.settings(presets)
         for warning in loaded.warnings:
             if warning not in self._shown_warnings:  # once per kernel, not at every cell
                 self._shown_warnings.add(warning)
@@ -289,7 +289,7 @@ class SessionManager:
             existing = None if opts.fresh else self.sessions.get(opts.session)
             if existing is not None and existing.state == "stopped":
                 existing = None
-            resolution = self.plan_for(opts.network, existing, loaded)
+            resolution = self.plan_for(opts.network, existing, loaded, presets)
             image = self.resolve_image(opts.image, loaded)
             readonly = opts.workspace_readonly
             if readonly is None:
@@ -579,15 +579,10 @@ class SessionManager:
 
     def trust_project(self, path: Path | None = None) -> str:
         """Trust the project file's current content (after the user reviewed it)."""
-        path = Path(path) if path else config.find_project(self.cwd())
-        if path is None or not path.is_file():
-            raise UsageError(f"no project file to trust ({path or 'no .mino.toml here or above'})",
-                             "the project file is .mino.toml in the notebook's directory or a parent")
-        text = path.read_text(encoding="utf-8")
-        digest = config.record_trust(path, text, self.env)
+        path, message = config.trust_project(path, self.cwd(), self.env)
         self._shown_warnings = {w for w in self._shown_warnings if str(path) not in w}
         self._changed()
-        return (f"trusted {path.resolve()} (sha256 {digest[:16]}...); it is asked again if its content changes")
+        return message
 
     def current_network(self) -> Resolution:
         """What the next plain %%mino cell in the default session would get."""
