@@ -21,28 +21,6 @@ from typing import Mapping, Protocol
 from . import policy
 from .runtime import STDERR, STDOUT, Engine, ExecStream
 
-# $1: file that receives the process group id; $2: the script (or its path, see _FILE_WRAPPER).
-# `set -m` gives the background job its own process group; `set +m` right after keeps bash
-# from printing job notifications. The group id file stays while the group has members.
-_WRAPPER = ('set -m; bash -c "$2" mino-cell & pid=$!; set +m; echo $pid > "$1"; wait $pid; rc=$?; '
-            'kill -0 -- -$pid 2>/dev/null || rm -f "$1"; exit $rc')
-_FILE_WRAPPER = _WRAPPER.replace('bash -c "$2" mino-cell', 'bash "$2"').replace('exit $rc', 'rm -f "$2"; exit $rc')
-
-# $1: the group id file. Prints the last signal it had to send (INT, TERM, KILL) or "none".
-_KILLER = r'''
-f=$1; pg=
-for i in $(seq 20); do pg=$(cat "$f" 2>/dev/null) && [ -n "$pg" ] && break; sleep 0.05; done
-[ -n "$pg" ] || { echo none; exit 0; }
-used=none
-for sig in INT TERM KILL; do
-  kill -0 -- "-$pg" 2>/dev/null || break
-  kill -"$sig" -- "-$pg" 2>/dev/null
-  used=$sig
-  for i in 1 2 3 4 5 6; do sleep 0.05; kill -0 -- "-$pg" 2>/dev/null || break; done
-done
-rm -f "$f"; echo "$used"
-'''
-
 MAX_ARGV_SCRIPT = 100_000  # bytes; larger scripts are copied in as a file (argv limit is 128 KiB)
 FLUSH_BYTES = 64 * 1024  # per stream message; ZMQ queues up to 1000 of them for a slow client
 DRAIN_AFTER_KILL = 1.0
@@ -73,12 +51,12 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
     if len(data) > MAX_ARGV_SCRIPT:
         path = f"/tmp/.mino-cell-{token}.sh"
         _upload(engine, container, path, data)
-        cmd = ["bash", "-c", _FILE_WRAPPER, "mino", pgid_file, path]
+        body = policy.cell_exec(path, pgid_file=pgid_file, env=env, from_file=True)
     else:
-        cmd = ["bash", "-c", _WRAPPER, "mino", pgid_file, script]
+        body = policy.cell_exec(script, pgid_file=pgid_file, env=env)
     started = time.monotonic()
     try:
-        stream = engine.exec_start(container, policy.exec_body(cmd, env=env))
+        stream = engine.exec_start(container, body)
     except KeyboardInterrupt:  # the process may have started before we saw its stream
         how = _stop_group_guarded(engine, container, pgid_file)
         return CellResult(exit_code=130, duration=time.monotonic() - started, interrupted=how)
@@ -152,8 +130,7 @@ def _drain(stream: ExecStream, emit) -> None:
 
 
 def _stop_group(engine: Engine, container: str, pgid_file: str) -> str:
-    code, out, _ = engine.exec_run(container, policy.exec_body(["bash", "-c", _KILLER, "mino-stop", pgid_file],
-                                                               workdir="/"))
+    code, out, _ = engine.exec_run(container, policy.stop_exec(pgid_file))
     signal_used = out.decode(errors="replace").strip().splitlines()[-1:] or ["none"]
     return HOW.get(signal_used[0], "interrupted")
 
@@ -177,6 +154,4 @@ def _upload(engine: Engine, container: str, path: str, data: bytes) -> None:
         info.uid = info.gid = policy.CELL_UID
         info.mtime = int(time.time())
         tar.addfile(info, io.BytesIO(data))
-    engine.request("put", f"/containers/{container}/archive", params={"path": directory},
-                   data=buf.getvalue(), headers={"Content-Type": "application/x-tar"},
-                   what="copy the cell script into the container")
+    engine.put_archive(container, directory, buf.getvalue(), what="copy the cell script into the container")

@@ -6,23 +6,19 @@ import argparse
 import sys
 
 from . import __version__
+from .commands import HelpShown, Parser, add_config_arguments
 from .errors import MinoError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and a hint, like every other mino error
-        raise MinoError(message, f"`{self.prog} --help` lists the valid options")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mino-jupyter", description="Hardened Podman sandboxes for notebook cells.")
+    parser = Parser(prog="mino-jupyter", description="Hardened Podman sandboxes for notebook cells.")
     parser.add_argument("--version", action="version", version=f"mino-jupyter {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     sub.add_parser("doctor", help="check Podman, the API service, the base image and the hardening")
 
     image = sub.add_parser("image", help="build or inspect mino images")
-    image_sub = image.add_subparsers(dest="image_command", metavar="ACTION", parser_class=_Parser)
+    image_sub = image.add_subparsers(dest="image_command", metavar="ACTION", parser_class=Parser)
     build = image_sub.add_parser("build", help="build mino images: base (default), python, node")
     build.add_argument("names", nargs="*", metavar="NAME", help="base, python, node (default: base)")
     how = build.add_mutually_exclusive_group()
@@ -34,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even when the image exists")
 
     cfg = sub.add_parser("config", help="show, get, set or unset settings (--local: the project's .mino.toml)")
-    from .magics import add_config_arguments
-
     add_config_arguments(cfg)
     trust = sub.add_parser("trust", help="trust the project .mino.toml's current content")
     trust.add_argument("path", nargs="?", help="default: the nearest .mino.toml from here")
@@ -55,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return _dispatch(args)
+    except HelpShown:
+        return 0
     except MinoError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
@@ -96,7 +92,7 @@ def _dispatch(args) -> int:
         from pathlib import Path
 
         from . import presets
-        from .magics import run_config_command
+        from .commands import run_config_command
 
         run_config_command(args, cwd=Path.cwd(), env=None, presets=presets.entries(presets.load()))
         return 0
@@ -113,7 +109,7 @@ def _dispatch(args) -> int:
         print(presets.render(presets.load()))
         return 0
     if args.command == "prune":
-        from .reaper import prune
+        from .cleanup import prune
         from .runtime import Engine
 
         engine = Engine.connect(notify=lambda m: print(m, file=sys.stderr))

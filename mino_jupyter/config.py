@@ -34,6 +34,7 @@ from .errors import UsageError
 from .network import (MODES, AllowEntry, NetworkChoice, NetworkPlan, NetworkResolutionInput,
                       parse_allow_list, resolve)
 from .paths import config_dir, state_dir
+from .policy import PIDS_LIMIT
 
 PROJECT_FILE = ".mino.toml"
 SECTION = "container"
@@ -52,7 +53,7 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("network", str, f"network mode: {', '.join(MODES)}"),
     Key("network_preset", str, "allowlist preset name (see `%mino presets`)"),
     Key("network_allow", list, 'extra allowlist entries, e.g. ["pypi.org:443"]'),
-    Key("pids_limit", int, "process limit per container, 1-4096 (can only tighten the default)"),
+    Key("pids_limit", int, f"process limit per container, 1-{PIDS_LIMIT} (can only tighten the default)"),
     Key("workdir_readonly", bool, "mount the notebook's directory read-only at /workspace"),
     Key("ca_bundle", str, 'CA bundle to trust inside: "auto" (the host\'s), "none", or a path'),
     Key("package_cache", bool, "share a pip/npm cache volume between this user's python/node sessions"),
@@ -97,8 +98,8 @@ def validate_value(key: str, value: Any, *, where: str = "") -> Any:
     if spec.kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UsageError(f"{SECTION}.{key} must be an integer, not {value!r}{place}", spec.help)
-        if key == "pids_limit" and not 1 <= value <= 4096:
-            raise UsageError(f"{SECTION}.pids_limit must be between 1 and 4096, not {value}{place}", spec.help)
+        if key == "pids_limit" and not 1 <= value <= PIDS_LIMIT:
+            raise UsageError(f"{SECTION}.pids_limit must be between 1 and {PIDS_LIMIT}, not {value}{place}", spec.help)
         return value
     if spec.kind is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -17,8 +17,7 @@ from .runtime import Engine
 
 def bridge_gateway(engine: Engine | None = None, network: str = "podman") -> str:
     engine = engine or Engine.connect()
-    info = engine.request("get", f"/networks/{network}/json", what=f"inspect network {network}").json()
-    return info["subnets"][0]["gateway"]
+    return engine.network(network)["subnets"][0]["gateway"]
 
 
 class LocalServer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -10,8 +9,7 @@ from typing import Callable
 
 from . import __version__, policy
 from .errors import MinoError
-from .image import base_image_ref, verify_image
-from .owner import current_owner
+from .image import base_image_ref, run_probe, verify_image
 from .runtime import Engine, podman_binary
 
 PROBE = (
@@ -121,24 +119,16 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
 
 
 def _hardened_container(engine: Engine, image: str) -> Check:
-    name = f"mino-doctor-{os.getpid()}"
-    spec = policy.session_spec(policy.SessionRequest(
-        name=name, image=image, network="bridge",
-        labels={**policy.version_labels(), **current_owner().labels(), "io.mino.role": "doctor"},
-        limits=engine.host_limits()))
     started = time.monotonic()
     try:
-        cid = engine.run(spec)
+        probe = run_probe(engine, image, PROBE, role="doctor", network="bridge")
     except MinoError as exc:
         return Check("hardened container", False, f"does not start: {exc.message}",
                      "run `scripts/setup-host.sh` (OCI runtime and ulimits), then `podman info`")
-    try:
-        code, out, err = engine.exec_run(cid, policy.exec_body(["bash", "-c", PROBE]))
-    finally:
-        engine.remove(cid)
-    gone = engine.inspect(cid) is None
-    values = parse_probe(out.decode(errors="replace"))
-    problems = judge_probe(values) if code == 0 else [f"probe exit {code}: {err.decode(errors='replace').strip()}"]
+    gone = engine.inspect(probe.container) is None
+    values = parse_probe(probe.out.decode(errors="replace"))
+    problems = judge_probe(values) if probe.code == 0 else [
+        f"probe exit {probe.code}: {probe.err.decode(errors='replace').strip()}"]
     if not gone:
         problems.append("container was not removed")
     if problems:

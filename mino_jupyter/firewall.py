@@ -73,6 +73,28 @@ def resolve_entries(entries: Sequence[AllowEntry], resolver: Resolver = system_r
     return Resolved(frozenset(v4), frozenset(v6), tuple(hosts), unresolved)
 
 
+def keep_last_answers(resolved: Resolved, previous: Resolved | None,
+                      entries: Sequence[AllowEntry]) -> Resolved:
+    """A name that stopped resolving keeps its last answers rather than breaking the session
+    (a resolver hiccup must not cut a working allowlist); names that still resolve take their
+    new answers."""
+    if previous is None or not resolved.unresolved:
+        return resolved
+    keep = [(n, a) for n, a in previous.hosts if n in resolved.unresolved]
+    if not keep:
+        return resolved
+    kept = {(a, e.port) for n, a in keep for e in entries if e.host == n}
+    return Resolved(
+        resolved.v4 | {p for p in kept if ":" not in p[0]},
+        resolved.v6 | {p for p in kept if ":" in p[0]},
+        resolved.hosts + tuple(keep),
+        tuple(n for n in resolved.unresolved if n not in {k[0] for k in keep}))
+
+
+def same_answers(a: Resolved | None, b: Resolved | None) -> bool:
+    return a is not None and b is not None and (a.v4, a.v6, set(a.hosts)) == (b.v4, b.v6, set(b.hosts))
+
+
 def _elements(pairs: Iterable[tuple[str, int]]) -> str:
     items = sorted(pairs, key=lambda p: (ipaddress.ip_address(p[0]), p[1]))
     if not items:
@@ -109,8 +131,6 @@ table inet {TABLE} {{
 """
 
 
-# Exec'd in the firewall container (the fallback path); $1 is the ruleset.
-INSTALL = (f'set -e; printf "%s" "$1" | nft -f -; nft -j list table inet {TABLE}')
 READ_REFUSED = (f"nft -j reset counters table inet {TABLE}; nft -j list set inet {TABLE} refused4; "
                 f"nft -j list set inet {TABLE} refused6; nft flush set inet {TABLE} refused4; "
                 f"nft flush set inet {TABLE} refused6")

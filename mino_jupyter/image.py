@@ -16,7 +16,6 @@ import subprocess
 import tarfile
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,7 +45,6 @@ class Variant:
     name: str
     containerfile: str
     tools: tuple[str, ...]
-    caches: tuple[tuple[str, str], ...]  # (volume name, path in the container)
 
     @property
     def ref(self) -> str:
@@ -54,10 +52,8 @@ class Variant:
 
 
 VARIANTS = {
-    "python": Variant("python", "python.Containerfile", ("python3", "pip"),
-                      (("mino-cache-pip", "/home/developer/.cache/pip"),)),
-    "node": Variant("node", "node.Containerfile", ("node", "npm"),
-                    (("mino-cache-npm", "/home/developer/.npm"),)),
+    "python": Variant("python", "python.Containerfile", ("python3", "pip")),
+    "node": Variant("node", "node.Containerfile", ("node", "npm")),
 }
 SHORT_NAMES = ("base", *VARIANTS)
 
@@ -73,11 +69,6 @@ def resolve_ref(name: str) -> str:
 
 def variant_of(ref: str) -> Variant | None:
     return next((v for v in VARIANTS.values() if v.ref == ref), None)
-
-
-def cache_volumes(ref: str) -> tuple[tuple[str, str], ...]:
-    variant = variant_of(ref)
-    return variant.caches if variant else ()
 
 
 def ensure(engine: Engine, ref: str, progress: Progress) -> None:
@@ -167,17 +158,24 @@ def build_base(engine: Engine, *, offline: bool = False, from_image: str | None 
 
 def pull(engine: Engine, ref: str, progress: Progress, timeout: float = 120) -> None:
     progress(f"pulling {ref} ...")
-    response = engine.request("post", "/images/pull", params={"reference": ref, "quiet": "false"},
-                               stream=True, timeout=(10, timeout), what=f"pull {ref}")
-    for line in response.iter_lines():
-        if not line:
-            continue
-        item = json.loads(line)
+    error = _follow(engine.pull(ref, timeout), progress, lambda text: "  " + text)
+    if error:
+        raise ImageBuildError(f"cannot pull {ref}: {error}",
+                              "use `mino-jupyter image build --offline` when no registry is reachable")
+
+
+def _follow(items, progress: Progress, show: Callable[[str], str | None]) -> str | None:
+    """Podman's JSON progress stream: each "stream" line through `show` (None hides it); returns
+    the last error, if any."""
+    error = None
+    for item in items:
         if item.get("error"):
-            raise ImageBuildError(f"cannot pull {ref}: {item['error'].strip()}",
-                                  "use `mino-jupyter image build --offline` when no registry is reachable")
-        if item.get("stream"):
-            progress("  " + item["stream"].strip())
+            error = item["error"].strip()
+        for text in (item.get("stream") or "").splitlines():
+            shown = show(text.rstrip())
+            if shown:
+                progress(shown)
+    return error
 
 
 def bootstrap(engine: Engine, *, mirror: str, progress: Progress) -> str:
@@ -198,18 +196,13 @@ def bootstrap(engine: Engine, *, mirror: str, progress: Progress) -> str:
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."],
                                stdout=subprocess.PIPE)
         try:
-            response = engine.request(
-                "post", "/images/import", params={"reference": BOOTSTRAP_REF},
-                data=_chunks(tar.stdout), headers={"Content-Type": "application/x-tar"},
-                timeout=(10, 600), what=f"import {BOOTSTRAP_REF}")
+            engine.import_image(BOOTSTRAP_REF, _chunks(tar.stdout))
         finally:
             tar.stdout.close()
             tar.wait()
         if tar.returncode != 0:
-            engine.request("delete", f"/images/{urllib.parse.quote(BOOTSTRAP_REF, safe='')}",
-                            what="remove a bad import", ok_missing=True)
+            engine.remove_image(BOOTSTRAP_REF)
             raise ImageBuildError("packing the rootfs failed", "check free disk space and rerun")
-        del response
     return BOOTSTRAP_REF
 
 
@@ -256,25 +249,18 @@ def build_recipe(engine: Engine, *, base: str, target: str, progress: Progress,
         "forcerm": "true",
         "layers": "true",
     }
-    response = engine.request("post", "/build", params=params, data=_context_tar(),
-                               headers={"Content-Type": "application/x-tar"}, stream=True,
-                               timeout=(10, 1800), what=f"build {target}")
-    error = None
     packages = 0
-    for line in response.iter_lines():
-        if not line:
-            continue
-        item = json.loads(line)
-        if item.get("error"):
-            error = item["error"].strip()
-        for text in (item.get("stream") or "").splitlines():
-            text = text.rstrip()
-            if text.startswith("Setting up "):
-                packages += 1
-                if packages % 25 == 0:
-                    progress(f"  ... {packages} packages set up")
-            elif text.startswith(("STEP", "COMMIT", "Successfully", "Err:", "E:")):
-                progress("  " + text[:160])
+
+    def show(text: str) -> str | None:
+        nonlocal packages
+        if text.startswith("Setting up "):
+            packages += 1
+            return f"  ... {packages} packages set up" if packages % 25 == 0 else None
+        if text.startswith(("STEP", "COMMIT", "Successfully", "Err:", "E:")):
+            return "  " + text[:160]
+        return None
+
+    error = _follow(engine.build(params, _context_tar()), progress, show)
     if error or not engine.image_exists(candidate):
         _discard(engine, candidate)
         raise ImageBuildError(f"building {target} failed: {error or 'no image produced'}",
@@ -293,39 +279,49 @@ REQUIRED_TOOLS = ("bash", "capsh", "iptables", "nft", "setsid", "curl", "ip", "p
 
 def verify_image(engine: Engine, ref: str, tools: tuple[str, ...] = REQUIRED_TOOLS) -> None:
     """Run the image once, hardened, and check what sessions and the firewall rely on."""
-    from .owner import current_owner
-
     check = ("set -e; for t in " + " ".join(tools) + "; do command -v $t >/dev/null "
              "|| { echo missing:$t; exit 3; }; done; test \"$(id -u developer)\" = 1000; "
              "test -d /workspace && test -O /workspace; echo ok")
-    spec = policy.session_spec(policy.SessionRequest(
-        name=f"mino-verify-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=ref,
-        network="none", labels={**policy.version_labels(), **current_owner().labels(),
-                                "io.mino.role": "verify"},
-        limits=engine.host_limits()))
-    cid = engine.run(spec)
-    try:
-        code, out, err = engine.exec_run(cid, policy.exec_body(["bash", "-c", check]))
-    finally:
-        engine.remove(cid)
+    probe = run_probe(engine, ref, check, role="verify", network="none")
+    code, out, err = probe.code, probe.out, probe.err
     if code != 0:
         raise ImageBuildError(f"image {ref} lacks what mino needs: {(out + err).decode(errors='replace').strip()}",
                               "the recipe is mino_jupyter/image/Containerfile; rebuild with --force")
 
 
+@dataclass(frozen=True)
+class Probe:
+    container: str  # removed by the time the probe returns
+    code: int
+    out: bytes
+    err: bytes
+
+
+def run_probe(engine: Engine, ref: str, script: str, *, role: str, network: str) -> Probe:
+    """One hardened container (the session policy), one bash script in it, then removed.
+    Used to check an image (``verify``) and the hardening an engine applies (``doctor``)."""
+    from .owner import current_owner
+
+    spec = policy.session_spec(policy.SessionRequest(
+        name=f"mino-{role}-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=ref,
+        network=network, labels=policy.labels(role, current_owner().labels()),
+        limits=engine.host_limits()))
+    cid = engine.run(spec)
+    try:
+        code, out, err = engine.exec_run(cid, policy.probe_exec(script))
+    finally:
+        engine.remove(cid)
+    return Probe(cid, code, out, err)
+
+
 def _tag(engine: Engine, source: str, target: str) -> None:
-    repo, _, tag = target.rpartition(":")
-    engine.request("post", f"/images/{urllib.parse.quote(source, safe='')}/tag",
-                    params={"repo": repo, "tag": tag}, what=f"tag {target}")
+    engine.tag(source, target)
 
 
 def _discard(engine: Engine, ref: str) -> None:
-    engine.request("delete", f"/images/{urllib.parse.quote(ref, safe='')}", params={"force": "true"},
-                   what=f"remove {ref}", ok_missing=True)
+    engine.remove_image(ref)
 
 
 def _untag(engine: Engine, ref: str) -> None:
     if engine.image_exists(ref):
-        repo, _, tag = ref.rpartition(":")
-        engine.request("post", f"/images/{urllib.parse.quote(ref, safe='')}/untag",
-                        params={"repo": repo, "tag": tag}, what=f"untag {ref}", ok_missing=True)
+        engine.untag(ref)

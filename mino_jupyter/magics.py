@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -14,10 +13,11 @@ from subprocess import CalledProcessError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import Bool, Unicode
 
+from .commands import COMMANDS_HELP, HelpShown, cell_parser, line_parser, render_sessions, run_config_command
 from .errors import MinoError, UsageError
 from .network import NetworkChoice
 from .runtime import STDERR
-from .sessions import DEFAULT_SESSION, CellOptions, SessionManager
+from .sessions import CellOptions, SessionManager
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -32,129 +32,6 @@ class CellFailed(CalledProcessError):
     def __str__(self) -> str:
         extra = f" ({self.reason})" if self.reason else ""
         return f"%%mino cell returned non-zero exit status {self.returncode}{extra}."
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        if self.prog.startswith("%%"):
-            hint = f"`{self.prog}?` shows the options"
-        elif self.prog.startswith("%"):
-            hint = "`%mino help` lists the commands"
-        else:  # the same parsers serve the mino-jupyter command line
-            hint = f"`{self.prog} --help` lists the valid arguments"
-        raise UsageError(message, hint)
-
-    def exit(self, status=0, message=None):  # --help inside a kernel must not exit it
-        if message:
-            print(message, file=sys.stderr)
-        raise _HelpShown()
-
-
-class _HelpShown(Exception):
-    pass
-
-
-def cell_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="%%mino", add_help=True,
-                description="Run the cell with bash in a hardened Podman container of this kernel's session.")
-    p.add_argument("--session", default=DEFAULT_SESSION, metavar="NAME",
-                   help="session (container) to run in; created on first use (default: %(default)s)")
-    p.add_argument("--fresh", action="store_true", help="a one-shot container, removed right after the cell")
-    p.add_argument("--image", metavar="IMAGE", help="image for a new session (default: the mino base image)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="kill the cell's processes after SECONDS (exit 124)")
-    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="environment variable for this cell (repeatable); NAME alone passes the kernel's value")
-    p.add_argument("--secret", action="append", default=[], metavar="NAME",
-                   help="pass a secret from a Python variable or the kernel's environment as $NAME; "
-                        "its value is masked in output and logs and never stored")
-    p.add_argument("--out", metavar="VAR", help="store stdout in the Python variable VAR instead of showing it")
-    p.add_argument("--err", metavar="VAR", help="store stderr in the Python variable VAR instead of showing it")
-    p.add_argument("--no-raise-error", dest="raise_error", action="store_false",
-                   help="do not raise CalledProcessError on a non-zero exit")
-    p.add_argument("--network", metavar="MODE", help="bridge (default), host, none or allowlist")
-    p.add_argument("--network-preset", metavar="NAME", help="allowlist preset (see %%mino presets)")
-    p.add_argument("--network-allow", action="append", metavar="HOST:PORT[,...]",
-                   help="allowlist entries (repeatable, comma-separated)")
-    p.add_argument("--readonly-workspace", dest="workspace_readonly", action="store_const", const=True,
-                   default=None, help="mount the notebook's directory read-only at /workspace")
-    return p
-
-
-def line_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="%mino", add_help=False)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.add_parser("help", help="this list")
-    sub.add_parser("sessions", help="this kernel's sessions")
-    stop = sub.add_parser("stop", help="stop a session (remove its container); its log stays")
-    stop.add_argument("name", nargs="?")
-    stop.add_argument("--all", action="store_true")
-    logs = sub.add_parser("logs", help="a session's output log")
-    logs.add_argument("name", nargs="?", default=DEFAULT_SESSION)
-    logs.add_argument("--tail", type=int, metavar="N")
-    sub.add_parser("prune", help="forget stopped sessions; remove containers of dead kernels")
-    sub.add_parser("doctor", help="check Podman, the service, the image, the hardening")
-    sub.add_parser("presets", help="network presets: names, descriptions, entries")
-    cfg = sub.add_parser("config", help="show, get, set or unset settings")
-    add_config_arguments(cfg)
-    trust = sub.add_parser("trust", help="trust the project .mino.toml's current content")
-    trust.add_argument("path", nargs="?")
-    sub.add_parser("panel", help="the panel: network picker, sessions, logs")
-    return p
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`config show|get KEY|set KEY VALUE|unset KEY [--local]`, shared with the command line."""
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
-    sub.add_parser("show", help="every setting, its value and the file it comes from")
-    get = sub.add_parser("get", help="one setting")
-    get.add_argument("key")
-    set_ = sub.add_parser("set", help="set a value (global config; --local: this project)")
-    set_.add_argument("key")
-    set_.add_argument("value")
-    set_.add_argument("--local", action="store_true", help="edit the project .mino.toml")
-    unset = sub.add_parser("unset", help="remove a value")
-    unset.add_argument("key")
-    unset.add_argument("--local", action="store_true", help="edit the project .mino.toml")
-
-
-def run_config_command(args, *, cwd, env, presets, out=print) -> None:
-    """The config commands, for %mino config and mino-jupyter config alike."""
-    from . import config
-
-    action = args.action or "show"
-    if action == "show":
-        loaded = config.load(cwd, env, presets)
-        for warning in loaded.warnings:
-            out(warning)
-        rows = config.describe(loaded)
-        width = max(len(k) for k, _, _ in rows)
-        vwidth = max(len(v) for _, v, _ in rows)
-        out(f"global file:  {config.global_path(env)}")
-        project = config.find_project(cwd)
-        if project is None:
-            trusted = ""
-        elif loaded.project is None:
-            trusted = " (ignored: see above)"
-        else:
-            trusted = " (trusted)" if loaded.project_trusted else " (NOT trusted: `%mino trust` after review)"
-        out(f"project file: {project or 'none'}{trusted}")
-        for key, value, source in rows:
-            out(f"{key.ljust(width)}  {value.ljust(vwidth)}  {source}")
-    elif action == "get":
-        key = config.canonical_key(args.key)
-        loaded = config.load(cwd, env, presets)
-        row = next(r for r in config.describe(loaded) if r[0] == f"{config.SECTION}.{key}")
-        out(row[1])
-    elif action == "set":
-        path, value = config.set_key(args.key, args.value, local=args.local, cwd=cwd, env=env, presets=presets)
-        out(f"{config.SECTION}.{config.canonical_key(args.key)} = {config.toml_value(value)} in {path}")
-        if args.local and not config.is_trusted(path, path.read_text(encoding="utf-8"), env):
-            out(f"note: {path} is not trusted (its other values came from elsewhere); review it, then trust it")
-    elif action == "unset":
-        path, changed = config.unset_key(args.key, local=args.local, cwd=cwd, env=env)
-        key = f"{config.SECTION}.{config.canonical_key(args.key)}"
-        out(f"removed {key} from {path}" if changed else f"{key} was not set in {path}")
 
 
 class _DisplaySink:
@@ -187,21 +64,6 @@ class _DisplaySink:
     def flush(self) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-
-
-def _fmt_time(ts: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def render_sessions(rows: list[dict]) -> str:
-    if not rows:
-        return "no sessions yet in this kernel (run a %%mino cell)"
-    headers = ("name", "container", "image", "network", "cells", "state", "last exit", "started")
-    table = [headers] + [(r["name"], r["container"] or "-", r["image"], r["network"], str(r["cells"]),
-                          r["state"], "-" if r["last_exit"] is None else str(r["last_exit"]),
-                          _fmt_time(r["started"])) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
 @magics_class
@@ -256,7 +118,7 @@ class MinoMagics(Magics):
             if cell is None:
                 return self._command(line)
             return self._cell(line, cell)
-        except _HelpShown:
+        except HelpShown:
             return None
 
     def _cell(self, line: str, cell: str):
@@ -334,7 +196,7 @@ class MinoMagics(Magics):
         args = line_parser().parse_args(shlex.split(line) or ["help"])
         m = self.manager
         if args.command == "help":
-            print(_COMMANDS_HELP)
+            print(COMMANDS_HELP)
         elif args.command == "sessions":
             print(render_sessions(m.rows()))
         elif args.command == "stop":
@@ -372,20 +234,6 @@ class MinoMagics(Magics):
 
             display(Panel(m))
         return None
-
-
-_COMMANDS_HELP = """%mino COMMAND
-  sessions                  this kernel's sessions (stopped ones too, until pruned)
-  stop NAME | --all         stop a session: its container is removed, its log kept
-  logs [NAME] [--tail N]    a session's output (secrets masked); default session: default
-  prune                     forget stopped sessions; remove containers whose kernel died
-  doctor                    check Podman, the API service, the base image and the hardening
-  presets                   network presets: names, descriptions, entries
-  config show | get KEY | set KEY VALUE [--local] | unset KEY [--local]
-                            settings (global file; --local: the project's .mino.toml)
-  trust [PATH]              apply the project .mino.toml's values after reviewing them
-  panel                     network picker, live sessions and logs (widgets)
-%%mino [options]            run the cell in a container; `%%mino --help` lists the options"""
 
 
 def interactive_frontend(shell) -> bool:

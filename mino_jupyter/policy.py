@@ -227,5 +227,146 @@ def exec_body(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
     }
 
 
-def version_labels() -> dict[str, str]:
-    return {"io.mino.managed": "true", "io.mino.version": __version__}
+# ---------------------------------------------------------------------------- the execs mino makes
+# Every process mino starts in a container is built by one of the functions below.
+
+# $1: file that receives the process group id; $2: the script (or its path, see _FILE_WRAPPER).
+# `set -m` gives the background job its own process group; `set +m` right after keeps bash
+# from printing job notifications. The group id file stays while the group has members.
+_WRAPPER = ('set -m; bash -c "$2" mino-cell & pid=$!; set +m; echo $pid > "$1"; wait $pid; rc=$?; '
+            'kill -0 -- -$pid 2>/dev/null || rm -f "$1"; exit $rc')
+_FILE_WRAPPER = _WRAPPER.replace('bash -c "$2" mino-cell', 'bash "$2"').replace('exit $rc', 'rm -f "$2"; exit $rc')
+
+# $1: the group id file. Prints the last signal it had to send (INT, TERM, KILL) or "none".
+_KILLER = r'''
+f=$1; pg=
+for i in $(seq 20); do pg=$(cat "$f" 2>/dev/null) && [ -n "$pg" ] && break; sleep 0.05; done
+[ -n "$pg" ] || { echo none; exit 0; }
+used=none
+for sig in INT TERM KILL; do
+  kill -0 -- "-$pg" 2>/dev/null || break
+  kill -"$sig" -- "-$pg" 2>/dev/null
+  used=$sig
+  for i in 1 2 3 4 5 6; do sleep 0.05; kill -0 -- "-$pg" 2>/dev/null || break; done
+done
+rm -f "$f"; echo "$used"
+'''
+
+
+def cell_exec(script: str, *, pgid_file: str, env: Mapping[str, str], from_file: bool = False) -> dict:
+    """A cell: the script (or, `from_file`, the path of a copied-in script) with bash, as the
+    cell user in /workspace, in its own process group whose id goes to `pgid_file`."""
+    wrapper = _FILE_WRAPPER if from_file else _WRAPPER
+    return exec_body(["bash", "-c", wrapper, "mino", pgid_file, script], env=env)
+
+
+def stop_exec(pgid_file: str) -> dict:
+    """Interrupt or time out a cell: INT, TERM, KILL to its process group, as the cell user."""
+    return exec_body(["bash", "-c", _KILLER, "mino-stop", pgid_file], workdir="/")
+
+
+def probe_exec(script: str) -> dict:
+    """A check mino runs in a container of its own (image verification, doctor)."""
+    return exec_body(["bash", "-c", script])
+
+
+def hosts_read_exec() -> dict:
+    return exec_body(["cat", "/etc/hosts"], workdir="/")
+
+
+def hosts_write_exec(text: str) -> dict:
+    """Replace /etc/hosts (allowlist names). Root in the session container holds no capability;
+    it only owns /etc/hosts."""
+    return exec_body(["sh", "-c", 'printf "%s" "$1" > /etc/hosts', "mino-hosts", text], workdir="/", user="0:0")
+
+
+# ---------------------------------------------------------------------------- labels
+
+MANAGED = {"io.mino.managed": "true"}  # every container mino starts; what the reaper lists
+ROLES = ("session", "fresh", "firewall", "verify", "doctor", "test")
+
+
+def labels(role: str, owner: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The one label set of every mino container: managed and version (what the reaper lists),
+    its owner (pid, start time, boot id, host: what the watchdog and reaper judge), its role, and
+    what identifies it to the user (session name, network, kernel id)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    return {**MANAGED, "io.mino.version": __version__, **owner, "io.mino.role": role, **(extra or {})}
+
+
+# ---------------------------------------------------------------------------- a session, whole
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the user chose for a new session: cell flags and configuration, merged."""
+
+    image: str
+    workspace_readonly: bool = False
+    pids_limit: int = PIDS_LIMIT
+    package_cache: bool = True
+    toolchain: str | None = None  # "python" or "node" when the image is one of mino's toolchains
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What mino found on this host for a new session (gathered, not decided)."""
+
+    limits: HostLimits
+    workspace: str  # the notebook's directory, real path
+    home: str | None = None  # the kernel user's home, real path
+    present: tuple[str, ...] = ()  # names at the top of the workspace
+    ca_bundle: str | None = None  # a checked host path, or None
+    kernel_id: str | None = None
+
+
+# (volume, path in the container) of each toolchain's package cache, shared by this user's sessions.
+PACKAGE_CACHES = {
+    "python": (("mino-cache-pip", f"{HOME}/.cache/pip"),),
+    "node": (("mino-cache-npm", f"{HOME}/.npm"),),
+}
+
+
+@dataclass(frozen=True)
+class SessionShape:
+    """A session's container, whole: what is posted, and what the user is told about it."""
+
+    request: SessionRequest
+    network_labels: Mapping[str, str]  # the labels the session's firewall container shares
+    readonly: bool  # the workspace as it is actually mounted
+    note: str | None = None
+
+
+def session_request(name: str, plan, settings: SessionSettings, facts: HostFacts,
+                    owner: Mapping[str, str], *, fresh: bool, hosts: Sequence[tuple[str, str]] = (),
+                    container_name: str) -> SessionShape:
+    """Everything about a new session's container, decided from plain data. `plan` is the
+    :class:`mino_jupyter.network.NetworkPlan`; `hosts` are the allowlist's resolved names."""
+    shared = workspace_mounts(facts.workspace, readonly=settings.workspace_readonly, home=facts.home,
+                              existing=facts.present)
+    identity = {
+        "io.mino.session": name,
+        "io.mino.network": plan.describe(),
+        **({"io.mino.kernel-id": facts.kernel_id} if facts.kernel_id else {}),
+    }
+    allowlist = plan.mode == "allowlist"
+    volumes = PACKAGE_CACHES.get(settings.toolchain or "", ()) if settings.package_cache else ()
+    request = SessionRequest(
+        name=container_name,
+        image=settings.image,
+        network="bridge" if allowlist else plan.mode,
+        labels=labels("fresh" if fresh else "session", owner, identity),
+        limits=facts.limits,
+        workspace=shared.mounts,
+        ca_bundle=facts.ca_bundle,
+        hosts=tuple(hosts),
+        no_dns=allowlist,
+        pids_limit=settings.pids_limit,
+        volumes=volumes,
+    )
+    readonly = settings.workspace_readonly or shared.note is not None
+    return SessionShape(request, labels("firewall", owner, identity), readonly, shared.note)
+
+
+def cache_volume_labels(name: str) -> dict[str, str]:
+    return {**MANAGED, "io.mino.version": __version__, "io.mino.cache": name}

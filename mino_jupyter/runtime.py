@@ -129,6 +129,21 @@ def min_limits(a: HostLimits, b: HostLimits | None) -> HostLimits:
 
 # --------------------------------------------------------------------------- the engine
 
+def frames(read: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
+    """Podman's multiplexed stream: frames of an 8-byte header (stream, 3 bytes padding, length)
+    and a payload. The one parser for execs, attaches and logs; ends at a short read."""
+    while True:
+        header = read(8)
+        if len(header) < 8:
+            return
+        kind, size = struct.unpack(">BxxxL", header)
+        payload = read(size) if size else b""
+        if len(payload) < size:
+            return
+        if payload:
+            yield (kind if kind in (STDOUT, STDERR) else STDOUT), payload
+
+
 class ExecStream:
     """A running exec: iterate ``(stream, bytes)`` frames from a background reader thread.
 
@@ -150,18 +165,8 @@ class ExecStream:
     def _pump(self) -> None:
         raw = self._response.raw
         try:
-            while True:
-                header = _read_exact(raw, 8)
-                if len(header) < 8:
-                    break
-                kind, size = struct.unpack(">BxxxL", header)
-                if size == 0:
-                    continue
-                payload = _read_exact(raw, size)
-                if payload:
-                    self._queue.put((kind if kind in (STDOUT, STDERR) else STDOUT, payload))
-                if len(payload) < size:
-                    break
+            for frame in frames(lambda n: _read_exact(raw, n)):
+                self._queue.put(frame)
         except Exception:  # the connection was torn down (closing, engine gone): end of stream
             pass
         finally:
@@ -224,20 +229,30 @@ class Attached:
         """(stdout, stderr) up to and including the line that starts with `marker` on stdout."""
         self.sock.settimeout(timeout)
         out, err = bytearray(), bytearray()
-        while True:
-            kind, size = struct.unpack(">BxxxL", self._read(8))
-            payload = self._read(size)
+        for kind, payload in frames(self._read):
             (err if kind == STDERR else out).extend(payload)
             if kind != STDERR:
                 at = out.find(marker)
                 if at >= 0 and out.find(b"\n", at) >= 0:
                     return bytes(out), bytes(err)
+        raise ConnectionError("the attached process closed its output")
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _json_items(response) -> Iterator[dict]:
+    """Podman's streamed progress: one JSON document per line."""
+    for line in response.iter_lines():
+        if line:
+            yield json.loads(line)
 
 
 def _read_exact(raw, n: int) -> bytes:
@@ -342,12 +357,12 @@ class Engine:
         return self._limits
 
     def image_exists(self, ref: str) -> bool:
-        response = self.request("get", f"/images/{urllib.parse.quote(ref, safe='')}/exists",
+        response = self.request("get", f"/images/{_quote(ref)}/exists",
                                  what=f"look up image {ref}", ok_missing=True)
         return response is not None
 
     def image_inspect(self, ref: str) -> dict | None:
-        response = self.request("get", f"/images/{urllib.parse.quote(ref, safe='')}/json",
+        response = self.request("get", f"/images/{_quote(ref)}/json",
                                  what=f"inspect image {ref}", ok_missing=True)
         return None if response is None else response.json()
 
@@ -356,6 +371,58 @@ class Engine:
             raise ImageMissing(f"image {ref} is not present in Podman's local storage",
                                "build it with `mino-jupyter image build` (works offline), "
                                "or pull it with `podman pull`")
+
+    def pull(self, ref: str, timeout: float = 120) -> Iterator[dict]:
+        """Pull an image; yields Podman's JSON progress items (an "error" item on failure)."""
+        response = self.request("post", "/images/pull", params={"reference": ref, "quiet": "false"},
+                                stream=True, timeout=(10, timeout), what=f"pull {ref}")
+        return _json_items(response)
+
+    def import_image(self, ref: str, chunks: Iterator[bytes]) -> None:
+        """Import a root filesystem tarball (streamed) as image `ref`."""
+        self.request("post", "/images/import", params={"reference": ref}, data=chunks,
+                     headers={"Content-Type": "application/x-tar"}, timeout=(10, 600), what=f"import {ref}")
+
+    def build(self, params: Mapping[str, str], context: bytes) -> Iterator[dict]:
+        """Build from a tar context; yields Podman's JSON progress items."""
+        response = self.request("post", "/build", params=dict(params), data=context,
+                                headers={"Content-Type": "application/x-tar"}, stream=True,
+                                timeout=(10, 1800), what=f"build {params.get('t')}")
+        return _json_items(response)
+
+    def tag(self, source: str, target: str) -> None:
+        repo, _, tag = target.rpartition(":")
+        self.request("post", f"/images/{_quote(source)}/tag", params={"repo": repo, "tag": tag},
+                     what=f"tag {target}")
+
+    def untag(self, ref: str) -> None:
+        repo, _, tag = ref.rpartition(":")
+        self.request("post", f"/images/{_quote(ref)}/untag", params={"repo": repo, "tag": tag},
+                     what=f"untag {ref}", ok_missing=True)
+
+    def remove_image(self, ref: str) -> None:
+        self.request("delete", f"/images/{_quote(ref)}", params={"force": "true"},
+                     what=f"remove {ref}", ok_missing=True)
+
+    # ----------------------------------------------------------------- volumes and networks
+    def ensure_volume(self, name: str, labels: Mapping[str, str]) -> None:
+        if self.request("get", f"/volumes/{_quote(name)}/exists", what=f"look up volume {name}",
+                        ok_missing=True) is None:
+            self.request("post", "/volumes/create", data=json.dumps({"Name": name, "Label": dict(labels)}),
+                         headers={"Content-Type": "application/json"}, what=f"create volume {name}")
+
+    def network(self, name: str) -> dict:
+        return self.request("get", f"/networks/{_quote(name)}/json", what=f"inspect network {name}").json()
+
+    def networks(self) -> list[dict]:
+        return self.request("get", "/networks/json", what="list networks").json()
+
+    def create_network(self, spec: dict) -> None:
+        self.request("post", "/networks/create", data=json.dumps(spec),
+                     headers={"Content-Type": "application/json"}, what=f"create network {spec.get('name')}")
+
+    def remove_network(self, name: str) -> None:
+        self.request("delete", f"/networks/{_quote(name)}", what=f"remove network {name}", ok_missing=True)
 
     # ----------------------------------------------------------------- containers
     def create(self, spec: dict) -> str:
@@ -397,21 +464,10 @@ class Engine:
                                  what="list containers")
         return response.json()
 
-    def wait(self, cid: str, condition: str = "stopped") -> int:
-        response = self.request("post", f"/containers/{cid}/wait", params={"condition": condition},
-                                 what=f"wait for {cid[:12]}", timeout=None)
-        return int(response.text.strip() or 0)
-
-    def logs(self, cid: str) -> tuple[bytes, bytes]:
-        response = self.request("get", f"/containers/{cid}/logs",
-                                 params={"stdout": "true", "stderr": "true"}, stream=True,
-                                 what=f"read logs of {cid[:12]}")
-        out, err = [], []
-        raw = response.raw
-        while len(header := _read_exact(raw, 8)) == 8:
-            kind, size = struct.unpack(">BxxxL", header)
-            (err if kind == STDERR else out).append(_read_exact(raw, size))
-        return b"".join(out), b"".join(err)
+    def put_archive(self, cid: str, directory: str, tar: bytes, what: str) -> None:
+        """Unpack a tar into a directory of the container (the engine does it; nothing runs inside)."""
+        self.request("put", f"/containers/{cid}/archive", params={"path": directory}, data=tar,
+                     headers={"Content-Type": "application/x-tar"}, what=what)
 
     # ----------------------------------------------------------------- exec
     def exec_start(self, cid: str, body: dict) -> ExecStream:

@@ -46,11 +46,11 @@ def gateway(engine, base_image):
     from mino_jupyter import policy
     from mino_jupyter.owner import current_owner
 
-    info = engine.request("get", "/networks/podman/json", what="inspect the podman network").json()
+    info = engine.network("podman")
     gw = info["subnets"][0]["gateway"]
     keeper = engine.run(policy.session_spec(policy.SessionRequest(
         name=f"mino-test-keeper-{uuid.uuid4().hex[:6]}", image=base_image, network="bridge",
-        labels={**policy.version_labels(), **current_owner().labels(), "io.mino.role": "test"},
+        labels=policy.labels("test", current_owner().labels()),
         limits=engine.host_limits())))
     yield gw
     engine.remove(keeper)

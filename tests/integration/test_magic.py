@@ -309,7 +309,7 @@ def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
     dead = {**me.labels(), "io.mino.owner": "dead" + uuid.uuid4().hex[:8], "io.mino.owner-pid": "999999999"}
     spec = policy.session_spec(policy.SessionRequest(
         name=f"mino-orphan-{uuid.uuid4().hex[:6]}", image=base_image, network="none",
-        labels={**policy.version_labels(), **dead, "io.mino.role": "session"}, limits=engine.host_limits()))
+        labels=policy.labels("session", dead), limits=engine.host_limits()))
     cid = engine.run(spec)
     k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     try:

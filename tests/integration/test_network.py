@@ -6,7 +6,6 @@ listener counts its hits, so "refused" is checked where the packet would have ar
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import uuid
 
 import pytest
 
-from mino_jupyter import sessions as sessions_mod
+from mino_jupyter import allowlist as allowlist_mod
 from mino_jupyter.errors import FirewallError, UsageError
 from mino_jupyter.network import NetworkChoice
 from mino_jupyter.sessions import CellOptions, SessionManager
@@ -209,9 +208,8 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
     """A name's answers change between cells: rules and /etc/hosts follow, from outside."""
     net = f"mino-test-{uuid.uuid4().hex[:6]}"
     subnet_octet = 200 + uuid.uuid4().int % 50
-    engine.request("post", "/networks/create", data=json.dumps({
-        "name": net, "driver": "bridge", "subnets": [{"subnet": f"10.{subnet_octet}.7.0/24", "gateway": f"10.{subnet_octet}.7.1"}]}),
-        headers={"Content-Type": "application/json"}, what="create a test network")
+    engine.create_network({"name": net, "driver": "bridge",
+                           "subnets": [{"subnet": f"10.{subnet_octet}.7.0/24", "gateway": f"10.{subnet_octet}.7.1"}]})
     second_gateway = f"10.{subnet_octet}.7.1"
     answers = {"svc.mino.test": [gateway]}
     m = SessionManager(cwd=lambda: tmp_path, notice=lambda n: None, watchdog=False,
@@ -225,7 +223,7 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
         # A container on the test network brings its bridge (and so its gateway address) up.
         holder = engine.run(policy.session_spec(policy.SessionRequest(
             name=f"{net}-holder", image=base_image, network="bridge",
-            labels={**policy.version_labels(), **current_owner().labels(), "io.mino.role": "test"},
+            labels=policy.labels("test", current_owner().labels()),
             limits=engine.host_limits())) | {"networks": {net: {}}})
         listener = TcpListener("0.0.0.0")
         try:
@@ -233,7 +231,7 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
                                allow=[f"svc.mino.test:{listener.port}"])
             assert out.startswith("200") and gateway in out and listener.hits == 1
             answers["svc.mino.test"] = [second_gateway]
-            monkeypatch.setattr(sessions_mod, "RESOLVE_REFRESH", 0.0)
+            monkeypatch.setattr(allowlist_mod, "RESOLVE_REFRESH", 0.0)
             code, out, _ = run(m, f"getent hosts svc.mino.test; curl -sS -m 5 http://svc.mino.test:{listener.port}/\n"
                                   f"{CURL} http://{gateway}:{listener.port}/; echo \" exit=$?\"")
             lines = out.splitlines()
@@ -246,7 +244,7 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
         m.shutdown()
         if holder:
             engine.remove(holder)
-        engine.request("delete", f"/networks/{net}", what="remove the test network", ok_missing=True)
+        engine.remove_network(net)
 
 
 def test_firewall_failure_runs_nothing(engine, base_image, gateway, tmp_path):

@@ -25,7 +25,7 @@ STATUS_PROBE = (
 
 
 def _labels():
-    return {**policy.version_labels(), **current_owner().labels(), "io.mino.role": "test"}
+    return policy.labels("test", current_owner().labels())
 
 
 @pytest.fixture
@@ -167,4 +167,4 @@ def test_build_from_a_local_base_image_uses_the_same_recipe(engine, base_image):
         assert labels["io.mino.version"] == __version__
         assert any(line.strip().startswith("STEP") for line in seen)  # progress was shown
     finally:
-        engine.request("delete", f"/images/{target.replace('/', '%2F')}", what="cleanup", ok_missing=True)
+        engine.remove_image(target)

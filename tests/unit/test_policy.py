@@ -93,3 +93,49 @@ def test_a_home_directory_is_never_shared_read_write(workspace):
     plan = policy.workspace_mounts(workspace, readonly=False, home="/home/u", existing=[".bashrc"])
     assert plan.mounts == (Mount(workspace, "/workspace", read_only=True),)
     assert "shared read-only" in plan.note
+
+
+# ---------------------------------------------------------------- the whole session, engine-free
+from mino_jupyter.network import AllowEntry, NetworkPlan  # noqa: E402
+
+OWNER = {"io.mino.owner": "tok", "io.mino.owner-pid": "1"}
+FACTS = policy.HostFacts(limits=HostLimits(20000, 32768), workspace="/p/nb", home="/home/u",
+                         present=("data.csv",), ca_bundle="/etc/ssl/certs/ca-certificates.crt", kernel_id="k1")
+
+
+@pytest.mark.parametrize("plan,namespace,no_dns", [
+    (NetworkPlan("bridge"), "bridge", False),
+    (NetworkPlan("host"), "host", False),
+    (NetworkPlan("none"), "none", False),
+    (NetworkPlan("allowlist", "registries", (AllowEntry("pypi.org", 443),)), "bridge", True),
+])
+def test_session_request_decides_the_whole_container(plan, namespace, no_dns):
+    settings = policy.SessionSettings(image="img", pids_limit=100, toolchain="python")
+    shape = policy.session_request("s1", plan, settings, FACTS, OWNER, fresh=False,
+                                   hosts=(("pypi.org", "1.2.3.4"),) if no_dns else (), container_name="mino-x-s1")
+    spec = policy.session_spec(shape.request)
+    assert spec["netns"] == {"nsmode": namespace}
+    assert ("dns_server" in spec) is no_dns
+    assert spec["hostadd"] == (["pypi.org:1.2.3.4"] if no_dns else [])
+    assert spec["resource_limits"]["pids"]["limit"] == 100
+    assert spec["labels"] == {**policy.MANAGED, "io.mino.version": policy.__version__, **OWNER,
+                              "io.mino.role": "session", "io.mino.session": "s1",
+                              "io.mino.network": plan.describe(), "io.mino.kernel-id": "k1"}
+    assert shape.network_labels["io.mino.role"] == "firewall"
+    assert {k: v for k, v in shape.network_labels.items() if k != "io.mino.role"} == \
+        {k: v for k, v in spec["labels"].items() if k != "io.mino.role"}
+    assert spec["volumes"] == [{"Name": "mino-cache-pip", "Dest": "/home/developer/.cache/pip",
+                                "Options": ["nosuid", "nodev"]}]
+    assert spec["mounts"][0]["source"] == "/p/nb"
+
+
+def test_session_request_fresh_role_and_no_cache():
+    shape = policy.session_request("fresh-1", NetworkPlan("none"), policy.SessionSettings(image="img", package_cache=False,
+                                   toolchain="node"), FACTS, OWNER, fresh=True, container_name="c")
+    spec = policy.session_spec(shape.request)
+    assert spec["labels"]["io.mino.role"] == "fresh" and spec["volumes"] == []
+
+
+def test_labels_refuse_unknown_roles():
+    with pytest.raises(ValueError):
+        policy.labels("admin", OWNER)

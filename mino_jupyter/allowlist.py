@@ -1,0 +1,142 @@
+"""One session's allowlist: its firewall container, the control channel to it, and the answers.
+
+A :class:`SessionAllowlist` is made when an allowlist session starts and closed when it stops.
+It owns everything about the session's firewall that changes over time:
+
+* ``start``: the NET_ADMIN-only firewall container joins the session's network namespace, mino
+  attaches to its agent (requests on its stdin, which only the engine's API reaches), installs
+  the ruleset and verifies what was installed. Any failure raises :class:`FirewallError`.
+* ``refresh``: after :data:`RESOLVE_REFRESH` seconds the names are resolved again; changed
+  answers replace the rules and ``/etc/hosts``.
+* ``replace``: the cell's allowlist entries changed; new rules, new hosts.
+* ``report``: what was refused since the last report, as one line for the user.
+* ``close``: the channel goes (the container goes with its session: removal with dependents).
+
+The decisions (the ruleset, its verification, hosts lines, keeping a name's last answers) are
+pure functions in :mod:`mino_jupyter.firewall`; this module only acts on them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from . import firewall, policy
+from .errors import FirewallError, MinoError
+from .network import NetworkPlan
+from .runtime import Attached, Engine
+
+RESOLVE_REFRESH = 30.0  # seconds after which names are resolved again (at the next cell)
+
+Notice = Callable[[str], None]
+
+
+def resolve(plan: NetworkPlan, resolver: firewall.Resolver, notice: Notice,
+            previous: firewall.Resolved | None = None) -> firewall.Resolved:
+    """Resolve the plan's names on this host; say once which names have no address."""
+    resolved = firewall.keep_last_answers(firewall.resolve_entries(plan.allow, resolver), previous, plan.allow)
+    if resolved.unresolved and (previous is None or set(resolved.unresolved) != set(previous.unresolved)):
+        notice("mino: allowlist: no address for " + ", ".join(resolved.unresolved)
+               + " on this host; they stay unreachable")
+    return resolved
+
+
+class SessionAllowlist:
+    def __init__(self, engine: Engine, *, session_container: str, plan: NetworkPlan,
+                 resolver: firewall.Resolver, notice: Notice, clock: Callable[[], float] = time.monotonic):
+        self.engine = engine
+        self.session_container = session_container
+        self.plan = plan
+        self.resolver = resolver
+        self.notice = notice
+        self.clock = clock
+        self.container: str | None = None
+        self.channel: Attached | None = None
+        self.resolved: firewall.Resolved | None = None
+        self.resolved_at = 0.0
+
+    def resolve(self, plan: NetworkPlan, previous: firewall.Resolved | None = None) -> firewall.Resolved:
+        return resolve(plan, self.resolver, self.notice, previous)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, *, image: str, name: str, labels: dict, resolved: firewall.Resolved) -> None:
+        """Start the firewall container in the session's namespace and install the rules."""
+        self.container = self.engine.run(policy.firewall_spec(
+            name=name, image=image, target_container=self.session_container, labels=labels,
+            limits=self.engine.host_limits(), command=("sh", "-c", firewall.AGENT)))
+        self.channel = self.engine.attach(self.container)
+        self._install(resolved)
+
+    def due(self) -> bool:
+        return self.clock() - self.resolved_at > RESOLVE_REFRESH
+
+    def refresh(self) -> None:
+        """Resolve again; replace the rules and hosts only when the answers changed."""
+        resolved = self.resolve(self.plan, self.resolved)
+        if firewall.same_answers(resolved, self.resolved):
+            self.resolved_at = self.clock()
+            return
+        self._apply(resolved)
+
+    def replace(self, plan: NetworkPlan) -> None:
+        """New allowlist entries for the live session."""
+        resolved = self.resolve(plan)
+        old = self.plan
+        self.plan = plan
+        try:
+            self._apply(resolved)
+        except MinoError:
+            self.plan = old
+            raise
+
+    def report(self) -> str | None:
+        """One line about what was refused since the last report (None: nothing)."""
+        try:
+            code, out, _ = self._request(firewall.REPORT_REQUEST)
+        except MinoError:
+            return None
+        if code != 0:
+            return None
+        return firewall.describe_refused(firewall.parse_refused(out), self.resolved or firewall.Resolved())
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    # ------------------------------------------------------------------ acting
+    def _request(self, request: bytes) -> tuple[int, str, str]:
+        if self.channel is None:
+            raise FirewallError("the firewall container's control channel is closed")
+        try:
+            self.channel.send(request)
+            out, err = self.channel.read_until(firewall.END)
+        except (OSError, ConnectionError) as exc:
+            self.close()
+            raise FirewallError(f"lost the firewall container's control channel: {exc}") from None
+        code, text = firewall.split_answer(out)
+        return code, text, err.decode(errors="replace") or (text if code else "")
+
+    def _install(self, resolved: firewall.Resolved) -> None:
+        """Install the ruleset from the firewall container and check it is what we asked for."""
+        code, out, err = self._request(firewall.install_request(firewall.ruleset(resolved)))
+        if code != 0:
+            raise FirewallError(f"nft failed (exit {code}): {(err or out).strip()[:300]}")
+        problems = firewall.verify(out, resolved)
+        if problems:
+            raise FirewallError("the installed rules differ from the allowlist: " + "; ".join(problems))
+        self.resolved = resolved
+        self.resolved_at = self.clock()
+
+    def _write_hosts(self, resolved: firewall.Resolved) -> None:
+        _, out, _ = self.engine.exec_run(self.session_container, policy.hosts_read_exec())
+        names = {e.host for e in self.plan.allow if not e.is_ip} | \
+            {n for n, _ in (self.resolved or firewall.Resolved()).hosts}
+        text = firewall.rewrite_hosts(out.decode(errors="replace"), names, resolved.hosts)
+        code, _, err = self.engine.exec_run(self.session_container, policy.hosts_write_exec(text))
+        if code != 0:
+            raise FirewallError(f"could not update /etc/hosts: {err.decode(errors='replace').strip()}")
+
+    def _apply(self, resolved: firewall.Resolved) -> None:
+        self._install(resolved)
+        self._write_hosts(resolved)
