@@ -1,36 +1,47 @@
 """Running one cell's script in a container: streamed, interruptible, with a deadline.
 
-The script runs as ``bash -c SCRIPT`` in its own process group inside the container (a small
-wrapper with job control starts it and records the group id). Podman does not forward signals to
-exec'd processes, so interrupting and timing out happen from a second exec as the same user that
-signals the whole group: INT, then TERM, then KILL, a fraction of a second apart. Background
-children of the cell are in the group too. The container itself is left alone and stays usable.
+IPython's ``%%script``/``%%bash`` habits, and where mino differs:
+
+* The script runs with ``/bin/bash -c SCRIPT`` (by absolute path, ``--noprofile --norc``, no
+  ``BASH_ENV``: nothing the cell planted in its home or ``PATH`` stands in for it), as the cell
+  user in ``/workspace``. Scripts larger than the argument limit are handed over as a file under
+  ``/run/mino``, read-only inside.
+* Output streams as it arrives, decoded incrementally (a UTF-8 character split across reads stays
+  whole; bad bytes become U+FFFD instead of failing the cell), stdout and stderr apart.
+* Interrupting the kernel (``KeyboardInterrupt``) and ``--timeout`` stop the cell from this
+  machine (:mod:`mino_jupyter.procs`): INT, TERM, KILL to the shell's process group, then every
+  other process the cell started, ``setsid`` or not. ``%%bash`` only signals its own process;
+  a sandbox cannot leave the cell's background work running unseen. What survives is reported.
+* The exit code comes from the engine once the stream ends.
 """
 
 from __future__ import annotations
 
 import codecs
-import io
 import queue
-import tarfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
-from . import policy
+from . import policy, procs
 from .runtime import STDERR, STDOUT, Engine, ExecStream
 
-MAX_ARGV_SCRIPT = 100_000  # bytes; larger scripts are copied in as a file (argv limit is 128 KiB)
+MAX_ARGV_SCRIPT = 100_000  # bytes; larger scripts are handed over as a file (argv limit is 128 KiB)
 FLUSH_BYTES = 64 * 1024  # per stream message; ZMQ queues up to 1000 of them for a slow client
 DRAIN_AFTER_KILL = 1.0
-
-HOW = {"INT": "interrupted", "TERM": "terminated", "KILL": "killed", "none": "interrupted"}
 
 
 class Sink(Protocol):
     def write(self, stream: int, text: str) -> None: ...
     def flush(self) -> None: ...
+
+
+class ControlFiles(Protocol):
+    """Where a large script goes: read-only inside the container (see storage.SessionStorage)."""
+
+    def write_control(self, name: str, data: bytes) -> str: ...
+    def remove_control(self, name: str) -> None: ...
 
 
 @dataclass
@@ -40,26 +51,40 @@ class CellResult:
     interrupted: str | None = None  # "interrupted" | "terminated" | "killed"
     timed_out: bool = False
     timeout: float | None = None
+    survivors: tuple[procs.Proc, ...] = ()  # what could not be stopped (normally nothing)
 
 
 def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str, str],
-               sink: Sink, timeout: float | None = None) -> CellResult:
-    """Run `script` with bash in `container`; stream output to `sink` as it arrives."""
-    token = uuid.uuid4().hex[:12]
-    pgid_file = f"/tmp/.mino-cell-{token}"
+               sink: Sink, timeout: float | None = None, control: ControlFiles | None = None,
+               namespace: str | None = None) -> CellResult:
+    """Run `script` with bash in `container`; stream output to `sink` as it arrives.
+    `namespace`: the container's PID namespace as seen from here (for stopping)."""
     data = script.encode("utf-8", "surrogateescape")
-    if len(data) > MAX_ARGV_SCRIPT:
-        path = f"/tmp/.mino-cell-{token}.sh"
-        _upload(engine, container, path, data)
-        body = policy.cell_exec(path, pgid_file=pgid_file, env=env, from_file=True)
+    file_name = None
+    if len(data) > MAX_ARGV_SCRIPT and control is not None:
+        file_name = f"cell-{uuid.uuid4().hex[:12]}.sh"
+        body = policy.cell_exec(control.write_control(file_name, data), env=env, from_file=True)
     else:
-        body = policy.cell_exec(script, pgid_file=pgid_file, env=env)
-    started = time.monotonic()
+        body = policy.cell_exec(script, env=env)
     try:
-        stream = engine.exec_start(container, body)
+        return _run(engine, container, body, sink, timeout, namespace)
+    finally:
+        if file_name:
+            control.remove_control(file_name)
+
+
+def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float | None,
+         namespace: str | None) -> CellResult:
+    started = time.monotonic()
+    clock = procs.boottime_ticks()
+    exec_id = engine.exec_create(container, body)
+    stop = _stopper(engine, exec_id, namespace, clock)
+    try:
+        stream = engine.exec_attach(exec_id)
     except KeyboardInterrupt:  # the process may have started before we saw its stream
-        how = _stop_group_guarded(engine, container, pgid_file)
-        return CellResult(exit_code=130, duration=time.monotonic() - started, interrupted=how)
+        stopped = _guarded(stop)
+        return CellResult(exit_code=130, duration=time.monotonic() - started, interrupted=stopped.how,
+                          survivors=stopped.survivors)
     decoders = {STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
                 STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
     deadline = started + timeout if timeout else None
@@ -87,7 +112,7 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
                     pending = 0
                 if deadline is not None and time.monotonic() >= deadline:
                     result.timed_out = True
-                    _stop_group(engine, container, pgid_file)
+                    result.survivors = _guarded(stop).survivors
                     break
                 continue
             if item is None:
@@ -97,7 +122,8 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
                 sink.flush()
                 pending = 0
     except KeyboardInterrupt:
-        result.interrupted = _stop_group_guarded(engine, container, pgid_file)
+        stopped = _guarded(stop)
+        result.interrupted, result.survivors = stopped.how, stopped.survivors
     # Whatever was printed before the group died still belongs to this cell.
     _drain(stream, emit)
     for kind, decoder in decoders.items():
@@ -115,6 +141,23 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
     return result
 
 
+def _stopper(engine: Engine, exec_id: str, namespace: str | None, clock: int) -> Callable[[], procs.Stopped]:
+    def stop() -> procs.Stopped:
+        info = engine.exec_inspect(exec_id)
+        pid = int(info.get("Pid") or 0) if info.get("Running") else 0
+        return procs.stop(pid, ns=namespace, started=clock)
+    return stop
+
+
+def _guarded(stop: Callable[[], procs.Stopped]) -> procs.Stopped:
+    """Stop the cell even if the user presses interrupt again meanwhile."""
+    while True:
+        try:
+            return stop()
+        except KeyboardInterrupt:
+            continue
+
+
 def _drain(stream: ExecStream, emit) -> None:
     end = time.monotonic() + DRAIN_AFTER_KILL
     while True:
@@ -127,31 +170,3 @@ def _drain(stream: ExecStream, emit) -> None:
         if item is None:
             return
         emit(*item)
-
-
-def _stop_group(engine: Engine, container: str, pgid_file: str) -> str:
-    code, out, _ = engine.exec_run(container, policy.stop_exec(pgid_file))
-    signal_used = out.decode(errors="replace").strip().splitlines()[-1:] or ["none"]
-    return HOW.get(signal_used[0], "interrupted")
-
-
-def _stop_group_guarded(engine: Engine, container: str, pgid_file: str) -> str:
-    """Stop the group even if the user presses interrupt again meanwhile."""
-    while True:
-        try:
-            return _stop_group(engine, container, pgid_file)
-        except KeyboardInterrupt:
-            continue
-
-
-def _upload(engine: Engine, container: str, path: str, data: bytes) -> None:
-    buf = io.BytesIO()
-    directory, _, name = path.rpartition("/")
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o600
-        info.uid = info.gid = policy.CELL_UID
-        info.mtime = int(time.time())
-        tar.addfile(info, io.BytesIO(data))
-    engine.put_archive(container, directory, buf.getvalue(), what="copy the cell script into the container")

@@ -13,7 +13,10 @@ Four ways a container goes, all here:
 * **the reaper** removes containers whose owner process is gone (the watchdog died too): when any
   kernel loads the extension, from ``mino-jupyter prune`` and ``%mino prune``.
 
-Watchdog usage: ``python -m mino_jupyter.cleanup TOKEN ENGINE_URL PID START_TICKS``
+Watchdog usage: ``python -m mino_jupyter.cleanup TOKEN ENGINE_URL PID START_TICKS [SESSIONS_DIR]``
+
+Each removal of containers is followed by the removal of what they used on this machine: the
+sessions' disks and overlay mounts (:mod:`mino_jupyter.storage`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import threading
 import time
 from typing import Callable, Mapping
 
+from pathlib import Path
+
+from . import storage
 from .owner import Owner, owner_alive, process_start_ticks
 from .policy import MANAGED
 from .runtime import Engine
@@ -84,10 +90,12 @@ def prune(engine: Engine, everything: bool = False) -> list[str]:
 class Cleanup:
     """What one kernel does so that its containers never outlive it."""
 
-    def __init__(self, owner: Owner, env: Mapping[str, str] | None, notice: Notice, *, watchdog: bool = True):
+    def __init__(self, owner: Owner, env: Mapping[str, str] | None, notice: Notice, *, watchdog: bool = True,
+                 storage_root: Path):
         self.owner = owner
         self.env = env
         self.notice = notice
+        self.storage_root = storage_root  # mino's state directory: sessions/, caches/
         self.want_watchdog = watchdog
         self.reaped = False
         self._watchdog: subprocess.Popen | None = None
@@ -118,18 +126,21 @@ class Cleanup:
         self.reaped = True
         try:
             removed = prune(engine)
+            storage.reap(self.storage_root / "sessions", owner_alive)
         except Exception:
             return
         if removed:
             self.notice(f"mino: removed {len(removed)} container(s) left behind by a kernel that died")
 
     # ------------------------------------------------------------------ fresh containers
-    def remove_soon(self, engine: Engine, cid: str, name: str) -> None:
-        """A --fresh container goes right after its cell, without making the cell wait.
-        Shutdown waits for these."""
+    def remove_soon(self, engine: Engine, cid: str, name: str, after: Callable[[], None] | None = None) -> None:
+        """A --fresh container goes right after its cell, without making the cell wait; `after`
+        runs once it is gone (its storage). Shutdown waits for these."""
         def remove() -> None:
             try:
                 engine.remove(cid)
+                if after is not None:
+                    after()
             except Exception:
                 pass  # the shutdown sweep, the watchdog or the reaper removes it
 
@@ -150,7 +161,8 @@ class Cleanup:
         try:
             self._watchdog = subprocess.Popen(
                 [sys.executable, "-m", "mino_jupyter.cleanup", self.owner.token, engine.endpoint.url,
-                 str(self.owner.pid), str(self.owner.start_ticks)],
+                 str(self.owner.pid), str(self.owner.start_ticks),
+                 str(self.storage_root / "sessions" / self.owner.token)],
                 stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True,
             )
@@ -181,9 +193,18 @@ class Cleanup:
                 self._watchdog_pipe = None
         return removed
 
+    def release_caches(self, engine: Engine) -> None:
+        """Project cache disks that no mino container uses any more are unmounted."""
+        try:
+            in_use = {(c.get("Labels") or {}).get("io.mino.project") for c in engine.list(MANAGED)}
+            storage.release_caches(self.storage_root / "caches", {k for k in in_use if k})
+        except Exception:
+            pass
+
 
 def watchdog_main(argv: list[str]) -> int:
     token, url, pid, start = argv[1], argv[2], int(argv[3]), int(argv[4])
+    sessions = Path(argv[5]) if len(argv) > 5 else None
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel's interrupts are not for us
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     received = b""
@@ -205,10 +226,14 @@ def watchdog_main(argv: list[str]) -> int:
         try:
             engine = Engine.connect(env)
             remove_containers(engine, owned_by(engine, token))
-            return 0
+            break
         except Exception:
             time.sleep(1 + attempt)
-    return 1
+    else:
+        return 1
+    if sessions is not None:  # the kernel's session disks and mounts, now that no container uses them
+        storage.teardown_owner(sessions)
+    return 0
 
 
 if __name__ == "__main__":

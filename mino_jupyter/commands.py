@@ -60,8 +60,14 @@ def cell_parser() -> argparse.ArgumentParser:
     p.add_argument("--network-preset", metavar="NAME", help="allowlist preset (see %%mino presets)")
     p.add_argument("--network-allow", action="append", metavar="HOST:PORT[,...]",
                    help="allowlist entries (repeatable, comma-separated)")
-    p.add_argument("--readonly-workspace", dest="workspace_readonly", action="store_const", const=True,
-                   default=None, help="mount the notebook's directory read-only at /workspace")
+    p.add_argument("--workspace", choices=("overlay", "ro", "rw"), metavar="MODE",
+                   help="how a new session shares the notebook's directory: overlay (default; writes wait "
+                        "for %%mino apply), ro, or rw (cells write your files directly)")
+    p.add_argument("--readonly-workspace", dest="workspace", action="store_const", const="ro",
+                   help="the same as --workspace ro")
+    p.add_argument("--memory", metavar="SIZE", help='memory limit of a new session, e.g. 4g')
+    p.add_argument("--cpus", metavar="N", help="CPU limit of a new session in cores, e.g. 2 or 0.5")
+    p.add_argument("--disk", metavar="SIZE", help="disk limit of a new session (workspace changes, home, /tmp)")
     return p
 
 
@@ -76,6 +82,11 @@ def line_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="a session's output log")
     logs.add_argument("name", nargs="?", default=DEFAULT_SESSION)
     logs.add_argument("--tail", type=int, metavar="N")
+    changes = sub.add_parser("changes", help="what cells wrote in /workspace, not applied yet")
+    changes.add_argument("name", nargs="?", default=DEFAULT_SESSION, metavar="SESSION")
+    apply = sub.add_parser("apply", help="copy what cells wrote into the notebook's directory")
+    apply.add_argument("items", nargs="*", metavar="[SESSION] PATH")
+    apply.add_argument("--session", metavar="NAME", help="the session (default: default)")
     sub.add_parser("prune", help="forget stopped sessions; remove containers of dead kernels")
     sub.add_parser("doctor", help="check Podman, the service, the image, the hardening")
     sub.add_parser("presets", help="network presets: names, descriptions, entries")
@@ -115,14 +126,11 @@ def run_config_command(args, *, cwd, env, presets, out=print) -> None:
         width = max(len(k) for k, _, _ in rows)
         vwidth = max(len(v) for _, v, _ in rows)
         out(f"global file:  {config.global_path(env)}")
-        project = config.find_project(cwd)
-        if project is None:
-            trusted = ""
-        elif loaded.project is None:
-            trusted = " (ignored: see above)"
+        if loaded.project is not None:
+            out(f"project file: {loaded.project.path} (trusted)")
         else:
-            trusted = " (trusted)" if loaded.project_trusted else " (NOT trusted: `%mino trust` after review)"
-        out(f"project file: {project or 'none'}{trusted}")
+            out("project file: none applies" + (" (not trusted, no effect: " + ", ".join(map(str, loaded.untrusted))
+                                                + "; `%mino trust PATH` after review)" if loaded.untrusted else ""))
         for key, value, source in rows:
             out(f"{key.ljust(width)}  {value.ljust(vwidth)}  {source}")
     elif action == "get":
@@ -158,9 +166,12 @@ def render_sessions(rows: list[dict]) -> str:
 
 COMMANDS_HELP = """%mino COMMAND
   sessions                  this kernel's sessions (stopped ones too, until pruned)
+  changes [SESSION]         what cells wrote in /workspace that is not in the notebook's directory yet
+  apply [SESSION] [PATH...] copy it there: plain data by default; code, dotfiles, executables
+                            and deletions only when named
   stop NAME | --all         stop a session: its container is removed, its log kept
   logs [NAME] [--tail N]    a session's output (secrets masked); default session: default
-  prune                     forget stopped sessions; remove containers whose kernel died
+  prune                     forget stopped sessions (and changes not applied); remove what dead kernels left
   doctor                    check Podman, the API service, the base image and the hardening
   presets                   network presets: names, descriptions, entries
   config show | get KEY | set KEY VALUE [--local] | unset KEY [--local]

@@ -1,17 +1,20 @@
 """Configuration files: where they are, what keys they hold, how they merge.
 
 Global: ``$MINO_CONFIG``, else ``$XDG_CONFIG_HOME/mino/config.toml``, else
-``~/.config/mino/config.toml``. Project: the nearest ``.mino.toml`` walking up from the notebook's
-directory. Keys live under ``[container]``. A file that does not parse is reported (path, line,
-column) and ignored, never overwritten.
+``~/.config/mino/config.toml``. Project: the nearest *trusted* ``.mino.toml`` walking up from the
+notebook's directory. Keys live under ``[container]``. A file that does not parse is reported
+(path, line, column) and ignored, never overwritten.
 
 Edits go through tomlkit and touch only the edited key (comments and formatting elsewhere stay
 byte for byte), under an exclusive lock, written to a temporary file and renamed into place.
 
-Trust: a project file arrives with whatever repository was cloned. Until its current content is
-trusted (its SHA-256 recorded in the user's state directory), values that would weaken isolation
-are not applied: image, ca_bundle, a read-write workspace, and network settings less strict than
-what applies without the file.
+Trust: a project file arrives with whatever repository was cloned (or whatever a cell managed to
+put there). It has effect only when its real path *and* its current content are trusted (the
+SHA-256 of the content recorded for that path in the user's state directory). A file that is
+untrusted, a symlink or not a regular file has **no effect at all**, not even values that look
+stricter (a ``pids_limit = 1`` would make every session unusable): one notice names it and says
+how to trust it, and it does not hide a trusted file further up. A symlinked file is never
+trusted, so a link to another project's trusted file gains nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +35,9 @@ import tomlkit
 from tomlkit.exceptions import ParseError
 
 from .errors import UsageError
-from .network import (MODES, AllowEntry, NetworkChoice, NetworkPlan, NetworkResolutionInput,
-                      parse_allow_list, resolve)
+from .network import MODES, AllowEntry, NetworkChoice, parse_allow_list
 from .paths import config_dir, state_dir
-from .policy import PIDS_LIMIT
+from .policy import PIDS_LIMIT, WORKSPACE_MODES
 
 PROJECT_FILE = ".mino.toml"
 SECTION = "container"
@@ -54,7 +57,13 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("network_preset", str, "allowlist preset name (see `%mino presets`)"),
     Key("network_allow", list, 'extra allowlist entries, e.g. ["pypi.org:443"]'),
     Key("pids_limit", int, f"process limit per container, 1-{PIDS_LIMIT} (can only tighten the default)"),
-    Key("workdir_readonly", bool, "mount the notebook's directory read-only at /workspace"),
+    Key("workspace", str, "how /workspace shares the notebook's directory: overlay (default: cells' writes "
+                          "wait for `%mino apply`), ro, or rw (cells write your files directly)"),
+    Key("workdir_readonly", bool, "true: the same as workspace = \"ro\" (older name)"),
+    Key("memory", str, 'memory limit per session, e.g. "4g" or "512m" (default: half of this machine\'s)'),
+    Key("cpus", str, 'CPU limit per session in cores, e.g. "2" or "0.5" (default: half of this machine\'s)'),
+    Key("disk", str, 'disk limit per session (workspace changes, home, /tmp), e.g. "10g"'),
+    Key("auto_apply", bool, "apply plain data files (not code, dotfiles or executables) after every cell"),
     Key("ca_bundle", str, 'CA bundle to trust inside: "auto" (the host\'s), "none", or a path'),
     Key("package_cache", bool, "share a pip/npm cache volume between this user's python/node sessions"),
 )}
@@ -75,13 +84,49 @@ def global_path(env: Mapping[str, str] | None = None) -> Path:
     return config_dir(env) / "config.toml"
 
 
-def find_project(start: Path) -> Path | None:
+@dataclass(frozen=True)
+class ProjectFile:
+    """A ``.mino.toml`` found walking up from the notebook's directory."""
+
+    path: Path  # the directory's real path / .mino.toml
+    text: str | None  # read through a descriptor that follows no link; None when unusable
+    problem: str | None  # why it is unusable: "a symlink", "not a regular file", "unreadable (...)"
+
+
+def _read_regular(path: Path) -> tuple[str | None, str | None]:
+    """(text, problem): a file's content, only when it is a regular file and not a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:
+        if os.path.islink(path):
+            return None, "a symlink"
+        return None, f"unreadable ({exc.strerror})"
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None, "not a regular file"
+        data = f.read(1 << 20)
+    return data.decode("utf-8", "replace"), None
+
+
+def project_files(start: Path) -> list[ProjectFile]:
+    """Every ``.mino.toml`` from `start` upwards, nearest first."""
+    found = []
     start = start.resolve()
     for directory in (start, *start.parents):
         candidate = directory / PROJECT_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+        if not os.path.lexists(candidate):
+            continue
+        text, problem = _read_regular(candidate)
+        if problem != "missing":
+            found.append(ProjectFile(candidate, text, problem))
+    return found
+
+
+def find_project(start: Path) -> Path | None:
+    """The nearest project file that is a regular file (what `--local` edits)."""
+    return next((pf.path for pf in project_files(start) if pf.problem is None), None)
 
 
 def validate_value(key: str, value: Any, *, where: str = "") -> Any:
@@ -106,11 +151,53 @@ def validate_value(key: str, value: Any, *, where: str = "") -> Any:
             raise UsageError(f"{SECTION}.{key} must be a list of strings{place}", spec.help)
         parse_allow_list(value, where=where or f"{SECTION}.{key}")
         return value
+    if key in ("memory", "disk", "cpus") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"{SECTION}.{key} must be a non-empty string, not {value!r}{place}", spec.help)
     if key == "network" and value not in MODES:
         raise UsageError(f'unknown network mode "{value}"{place}', f"valid modes: {', '.join(MODES)}")
+    if key == "workspace" and value not in WORKSPACE_MODES:
+        raise UsageError(f'unknown workspace mode "{value}"{place}', f"valid modes: {', '.join(WORKSPACE_MODES)}")
+    if key in ("memory", "disk"):
+        parse_size(value, key, place)
+    if key == "cpus":
+        parse_cpus(value, place)
     return value
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_SIZE = {"memory": 64 << 20, "disk": 64 << 20}
+
+
+def parse_size(text: str, key: str = "memory", place: str = "") -> int:
+    """ "4g", "512m", "1.5G", "2GiB", a number of bytes: bytes. One clear error otherwise."""
+    raw = str(text).strip().lower().replace("ib", "").replace(" ", "")
+    number, unit = raw.rstrip("bkmgt"), raw[len(raw.rstrip("bkmgt")):]
+    unit = unit[:-1] if len(unit) == 2 and unit.endswith("b") else unit
+    try:
+        value = float(number)
+        size = int(value * SIZE_UNITS[unit])
+        if not value > 0:
+            raise ValueError(number)
+    except (ValueError, KeyError):
+        raise UsageError(f'{SECTION}.{key} must be a size like "4g" or "512m", not "{text}"{place}',
+                         "units: k, m, g, t (powers of 1024)") from None
+    if size < MIN_SIZE.get(key, 1):
+        raise UsageError(f'{SECTION}.{key} must be at least {MIN_SIZE[key] >> 20}m, not "{text}"{place}',
+                         f'e.g. {SECTION}.{key} = "4g"')
+    return size
+
+
+def parse_cpus(text: str, place: str = "") -> float:
+    try:
+        cpus = float(str(text).strip())
+    except ValueError:
+        cpus = -1.0
+    if not 0.01 <= cpus <= 1024:
+        raise UsageError(f'{SECTION}.cpus must be a number of cores like "2" or "0.5", not "{text}"{place}',
+                         "fractions are fine: 0.5 is half a core")
+    return cpus
 
 
 @dataclass(frozen=True)
@@ -123,46 +210,37 @@ class FileConfig:
 @dataclass(frozen=True)
 class Loaded:
     global_: FileConfig | None
-    project: FileConfig | None  # its values are the ones applied (filtered when untrusted)
+    project: FileConfig | None  # the nearest trusted project file (None: none applies)
     warnings: tuple[str, ...] = field(default_factory=tuple)
-    project_trusted: bool = True
-    skipped: dict = field(default_factory=dict)  # untrusted project values not applied
+    untrusted: tuple[Path, ...] = ()  # project files found that have no effect until trusted
 
     def explicit_network(self) -> bool:
-        """Has the user chosen a network anywhere in a file (whatever the value)?"""
-        files = [self.global_, self.project]
-        return any(fc is not None and set(fc.values) & NETWORK_KEYS for fc in files) or \
-            bool(set(self.skipped) & NETWORK_KEYS)
+        """Has the user chosen a network in a file that applies (whatever the value)?"""
+        return any(fc is not None and set(fc.values) & NETWORK_KEYS for fc in (self.global_, self.project))
 
 
 def read_file(path: Path) -> tuple[FileConfig | None, list[str]]:
-    """Parse and validate one file. Problems become warnings; the file counts as empty.
-
-    Cached while the file's size and modification time stay the same (every cell reads it).
-    """
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    """Parse and validate one file. Problems become warnings; the file counts as empty."""
+    text, problem = _read_regular(path)
+    if problem == "missing":
         return None, []
-    except OSError as exc:
-        return None, [f"mino: cannot read {path}: {exc.strerror}; using defaults for it"]
-    fc, warnings = _read_cached(str(path), st.st_mtime_ns, st.st_size, st.st_ino)
+    if problem:
+        return None, [f"mino: {path} is {problem}; using defaults for it"]
+    return parse_text(path, text)
+
+
+def parse_text(path: Path, text: str) -> tuple[FileConfig | None, list[str]]:
+    fc, warnings = _parse_cached(str(path), text)  # every cell reads the files: parse once
     return fc, list(warnings)
 
 
 @functools.lru_cache(maxsize=64)
-def _read_cached(path_text: str, _mtime_ns: int, _size: int, _ino: int) -> tuple[FileConfig | None, tuple[str, ...]]:
-    fc, warnings = _read_uncached(Path(path_text))
+def _parse_cached(path_text: str, text: str) -> tuple[FileConfig | None, tuple[str, ...]]:
+    fc, warnings = _parse(Path(path_text), text)
     return fc, tuple(warnings)
 
 
-def _read_uncached(path: Path) -> tuple[FileConfig | None, list[str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, []
-    except OSError as exc:
-        return None, [f"mino: cannot read {path}: {exc.strerror}; using defaults for it"]
+def _parse(path: Path, text: str) -> tuple[FileConfig | None, list[str]]:
     try:
         doc = tomlkit.parse(text).unwrap()
     except ParseError as exc:
@@ -187,56 +265,27 @@ def _read_uncached(path: Path) -> tuple[FileConfig | None, list[str]]:
 
 def load(cwd: Path, env: Mapping[str, str] | None = None,
          presets: Mapping[str, Sequence[AllowEntry]] | None = None) -> Loaded:
-    """Both files, validated; an untrusted project file filtered (see the module doc)."""
+    """The global file and the nearest trusted project file, validated (see the module doc).
+    `presets` is accepted for the callers' convenience; validation needs no presets."""
     warnings: list[str] = []
     g, w = read_file(global_path(env))
     warnings += w
-    project_path = find_project(cwd)
-    p, w = read_file(project_path) if project_path else (None, [])
-    warnings += w
-    if p is None or not p.values or is_trusted(p.path, p.text, env):
-        return Loaded(g, p, tuple(warnings))
-    kept, skipped = untrusted_filter(p.values, network_choice(g, "global"), presets or {})
-    if skipped:
-        shown = ", ".join(f"{k}={toml_value(v)}" for k, v in skipped.items())
-        warnings.append(f"mino: {p.path} is not trusted, so {shown} from it "
-                        f"{'is' if len(skipped) == 1 else 'are'} not applied; review the file, then "
-                        f"`%mino trust` (or `mino-jupyter trust`)")
-    return Loaded(g, FileConfig(p.path, kept, p.text), tuple(warnings), project_trusted=False, skipped=skipped)
-
-
-STRICTNESS = {"host": 0, "bridge": 1, "allowlist": 2, "none": 3}
-
-
-def at_least_as_strict(a: NetworkPlan, b: NetworkPlan) -> bool:
-    """Does plan `a` allow nothing that plan `b` forbids?"""
-    if a.mode == b.mode == "allowlist":
-        return set(a.allow) <= set(b.allow)
-    return STRICTNESS[a.mode] >= STRICTNESS[b.mode]
-
-
-def untrusted_filter(values: dict, fallback: NetworkChoice | None,
-                     presets: Mapping[str, Sequence[AllowEntry]]) -> tuple[dict, dict]:
-    """Split an untrusted project file's values into (applied, skipped)."""
-    kept, skipped = {}, {}
-    for key, value in values.items():
-        if key in ("image", "ca_bundle") or (key == "workdir_readonly" and value is not True) or \
-                (key == "package_cache" and value is not False):
-            skipped[key] = value
-        elif key not in NETWORK_KEYS:
-            kept[key] = value
-    network = {k: v for k, v in values.items() if k in NETWORK_KEYS}
-    if network:
-        mine = NetworkChoice("project", network.get("network"), network.get("network_preset"),
-                             tuple(network["network_allow"]) if "network_allow" in network else None)
-        try:
-            plan = resolve(NetworkResolutionInput(project=mine), presets).plan
-            before = resolve(NetworkResolutionInput(global_=fallback), presets).plan
-            safe = at_least_as_strict(plan, before)
-        except UsageError:
-            safe = False
-        (kept if safe else skipped).update(network)
-    return kept, skipped
+    project, untrusted = None, []
+    for pf in project_files(cwd):
+        if pf.problem:
+            warnings.append(f"mino: {pf.path} is {pf.problem}, so it has no effect (project files must be "
+                            "regular files); remove it or replace it with the file itself")
+            continue
+        if is_trusted(pf.path, pf.text, env):
+            project, w = parse_text(pf.path, pf.text)
+            warnings += w
+            break
+        fc, _ = parse_text(pf.path, pf.text)
+        if fc is None or fc.values:  # an empty file would change nothing anyway
+            untrusted.append(pf.path)
+            warnings.append(f"mino: {pf.path} is not trusted, so it has no effect; review it, then "
+                            f"`%mino trust {pf.path}` (or `mino-jupyter trust {pf.path}`)")
+    return Loaded(g, project, tuple(warnings), untrusted=tuple(untrusted))
 
 
 def network_choice(fc: FileConfig | None, label: str) -> NetworkChoice | None:
@@ -273,15 +322,24 @@ def _read_trust(env) -> dict:
         return {}
 
 
+def _trust_key(path: Path) -> str:
+    """A project file's identity for trust: its directory's real path and its own name (the file
+    itself is never a link: those are never trusted)."""
+    path = Path(path)
+    return str(Path(os.path.realpath(path.parent)) / path.name)
+
+
 def is_trusted(path: Path, text: str, env: Mapping[str, str] | None = None) -> bool:
-    return _read_trust(env).get(str(Path(path).resolve())) == content_hash(text)
+    return not os.path.islink(path) and _read_trust(env).get(_trust_key(path)) == content_hash(text)
 
 
 def record_trust(path: Path, text: str | None = None, env: Mapping[str, str] | None = None) -> str:
-    """Trust the file's current content. Returns its hash."""
-    path = Path(path).resolve()
+    """Trust the file's current content at its real path. Returns its hash."""
     if text is None:
-        text = path.read_text(encoding="utf-8")
+        text, problem = _read_regular(Path(path))
+        if problem:
+            raise UsageError(f"{path} is {problem}; mino trusts only regular project files",
+                             "replace it with the file itself, then trust it")
     digest = content_hash(text)
     store = trust_store(env)
     if not store.parent.is_dir():
@@ -289,19 +347,28 @@ def record_trust(path: Path, text: str | None = None, env: Mapping[str, str] | N
         os.chmod(store.parent, 0o700)
     with _locked(store):
         data = _read_trust(env)
-        data[str(path)] = digest
+        data[_trust_key(path)] = digest
         _atomic_write(store, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return digest
 
 
 def trust_project(path: Path | None, cwd: Path, env: Mapping[str, str] | None = None) -> tuple[Path, str]:
-    """Trust a project file's current content (the user reviewed it): (its path, a message)."""
-    path = Path(path) if path else find_project(cwd)
-    if path is None or not path.is_file():
-        raise UsageError(f"no project file to trust ({path or 'no .mino.toml here or above'})",
-                         "the project file is .mino.toml in this directory or a parent, or give its path")
-    digest = record_trust(path, path.read_text(encoding="utf-8"), env)
-    return path, f"trusted {path.resolve()} (sha256 {digest[:16]}...); it is asked again if its content changes"
+    """Trust a project file's current content (the user reviewed it): (its path, a message).
+    Without a path: the nearest project file that is not trusted yet, else the nearest one."""
+    if path is None:
+        found = [pf for pf in project_files(cwd) if pf.problem is None]
+        pick = next((pf for pf in found if not is_trusted(pf.path, pf.text, env)), found[0] if found else None)
+        if pick is None:
+            raise UsageError("no project file to trust (no .mino.toml here or above)",
+                             "the project file is .mino.toml in this directory or a parent, or give its path")
+        path = pick.path
+    path = Path(path)
+    text, problem = _read_regular(path)
+    if problem:
+        raise UsageError(f"cannot trust {path}: it is {problem}",
+                         "mino trusts only regular project files, never links; give the file itself")
+    digest = record_trust(path, text, env)
+    return path, f"trusted {_trust_key(path)} (sha256 {digest[:16]}...); it is asked again if its content changes"
 
 
 # --------------------------------------------------------------------------- editing
@@ -398,9 +465,15 @@ def edit(path: Path, key: str, value: Any | None) -> str:
 
 
 def target_file(local: bool, cwd: Path, env: Mapping[str, str] | None = None) -> Path:
+    """The file `config set` edits: the global one, or (--local) the nearest regular project file
+    (a new one next to the notebook when there is none). mino never edits through a link."""
     if not local:
         return global_path(env)
-    return find_project(cwd) or (cwd.resolve() / PROJECT_FILE)
+    nearest = next(iter(project_files(cwd)), None)
+    if nearest is not None and nearest.problem:
+        raise UsageError(f"{nearest.path} is {nearest.problem}; mino edits only regular project files",
+                         "remove it, then `config set --local` creates a regular one")
+    return nearest.path if nearest else (cwd.resolve() / PROJECT_FILE)
 
 
 def set_key(name: str, raw: str, *, local: bool, cwd: Path, env=None, presets=None) -> tuple[Path, Any]:
@@ -448,7 +521,5 @@ def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
                 if fc is not None and set(fc.values) & NETWORK_KEYS:
                     value, source = fc.values.get(key), f"{label} {fc.path}"
                     break
-        if key in loaded.skipped:
-            source += f" (untrusted project value {toml_value(loaded.skipped[key])} not applied)"
         rows.append((f"{SECTION}.{key}", "-" if value is None else toml_value(value), source))
     return rows

@@ -13,13 +13,15 @@ from subprocess import CalledProcessError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import Bool, Unicode
 
-from .commands import COMMANDS_HELP, HelpShown, cell_parser, line_parser, render_sessions, run_config_command
+from .commands import (COMMANDS_HELP, DEFAULT_SESSION, HelpShown, cell_parser, line_parser, render_sessions,
+                       run_config_command)
 from .errors import MinoError, UsageError
 from .network import NetworkChoice
 from .runtime import STDERR
 from .sessions import CellOptions, SessionManager
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_DIFFS = 5  # `%mino changes` shows the diffs of the first few modified text files
 
 
 class CellFailed(CalledProcessError):
@@ -82,6 +84,7 @@ class MinoMagics(Magics):
 
     def _apply_traits(self) -> None:
         self.manager.kernel_image = self.image or None
+        self.manager.kernel_workspace = "ro" if self.workspace_readonly else None
         if self.network or self.network_preset:
             self.manager.kernel_network = NetworkChoice("%config MinoMagics", self.network or None,
                                                         self.network_preset or None)
@@ -108,10 +111,12 @@ class MinoMagics(Magics):
 
         Cell options: --session NAME, --fresh, --image IMAGE, --timeout SECONDS, -e NAME=VALUE,
         --secret NAME, --out VAR, --err VAR, --no-raise-error, --network MODE,
-        --network-preset NAME, --network-allow HOST:PORT[,...], --readonly-workspace.
+        --network-preset NAME, --network-allow HOST:PORT[,...], --workspace overlay|ro|rw,
+        --readonly-workspace, --memory SIZE, --cpus N, --disk SIZE.
         ``%%mino --help`` explains each.
 
-        Commands: sessions, stop NAME|--all, logs [NAME] [--tail N], prune, doctor, presets.
+        Commands: sessions, changes [SESSION], apply [SESSION] [PATH...], stop NAME|--all,
+        logs [NAME] [--tail N], prune, doctor, presets, config, trust, panel, help.
         """
         __tracebackhide__ = True
         try:
@@ -133,8 +138,7 @@ class MinoMagics(Magics):
             secrets=self._secrets(args.secret),
             network=NetworkChoice("cell flags", args.network, args.network_preset,
                                   tuple(args.network_allow) if args.network_allow else None),
-            workspace_readonly=args.workspace_readonly if args.workspace_readonly is not None
-            else (True if self.workspace_readonly else None),
+            workspace=args.workspace, memory=args.memory, cpus=args.cpus, disk=args.disk,
         )
         for var in (args.out, args.err):
             if var is not None and not var.isidentifier():
@@ -160,6 +164,22 @@ class MinoMagics(Magics):
         elif result.exit_code != 0 and args.raise_error:
             raise CellFailed(result.exit_code, cell)
         return None
+
+    def _show_changes(self, name: str) -> None:
+        from .changes import render
+
+        found = self.manager.changes(name)
+        print(render(found))
+        shown = 0
+        for change in found:
+            if change.status == "modified" and shown < MAX_DIFFS:
+                text = self.manager.diff(name, change)
+                if text:
+                    print(text.rstrip("\n"))
+                    shown += 1
+        if found:
+            print(f"apply with `%mino apply{'' if name == DEFAULT_SESSION else ' ' + name}` (plain data) "
+                  "or name paths: `%mino apply PATH ...`")
 
     def _env(self, items: list[str]) -> dict[str, str]:
         env = {}
@@ -212,6 +232,15 @@ class MinoMagics(Magics):
             if args.tail is not None and args.tail < 1:
                 raise UsageError(f"--tail must be a positive number of lines, not {args.tail}", "e.g. --tail 20")
             sys.stdout.write(m.logs(args.name, args.tail))
+        elif args.command == "changes":
+            self._show_changes(args.name)
+        elif args.command == "apply":
+            items = list(args.items)
+            name = args.session
+            if name is None:
+                name = items.pop(0) if items and items[0] in m.sessions else DEFAULT_SESSION
+            for outcome in m.apply(name, items or None):
+                print(f"{outcome.path}: {outcome.message}")
         elif args.command == "prune":
             forgotten, removed = m.prune()
             print(f"forgot {len(forgotten)} stopped session(s); removed {len(removed)} orphaned container(s)")

@@ -8,6 +8,8 @@ first-run picker), the project ``.mino.toml``, the global config, the default (b
 about the network decides it completely; lower layers are not mixed in. Within one layer:
 
 * a preset and allow entries combine (union) into allowlist mode;
+* ``bridge`` with allow entries (no preset): bridge, and those entries are the local services
+  (this machine's, its networks') that stay reachable, e.g. ``host.containers.internal:8888``;
 * ``host`` together with a preset or allow entries: the allowlist wins, with a warning;
 * ``none`` together with a preset or allow entries: an error naming both;
 * ``allowlist`` without any preset or allow entry: an error.
@@ -26,7 +28,7 @@ MODES = ("bridge", "host", "none", "allowlist")
 DEFAULT_MODE = "bridge"
 
 MODE_MEANINGS = {
-    "bridge": "full internet through Podman's bridge; services on this machine are not reachable",
+    "bridge": "the internet through Podman's bridge; not this machine's services or its local networks",
     "host": "the host's own network: everything this machine reaches, its local services included",
     "none": "no network at all (loopback only)",
     "allowlist": "only the listed host:port destinations (TCP); everything else is refused",
@@ -166,6 +168,8 @@ class NetworkPlan:
     source: str = field(default="default", compare=False)  # where it was decided, not what
 
     def describe(self) -> str:
+        if self.mode == "bridge" and self.allow:
+            return "bridge (+" + ",".join(map(str, self.allow)) + ")"
         if self.mode != "allowlist":
             return self.mode
         parts = []
@@ -228,6 +232,8 @@ def _resolve_layer(choice: NetworkChoice, presets: Mapping[str, Sequence[AllowEn
     if mode == "allowlist" and not restricted:
         raise UsageError(f"{net_flag} allowlist needs {preset_flag} or {allow_flag} ({where})",
                          f"e.g. {preset_flag} registries, or {allow_flag} pypi.org:443")
+    if mode == "bridge" and choice.preset is None and extra:
+        return Resolution(NetworkPlan("bridge", None, extra, extra, where), tuple(warnings))
     if restricted:
         union = tuple(dict.fromkeys(entries + extra))
         return Resolution(NetworkPlan("allowlist", choice.preset, union, extra, where), tuple(warnings))

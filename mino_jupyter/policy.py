@@ -1,35 +1,52 @@
 """The hardening policy: the only module that decides container and exec flags.
 
 Everything here is pure: plain data in, plain data (Podman's REST "SpecGenerator" JSON and exec
-bodies) out. The runtime layer posts these dicts as they are; nothing else may add a flag.
+bodies) out. The runtime layer posts these dicts as they are; nothing else may add a flag, a
+mount, a volume, a label or an exec.
 
 Every mino container, in every network mode, gets:
 
 * ``cap_drop: ALL``: no capability in any set (inheritable, permitted, effective, bounding,
   ambient) for anything the cell runs, root or not.
 * ``no_new_privileges``: setuid binaries and file capabilities cannot raise privileges.
-* ``pids limit 4096``: a fork bomb stops at the cgroup, not at the host.
-* ``user 1000:1000`` (``developer``) and ``init``: a real PID 1 reaps zombies and stops at once.
+* a **seccomp profile** derived from Podman's default that refuses new namespaces (``unshare``,
+  ``setns``, ``clone`` with namespace flags, ``clone3``): no user namespace, so no capability set
+  inside one and none of the kernel's userns attack surface (see :mod:`mino_jupyter.seccomp`).
+* **limits**: pids 4096 (a fork bomb stops at the cgroup), memory with no swap on top, CPU
+  quota, and disk: the root filesystem is read-only and everything writable (workspace upper
+  layer, home, /tmp) is on the session's own size-limited disk (see :mod:`mino_jupyter.storage`).
+* ``user 1001:1001`` for the container's init and main process, ``1000:1000`` (``developer``)
+  for every exec: the cell's uid differs from PID 1's, so a cell cannot signal its container's
+  init to stop it, and no process mino starts where cell code lives runs as uid 0.
+* ``init``: a real PID 1 reaps zombies and stops at once.
 * explicit ulimits no higher than the engine's own hard limits, so the container's init can
   apply them (Podman's defaults exceed them on some hosts and every start then fails).
-* owner labels, so the watchdog and the reaper can find what a dead kernel left behind.
+* owner labels (:func:`labels`), so the watchdog and the reaper find what a dead kernel left.
 
-The only container that holds any capability is the allowlist firewall container: NET_ADMIN and
-nothing else, in the session's network namespace but not its PID or mount namespaces, never
-running cell code (see :func:`firewall_spec`).
+The only container that holds any capability is a session's firewall container: NET_ADMIN
+(and NET_BIND_SERVICE for its loopback name server) and nothing else, in the session's network
+namespace but not its PID or mount namespaces, never running cell code (:func:`firewall_spec`).
+
+Every exec mino makes is built by a named function at the end of this module: programs by
+absolute path, ``--noprofile --norc``, no ``BASH_ENV``, so nothing a cell writes in its home or
+``PATH`` stands in for them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from . import __version__
 
 CELL_UID = 1000
 CELL_USER = f"{CELL_UID}:{CELL_UID}"
+INIT_UID = 1001  # the container's init and main process: not the cell's uid
+INIT_USER = f"{INIT_UID}:{INIT_UID}"
 WORKDIR = "/workspace"
 HOME = "/home/developer"
+CONTROL_DIR = "/run/mino"  # read-only inside: files mino hands its own execs
+BASH = "/bin/bash"
 PIDS_LIMIT = 4096
 CONTAINER_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Tools that keep their own CA store, pointed at the (host-provided) system bundle.
@@ -41,6 +58,10 @@ NPROC_CEILING = 32768
 RLIM_INFINITY = -1
 
 NETWORK_MODES = ("bridge", "host", "none")  # how the container's own namespace is set up
+WORKSPACE_MODES = ("overlay", "ro", "rw")
+CPU_PERIOD = 100_000  # microseconds
+GIB = 1 << 30
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -65,12 +86,101 @@ def container_ulimits(limits: HostLimits) -> list[dict]:
     ]
 
 
+# ---------------------------------------------------------------------------- resources
+
+@dataclass(frozen=True)
+class Resources:
+    """What one container may use. Memory and disk in bytes; cpus in cores (fractions allowed)."""
+
+    memory: int = 2 * GIB
+    cpus: float = 1.0
+    disk: int = 10 * GIB
+    pids: int = PIDS_LIMIT
+
+
+HELPER_RESOURCES = Resources(memory=256 * MIB, cpus=0.5, disk=0, pids=64)  # firewall and probes
+
+
+def default_resources(mem_total: int, cpu_count: int, disk_free: int) -> Resources:
+    """Defaults from the host's size: half its memory (at least 512 MiB), half its cores (at
+    least one), and a disk of 10 GiB or half the free space where sessions live, if less."""
+    return Resources(memory=max(512 * MIB, mem_total // 2 // MIB * MIB),
+                     cpus=float(max(1, cpu_count // 2)),
+                     disk=max(256 * MIB, min(10 * GIB, disk_free // 2 // MIB * MIB)))
+
+
+def _limits(resources: Resources) -> dict:
+    if not 1 <= resources.pids <= PIDS_LIMIT:
+        raise ValueError(f"pids limit must be 1..{PIDS_LIMIT}, not {resources.pids}")
+    if resources.memory < 16 * MIB or resources.cpus <= 0:
+        raise ValueError(f"memory {resources.memory} / cpus {resources.cpus} out of range")
+    return {
+        "pids": {"limit": resources.pids},
+        # swap = memory: the limit is the limit, nothing is pushed to swap on top of it.
+        "memory": {"limit": resources.memory, "swap": resources.memory},
+        "cpu": {"quota": int(resources.cpus * CPU_PERIOD), "period": CPU_PERIOD},
+    }
+
+
+# ---------------------------------------------------------------------------- mounts
+
 @dataclass(frozen=True)
 class Mount:
     source: str
     target: str
     read_only: bool = False
 
+
+@dataclass(frozen=True)
+class StorageMounts:
+    """Host paths prepared by :mod:`mino_jupyter.storage` for one session."""
+
+    workspace: str  # the overlay (or, ro/rw, the notebook's directory itself)
+    workspace_mode: str  # overlay | ro | rw
+    home: str
+    tmp: str
+    var_tmp: str
+    control: str
+
+
+def storage_mounts(s: StorageMounts) -> list[Mount]:
+    """/workspace, the home, /tmp and /var/tmp on the session's disk; /run/mino read-only."""
+    return [
+        Mount(s.workspace, WORKDIR, read_only=s.workspace_mode == "ro"),
+        Mount(s.home, HOME),
+        Mount(s.tmp, "/tmp"),
+        Mount(s.var_tmp, "/var/tmp"),
+        Mount(s.control, CONTROL_DIR, read_only=True),
+    ]
+
+
+def _mount(m: Mount) -> dict:
+    options = ["rbind", "ro" if m.read_only else "rw", "nosuid", "nodev"]
+    return {"type": "bind", "source": m.source, "destination": m.target, "options": options}
+
+
+def workspace_mode(requested: str, workspace: str, home: str | None) -> tuple[str, str | None]:
+    """The workspace mode actually used, and a note when it differs from the request.
+
+    A home directory (or `/`, or anything above a home) is never shared read-write: too much of
+    the user's machine would be writable from the sandbox; it gets the overlay instead.
+    """
+    if requested not in WORKSPACE_MODES:
+        raise ValueError(f"workspace mode must be one of {WORKSPACE_MODES}, not {requested!r}")
+    wide = workspace == "/" or (home is not None and (workspace == home or home.startswith(workspace.rstrip("/") + "/")))
+    if wide and requested == "rw":
+        return "overlay", (f"{workspace} contains a home directory, so it is never shared read-write; cells "
+                           "write to an overlay instead (`%mino changes` shows what they wrote)")
+    return requested, None
+
+
+RW_WARNING = ("mino: session '{name}' shares {workspace} read-write: a cell can change any file "
+              "there, including Python modules the kernel imports from that directory (a cell that writes "
+              "pandas.py runs code on this machine at the next `import pandas`) and git hooks; "
+              "the default overlay keeps cells' writes apart until `%mino apply`")
+
+
+# ---------------------------------------------------------------------------- containers
 
 @dataclass(frozen=True)
 class SessionRequest:
@@ -81,67 +191,33 @@ class SessionRequest:
     network: str  # "bridge" | "host" | "none": the namespace; allowlist mode is bridge + firewall
     labels: Mapping[str, str]
     limits: HostLimits
-    workspace: Sequence[Mount] = ()  # the notebook's directory, and what stays read-only in it
+    storage: StorageMounts | None = None  # None: a throwaway probe with no writable place
     ca_bundle: str | None = None  # host path of a CA bundle to trust inside
     hosts: Sequence[tuple[str, str]] = ()  # (name, address) for /etc/hosts
-    no_dns: bool = False  # allowlist mode: no resolver inside, names come from `hosts`
-    pids_limit: int = PIDS_LIMIT  # configuration may only lower it
-    volumes: Sequence[tuple[str, str]] = ()  # (named volume, path): package caches of this user
-    extra_mounts: Sequence[Mount] = field(default_factory=tuple)
+    no_dns: bool = False  # allowlist mode: names come from `hosts` or the firewall's name server
+    resources: Resources = Resources()
+    caches: Sequence[Mount] = ()  # package caches of this project (host directories)
+    seccomp_profile: str | None = None  # host path of mino's profile
 
 
-# Inside a read-write workspace these stay read-only when they exist: writing them would let a
-# cell run code on the host later (git hooks, a project virtualenv, shell and editor start-up
-# files, direnv) or change mino's own project settings.
-PROTECTED_IN_WORKSPACE = (".git", ".hg", ".svn", ".venv", "venv", ".envrc", ".mino.toml", ".ipython",
-                          ".jupyter", ".vscode", ".idea", ".bashrc", ".profile", ".bash_profile", ".zshrc",
-                          ".ssh", ".config", ".local", ".gnupg")
-
-
-@dataclass(frozen=True)
-class WorkspacePlan:
-    mounts: tuple[Mount, ...]
-    note: str | None = None  # said to the user when the plan differs from what was asked
-
-
-def workspace_mounts(workspace: str, *, readonly: bool, home: str | None, existing: Sequence[str]) -> WorkspacePlan:
-    """How the notebook's directory is shared. `existing`: names present at its top level.
-
-    A home directory (or `/`, or anything above a home) is never shared read-write: too much of
-    the user's machine would be writable from the sandbox.
-    """
-    root = Mount(workspace, WORKDIR, read_only=readonly)
-    wide = workspace == "/" or (home is not None and (workspace == home or home.startswith(workspace.rstrip("/") + "/")))
-    if wide and not readonly:
-        return WorkspacePlan((Mount(workspace, WORKDIR, read_only=True),),
-                             f"{workspace} contains a home directory, so it is shared read-only; open the "
-                             "notebook from a project folder to let cells write next to it")
-    if readonly:
-        return WorkspacePlan((root,))
-    guarded = tuple(Mount(f"{workspace.rstrip('/')}/{name}", f"{WORKDIR}/{name}", read_only=True)
-                    for name in PROTECTED_IN_WORKSPACE if name in existing)
-    return WorkspacePlan((root, *guarded))
-
-
-def _hardening(limits: HostLimits, pids_limit: int = PIDS_LIMIT) -> dict:
-    if not 1 <= pids_limit <= PIDS_LIMIT:
-        raise ValueError(f"pids limit must be 1..{PIDS_LIMIT}, not {pids_limit}")
-    return {
+def _hardening(limits: HostLimits, resources: Resources, seccomp_profile: str | None) -> dict:
+    spec = {
         "cap_drop": ["ALL"],
         "cap_add": [],
         "no_new_privileges": True,
         "privileged": False,
-        "resource_limits": {"pids": {"limit": pids_limit}},
+        "resource_limits": _limits(resources),
         "r_limits": container_ulimits(limits),
         "init": True,
+        "read_only_filesystem": True,
         # Keep Podman from giving the container a host-wide /dev/shm or devices.
         "ipcns": {"nsmode": "private"},
+        # Under memory pressure on the host, the sandbox goes first.
+        "oom_score_adj": 500,
     }
-
-
-def _mount(m: Mount) -> dict:
-    options = ["rbind", "ro" if m.read_only else "rw", "nosuid", "nodev"]
-    return {"type": "bind", "source": m.source, "destination": m.target, "options": options}
+    if seccomp_profile:
+        spec["seccomp_profile_path"] = seccomp_profile
+    return spec
 
 
 def session_spec(req: SessionRequest) -> dict:
@@ -152,45 +228,46 @@ def session_spec(req: SessionRequest) -> dict:
     if req.network == "none":
         # Nothing can ever connect: package managers should fail at once instead of retrying.
         env.update({"PIP_RETRIES": "0", "NPM_CONFIG_FETCH_RETRIES": "0"})
-    mounts = [_mount(m) for m in req.workspace]
+    mounts = [_mount(m) for m in storage_mounts(req.storage)] if req.storage else []
     if req.ca_bundle:
         mounts.append(_mount(Mount(req.ca_bundle, CONTAINER_CA_BUNDLE, read_only=True)))
         env.update({name: CONTAINER_CA_BUNDLE for name in CA_ENV_VARS})
-    mounts.extend(_mount(m) for m in req.extra_mounts)
+    mounts.extend(_mount(m) for m in req.caches)
     spec = {
         "name": req.name,
         "image": req.image,
         "command": ["sleep", "infinity"],
         "entrypoint": [],
-        "user": CELL_USER,
+        "user": INIT_USER,
         "work_dir": WORKDIR,
         "env": env,
         "labels": dict(req.labels),
         "hostname": "mino",
         "netns": {"nsmode": req.network},
         "mounts": mounts,
-        "volumes": [{"Name": name, "Dest": dest, "Options": ["nosuid", "nodev"]} for name, dest in req.volumes],
         "hostadd": [f"{name}:{addr}" for name, addr in req.hosts],
         "stop_timeout": 1,
         "remove": False,
-        **_hardening(req.limits, req.pids_limit),
+        **_hardening(req.limits, req.resources, req.seccomp_profile),
     }
     if req.no_dns:
-        # The only nameserver is loopback, where nothing answers: names resolve from /etc/hosts,
-        # which mino fills with its own answers, and no DNS query leaves the container.
+        # The only nameserver is loopback, served by the firewall container's name server, which
+        # answers nothing and remembers what was asked: names resolve from /etc/hosts, which
+        # mino fills with its own answers, and no DNS query leaves the container.
         spec["dns_server"] = ["127.0.0.1"]
         spec["dns_search"] = ["."]
     return spec
 
 
 def firewall_spec(*, name: str, image: str, target_container: str, labels: Mapping[str, str],
-                  limits: HostLimits, command: Sequence[str] = ("sleep", "infinity")) -> dict:
-    """The allowlist firewall container: joins the session's network namespace only.
+                  limits: HostLimits, command: Sequence[str], seccomp_profile: str | None = None) -> dict:
+    """A session's firewall container: joins the session's network namespace only.
 
-    It holds NET_ADMIN and nothing else, shares no PID, mount, IPC or user namespace with the
-    session, runs as root only inside its own filesystem and never runs cell code. The session
-    container's processes (every exec included) keep an empty capability set, so nothing the
-    cell runs can change the rules it installs.
+    It holds NET_ADMIN (rules) and NET_BIND_SERVICE (the loopback name server of allowlist
+    sessions, port 53) and nothing else, shares no PID, mount, IPC or user namespace with the
+    session, runs as root only inside its own read-only filesystem and never runs cell code. The
+    session's processes (every exec included) keep an empty capability set, so nothing the cell
+    runs can change the rules it installs.
     """
     spec = {
         "name": name,
@@ -200,16 +277,22 @@ def firewall_spec(*, name: str, image: str, target_container: str, labels: Mappi
         "entrypoint": [],
         "user": "0:0",
         "work_dir": "/",
-        "env": {"LANG": "C.UTF-8"},
+        "env": {"LANG": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
         "labels": dict(labels),
         "netns": {"nsmode": "container", "value": target_container},
+        # Its one writable place: the ruleset it installs, in memory, small.
+        "mounts": [{"type": "tmpfs", "source": "tmpfs", "destination": "/tmp",
+                    "options": ["rw", "nosuid", "nodev", "noexec", "size=8m"]}],
         "stop_timeout": 1,
         "remove": False,
-        **_hardening(limits),
+        **_hardening(limits, HELPER_RESOURCES, seccomp_profile),
     }
-    spec["cap_add"] = ["NET_ADMIN"]
+    spec["cap_add"] = ["NET_ADMIN", "NET_BIND_SERVICE"]
     return spec
 
+
+# ---------------------------------------------------------------------------- the execs mino makes
+# Every process mino starts in a container is built by one of the functions below.
 
 def exec_body(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
               workdir: str = WORKDIR, user: str = CELL_USER) -> dict:
@@ -227,57 +310,19 @@ def exec_body(cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
     }
 
 
-# ---------------------------------------------------------------------------- the execs mino makes
-# Every process mino starts in a container is built by one of the functions below.
-
-# $1: file that receives the process group id; $2: the script (or its path, see _FILE_WRAPPER).
-# `set -m` gives the background job its own process group; `set +m` right after keeps bash
-# from printing job notifications. The group id file stays while the group has members.
-_WRAPPER = ('set -m; bash -c "$2" mino-cell & pid=$!; set +m; echo $pid > "$1"; wait $pid; rc=$?; '
-            'kill -0 -- -$pid 2>/dev/null || rm -f "$1"; exit $rc')
-_FILE_WRAPPER = _WRAPPER.replace('bash -c "$2" mino-cell', 'bash "$2"').replace('exit $rc', 'rm -f "$2"; exit $rc')
-
-# $1: the group id file. Prints the last signal it had to send (INT, TERM, KILL) or "none".
-_KILLER = r'''
-f=$1; pg=
-for i in $(seq 20); do pg=$(cat "$f" 2>/dev/null) && [ -n "$pg" ] && break; sleep 0.05; done
-[ -n "$pg" ] || { echo none; exit 0; }
-used=none
-for sig in INT TERM KILL; do
-  kill -0 -- "-$pg" 2>/dev/null || break
-  kill -"$sig" -- "-$pg" 2>/dev/null
-  used=$sig
-  for i in 1 2 3 4 5 6; do sleep 0.05; kill -0 -- "-$pg" 2>/dev/null || break; done
-done
-rm -f "$f"; echo "$used"
-'''
-
-
-def cell_exec(script: str, *, pgid_file: str, env: Mapping[str, str], from_file: bool = False) -> dict:
-    """A cell: the script (or, `from_file`, the path of a copied-in script) with bash, as the
-    cell user in /workspace, in its own process group whose id goes to `pgid_file`."""
-    wrapper = _FILE_WRAPPER if from_file else _WRAPPER
-    return exec_body(["bash", "-c", wrapper, "mino", pgid_file, script], env=env)
-
-
-def stop_exec(pgid_file: str) -> dict:
-    """Interrupt or time out a cell: INT, TERM, KILL to its process group, as the cell user."""
-    return exec_body(["bash", "-c", _KILLER, "mino-stop", pgid_file], workdir="/")
+def cell_exec(script: str, *, env: Mapping[str, str], from_file: bool = False) -> dict:
+    """A cell: the script (or, `from_file`, the path of a script under /run/mino) run by
+    ``/bin/bash`` itself, as the cell user in /workspace. The exec'd bash is the leader of its
+    own session and process group (the engine starts it so), which mino signals from outside
+    (:mod:`mino_jupyter.procs`). The cell keeps the image's PATH for the commands it runs."""
+    argv = [BASH, "--noprofile", "--norc", script] if from_file else \
+        [BASH, "--noprofile", "--norc", "-c", script, "mino-cell"]
+    return exec_body(argv, env={**env, "BASH_ENV": ""})
 
 
 def probe_exec(script: str) -> dict:
     """A check mino runs in a container of its own (image verification, doctor)."""
-    return exec_body(["bash", "-c", script])
-
-
-def hosts_read_exec() -> dict:
-    return exec_body(["cat", "/etc/hosts"], workdir="/")
-
-
-def hosts_write_exec(text: str) -> dict:
-    """Replace /etc/hosts (allowlist names). Root in the session container holds no capability;
-    it only owns /etc/hosts."""
-    return exec_body(["sh", "-c", 'printf "%s" "$1" > /etc/hosts', "mino-hosts", text], workdir="/", user="0:0")
+    return exec_body([BASH, "--noprofile", "--norc", "-c", script], env={"BASH_ENV": ""})
 
 
 # ---------------------------------------------------------------------------- labels
@@ -302,39 +347,42 @@ class SessionSettings:
     """What the user chose for a new session: cell flags and configuration, merged."""
 
     image: str
-    workspace_readonly: bool = False
-    pids_limit: int = PIDS_LIMIT
+    workspace: str = "overlay"  # overlay | ro | rw
+    resources: Resources = Resources()
     package_cache: bool = True
     toolchain: str | None = None  # "python" or "node" when the image is one of mino's toolchains
 
 
 @dataclass(frozen=True)
 class HostFacts:
-    """What mino found on this host for a new session (gathered, not decided)."""
+    """What mino found and prepared on this host for a new session (gathered, not decided)."""
 
     limits: HostLimits
-    workspace: str  # the notebook's directory, real path
-    home: str | None = None  # the kernel user's home, real path
-    present: tuple[str, ...] = ()  # names at the top of the workspace
+    storage: StorageMounts | None = None
     ca_bundle: str | None = None  # a checked host path, or None
+    caches: Mapping[str, str] | None = None  # cache name ("pip", "npm") -> host directory
+    project: str | None = None  # the project's key (its caches are its own)
+    seccomp_profile: str | None = None
     kernel_id: str | None = None
 
 
-# (volume, path in the container) of each toolchain's package cache, shared by this user's sessions.
+# The package caches of each toolchain: (cache name, path in the container).
 PACKAGE_CACHES = {
-    "python": (("mino-cache-pip", f"{HOME}/.cache/pip"),),
-    "node": (("mino-cache-npm", f"{HOME}/.npm"),),
+    "python": (("pip", f"{HOME}/.cache/pip"),),
+    "node": (("npm", f"{HOME}/.npm"),),
 }
+
+
+def package_caches(toolchain: str | None, enabled: bool) -> tuple[tuple[str, str], ...]:
+    return PACKAGE_CACHES.get(toolchain or "", ()) if enabled else ()
 
 
 @dataclass(frozen=True)
 class SessionShape:
-    """A session's container, whole: what is posted, and what the user is told about it."""
+    """A session's container, whole: what is posted, and the labels its firewall shares."""
 
     request: SessionRequest
-    network_labels: Mapping[str, str]  # the labels the session's firewall container shares
-    readonly: bool  # the workspace as it is actually mounted
-    note: str | None = None
+    network_labels: Mapping[str, str]
 
 
 def session_request(name: str, plan, settings: SessionSettings, facts: HostFacts,
@@ -342,31 +390,27 @@ def session_request(name: str, plan, settings: SessionSettings, facts: HostFacts
                     container_name: str) -> SessionShape:
     """Everything about a new session's container, decided from plain data. `plan` is the
     :class:`mino_jupyter.network.NetworkPlan`; `hosts` are the allowlist's resolved names."""
-    shared = workspace_mounts(facts.workspace, readonly=settings.workspace_readonly, home=facts.home,
-                              existing=facts.present)
     identity = {
         "io.mino.session": name,
         "io.mino.network": plan.describe(),
         **({"io.mino.kernel-id": facts.kernel_id} if facts.kernel_id else {}),
     }
     allowlist = plan.mode == "allowlist"
-    volumes = PACKAGE_CACHES.get(settings.toolchain or "", ()) if settings.package_cache else ()
+    container_labels = {**identity, **({"io.mino.project": facts.project} if facts.project else {})}
+    caches = tuple(Mount(facts.caches[cache], path) for cache, path in
+                   package_caches(settings.toolchain, settings.package_cache) if facts.caches and cache in facts.caches)
     request = SessionRequest(
         name=container_name,
         image=settings.image,
         network="bridge" if allowlist else plan.mode,
-        labels=labels("fresh" if fresh else "session", owner, identity),
+        labels=labels("fresh" if fresh else "session", owner, container_labels),
         limits=facts.limits,
-        workspace=shared.mounts,
+        storage=facts.storage,
         ca_bundle=facts.ca_bundle,
         hosts=tuple(hosts),
         no_dns=allowlist,
-        pids_limit=settings.pids_limit,
-        volumes=volumes,
+        resources=settings.resources,
+        caches=caches,
+        seccomp_profile=facts.seccomp_profile,
     )
-    readonly = settings.workspace_readonly or shared.note is not None
-    return SessionShape(request, labels("firewall", owner, identity), readonly, shared.note)
-
-
-def cache_volume_labels(name: str) -> dict[str, str]:
-    return {**MANAGED, "io.mino.version": __version__, "io.mino.cache": name}
+    return SessionShape(request, labels("firewall", owner, identity))

@@ -464,23 +464,30 @@ class Engine:
                                  what="list containers")
         return response.json()
 
-    def put_archive(self, cid: str, directory: str, tar: bytes, what: str) -> None:
-        """Unpack a tar into a directory of the container (the engine does it; nothing runs inside)."""
-        self.request("put", f"/containers/{cid}/archive", params={"path": directory}, data=tar,
-                     headers={"Content-Type": "application/x-tar"}, what=what)
+    def get_archive(self, cid: str, path: str) -> bytes | None:
+        """A tar of a path in a (created or running) container; None when the path is missing.
+        The engine reads it from the container's filesystem; nothing runs inside."""
+        response = self.request("get", f"/containers/{cid}/archive", params={"path": path},
+                                what=f"read {path} from {cid[:12]}", ok_missing=True)
+        return None if response is None else response.content
 
     # ----------------------------------------------------------------- exec
-    def exec_start(self, cid: str, body: dict) -> ExecStream:
+    def exec_create(self, cid: str, body: dict) -> str:
         response = self.request("post", f"/containers/{cid}/exec", data=json.dumps(body),
-                                 headers={"Content-Type": "application/json"},
-                                 what=f"start a process in {cid[:12]}")
-        exec_id = response.json()["Id"]
-        started = self.request("post", f"/exec/{exec_id}/start",
-                                data=json.dumps({"Detach": False, "Tty": False}),
                                 headers={"Content-Type": "application/json"},
-                                stream=True, timeout=(10, None),
                                 what=f"start a process in {cid[:12]}")
+        return response.json()["Id"]
+
+    def exec_attach(self, exec_id: str) -> ExecStream:
+        """Start a created exec and stream its output."""
+        started = self.request("post", f"/exec/{exec_id}/start",
+                               data=json.dumps({"Detach": False, "Tty": False}),
+                               headers={"Content-Type": "application/json"},
+                               stream=True, timeout=(10, None), what="start a process")
         return ExecStream(self, exec_id, started)
+
+    def exec_start(self, cid: str, body: dict) -> ExecStream:
+        return self.exec_attach(self.exec_create(cid, body))
 
     def attach(self, cid: str, timeout: float = 10.0) -> Attached:
         """Attach to a running container's stdin/stdout/stderr over a raw connection (HTTP upgrade).

@@ -2,9 +2,10 @@
 
 One :class:`SessionManager` per kernel. The magics and the panel call it. It asks
 :mod:`network` for the plan and :mod:`policy` for the container's shape, gathers the host facts
-those need, and hands the rest to the owners of each concern: :mod:`cell` runs one cell,
-:mod:`allowlist` owns a session's firewall, :mod:`cleanup` makes sure no container outlives
-the kernel, :mod:`logs` keeps the output.
+those need (:mod:`host`, :mod:`storage`), and hands the rest to the owners of each concern:
+:mod:`cell` runs one cell, :mod:`allowlist` owns a session's firewall, :mod:`changes` lists and
+applies what cells wrote, :mod:`cleanup` makes sure nothing outlives the kernel, :mod:`logs`
+keeps the output.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import allowlist as allowlist_mod, config, firewall, policy, presets as presets_mod
+from . import changes, config, firewall, host, policy, presets as presets_mod, session_firewall, storage
 from . import image as images
-from .allowlist import SessionAllowlist
 from .cell import CellResult, Sink, run_script
 from .cleanup import Cleanup, owned_by, prune, remove_containers
 from .commands import DEFAULT_SESSION
@@ -30,13 +29,11 @@ from .errors import FirewallError, MinoError, UsageError
 from .image import base_image_ref
 from .logs import CellSink, SessionLog
 from .network import NetworkChoice, NetworkPlan, NetworkResolutionInput, Resolution, resolve
-from .owner import Owner, current_owner
-from .paths import logs_dir
+from .owner import Owner, current_owner, owner_alive
+from .paths import logs_dir, state_dir
 from .runtime import Engine
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
-HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
-                   "/etc/ssl/cert.pem")
 
 Notice = Callable[[str], None]
 
@@ -50,7 +47,10 @@ class CellOptions:
     env: dict[str, str] = field(default_factory=dict)
     secrets: dict[str, str] = field(default_factory=dict)  # name -> value; values never stored
     network: NetworkChoice = field(default_factory=lambda: NetworkChoice("cell flags"))
-    workspace_readonly: bool | None = None
+    workspace: str | None = None  # overlay | ro | rw (None: configuration decides)
+    memory: str | None = None  # limits for a new session, e.g. "4g"
+    cpus: str | None = None
+    disk: str | None = None
 
 
 @dataclass
@@ -60,21 +60,33 @@ class Session:
     plan: NetworkPlan
     fresh: bool
     log_path: Path
+    workspace: str = "overlay"
+    resources: policy.Resources = policy.Resources()
     container_id: str | None = None
     state: str = "starting"  # starting | idle | running | stopped
     cells_run: int = 0
     last_exit: int | None = None
     started_at: float = field(default_factory=time.time)
     stopped_at: float | None = None
-    workspace_readonly: bool = False
-    allowlist: SessionAllowlist | None = None
+    stop_reason: str | None = None
+    firewall: session_firewall.SessionFirewall | None = None
+    storage: storage.SessionStorage | None = None
+    namespace: str | None = None  # the container's PID namespace, as seen from here
+    cgroup: str | None = None
+    oom_kills: int = 0
+    secrets: set[str] = field(default_factory=set, repr=False)  # every value passed in; memory only
 
     def row(self) -> dict:
         return {
             "name": self.name, "container": (self.container_id or "")[:12], "image": self.image,
             "network": self.plan.describe(), "cells": self.cells_run, "state": self.state,
             "last_exit": self.last_exit, "started": self.started_at, "stopped": self.stopped_at,
+            "workspace": self.workspace,
         }
+
+    @property
+    def workspace_readonly(self) -> bool:
+        return self.workspace == "ro"
 
 
 def kernel_id() -> str | None:
@@ -87,11 +99,15 @@ def kernel_id() -> str | None:
         return None
 
 
+def _size(value: int) -> str:
+    return f"{value / policy.GIB:g} GiB" if value >= policy.GIB else f"{value // policy.MIB} MiB"
+
+
 class SessionManager:
     """The kernel's sessions, one job: start them, run cells in them, stop them.
 
     Decisions come from the pure layer (the network plan, the container's shape); the firewall,
-    the cell's run, cleanup and logs each have their own owner, called from here.
+    the cell's run, the workspace's changes, cleanup and logs each have their own owner.
     """
 
     def __init__(self, *, cwd: Callable[[], Path] = Path.cwd, notice: Notice | None = None,
@@ -106,7 +122,9 @@ class SessionManager:
         self.owner = owner or current_owner()
         self.kernel_id = kernel_id()
         self.sessions: dict[str, Session] = {}
-        self.cleanup = Cleanup(self.owner, env, self.notice, watchdog=watchdog)
+        self.state = state_dir(env)
+        self.storage_dir = self.state / "sessions" / self.owner.token
+        self.cleanup = Cleanup(self.owner, env, self.notice, watchdog=watchdog, storage_root=self.state)
         self._engine: Engine | None = None
         self._lock = threading.RLock()
         self._fresh_count = 0
@@ -116,6 +134,7 @@ class SessionManager:
         # Kernel-level choices (%config MinoMagics.*, the picker's "for this session").
         self.kernel_network: NetworkChoice | None = None
         self.kernel_image: str | None = None
+        self.kernel_workspace: str | None = None
         self.first_run_hook: Callable[[], None] | None = None  # no network chosen anywhere yet
         self._first_run_done = False
         self._shown_warnings: set[str] = set()
@@ -161,6 +180,36 @@ class SessionManager:
         image = requested or self.kernel_image or config.merged(loaded, "image")[0]
         return images.resolve_ref(image or "base")
 
+    def _workspace_mode(self, opts: CellOptions, loaded: config.Loaded) -> str:
+        if opts.workspace:
+            return opts.workspace
+        if self.kernel_workspace:
+            return self.kernel_workspace
+        mode = config.merged(loaded, "workspace")[0]
+        if mode:
+            return mode
+        return "ro" if config.merged(loaded, "workdir_readonly", False)[0] else "overlay"
+
+    def _resources(self, opts: CellOptions, loaded: config.Loaded) -> policy.Resources:
+        default = host.default_resources(self.state)
+
+        def pick(flag: str | None, key: str) -> str | None:
+            return flag if flag is not None else config.merged(loaded, key)[0]
+
+        memory, cpus, disk = pick(opts.memory, "memory"), pick(opts.cpus, "cpus"), pick(opts.disk, "disk")
+        resources = policy.Resources(
+            memory=config.parse_size(memory, "memory") if memory else default.memory,
+            cpus=config.parse_cpus(cpus) if cpus else default.cpus,
+            disk=config.parse_size(disk, "disk") if disk else default.disk,
+            pids=config.merged(loaded, "pids_limit", policy.PIDS_LIMIT)[0])
+        free = host.disk_free(self.state)
+        if resources.disk > free // 2:
+            capped = max(64 * policy.MIB, free // 2 // policy.MIB * policy.MIB)
+            self.notice(f"mino: a disk limit of {_size(resources.disk)} is more than half the free space where "
+                        f"sessions live ({_size(free)} free in {self.state}); this session gets {_size(capped)}")
+            resources = policy.Resources(resources.memory, resources.cpus, capped, resources.pids)
+        return resources
+
     # ------------------------------------------------------------------ cells
     def run_cell(self, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
         if self._closed:
@@ -171,6 +220,9 @@ class SessionManager:
         if opts.timeout is not None and not opts.timeout > 0:
             raise UsageError(f"--timeout must be a positive number of seconds, not {opts.timeout:g}",
                              "e.g. --timeout 30")
+        if opts.workspace is not None and opts.workspace not in policy.WORKSPACE_MODES:
+            raise UsageError(f'unknown workspace mode "{opts.workspace}"',
+                             f"valid modes: {', '.join(policy.WORKSPACE_MODES)}")
         presets = self.presets()  # read once per cell, for the config filter and the plan
         loaded = self.settings(presets)
         for warning in loaded.warnings:
@@ -185,104 +237,137 @@ class SessionManager:
                 existing = None
             resolution = self.plan_for(opts.network, existing, loaded, presets)
             image = self.resolve_image(opts.image, loaded)
-            readonly = opts.workspace_readonly
-            if readonly is None:
-                readonly = bool(config.merged(loaded, "workdir_readonly", False)[0])
             if existing is not None:
                 self._check_compatible(existing, resolution.plan, image, opts)
+            else:
+                workspace = self._workspace_mode(opts, loaded)
+                resources = self._resources(opts, loaded)
             for warning in resolution.warnings:
                 self.notice(f"mino: {warning}")
             engine = self.engine
             if existing is not None and resolution.plan != existing.plan:
                 self._replan(existing, resolution.plan)  # allowlist entries changed: new rules
-            session = existing or self._start_session(engine, opts, image, resolution.plan, readonly, loaded)
+            session = existing or self._start_session(engine, opts, image, resolution.plan, workspace,
+                                                      resources, loaded)
             if first_run:
                 self._first_run_done = True
                 if self.first_run_hook:
                     self.first_run_hook()
-            if session.allowlist is not None and session.allowlist.due():
-                self._guard_firewall(session, session.allowlist.refresh)
-        return self._run_in(session, script, opts, sink)
+            if session.firewall is not None and session.firewall.due():
+                self._guard_firewall(session, session.firewall.refresh)
+        result = self._run_in(session, script, opts, sink)
+        if session.storage is not None and config.merged(loaded, "auto_apply", False)[0]:
+            self._auto_apply(session)
+        return result, session
 
     def _check_compatible(self, s: Session, plan: NetworkPlan, image: str, opts: CellOptions) -> None:
         hint = (f"use --session NEW_NAME or --fresh for a different set-up, or `%mino stop {s.name}` first")
         if opts.image and image != s.image:
             raise UsageError(f"session '{s.name}' runs image {s.image}, not {image}", hint)
-        if plan != s.plan and not opts.network.silent and not (plan.mode == s.plan.mode == "allowlist"):
+        if plan != s.plan and not opts.network.silent and not (plan.mode == s.plan.mode != "host"):
             raise UsageError(f"session '{s.name}' uses network {s.plan.describe()}, not {plan.describe()}", hint)
-        if opts.workspace_readonly is not None and opts.workspace_readonly != s.workspace_readonly:
-            mode = "read-only" if s.workspace_readonly else "read-write"
-            raise UsageError(f"session '{s.name}' mounts /workspace {mode}", hint)
-
-    def _host_facts(self, engine: Engine, loaded: config.Loaded) -> policy.HostFacts:
-        workspace = self.cwd().resolve()
-        try:
-            present = tuple(entry.name for entry in os.scandir(workspace))
-        except OSError:
-            present = ()
-        home = (self.env or os.environ).get("HOME")
-        return policy.HostFacts(
-            limits=engine.host_limits(), workspace=str(workspace),
-            home=str(Path(home).resolve()) if home else None, present=present,
-            ca_bundle=_ca_bundle(config.merged(loaded, "ca_bundle", "auto")[0]), kernel_id=self.kernel_id)
+        if opts.workspace is not None and opts.workspace != s.workspace:
+            raise UsageError(f"session '{s.name}' shares /workspace as {s.workspace}, not {opts.workspace}", hint)
+        for key, flag in (("memory", opts.memory), ("cpus", opts.cpus), ("disk", opts.disk)):
+            if flag is not None:
+                raise UsageError(f"session '{s.name}' is running; --{key} applies to a new session", hint)
 
     def _start_session(self, engine: Engine, opts: CellOptions, image: str, plan: NetworkPlan,
-                       readonly: bool, loaded: config.Loaded) -> Session:
+                       workspace: str, resources: policy.Resources, loaded: config.Loaded) -> Session:
         images.ensure(engine, image, self.notice)  # mino's own images are built on first use
+        if os.geteuid() != 0:
+            raise MinoError("mino needs to run as root with rootful Podman for now: it mounts each session's "
+                            "disk and workspace overlay on this machine",
+                            "run the kernel as root (`make lab` does), or see the README on rootless Podman")
         if opts.fresh:
             self._fresh_count += 1
             name = f"fresh-{self._fresh_count}"
         else:
             name = opts.session
+        notebook_dir = self.cwd().resolve()
+        home = (self.env or os.environ).get("HOME")
+        workspace, note = policy.workspace_mode(workspace, str(notebook_dir),
+                                                str(Path(home).resolve()) if home else None)
+        if note:
+            self.notice(f"mino: {note}")
         variant = images.variant_of(image)
-        settings = policy.SessionSettings(
-            image=image, workspace_readonly=readonly,
-            pids_limit=config.merged(loaded, "pids_limit", policy.PIDS_LIMIT)[0],
-            package_cache=config.merged(loaded, "package_cache", True)[0],
-            toolchain=variant.name if variant else None)
-        resolved = None
-        if plan.mode == "allowlist":
+        settings = policy.SessionSettings(image=image, workspace=workspace, resources=resources,
+                                          package_cache=config.merged(loaded, "package_cache", True)[0],
+                                          toolchain=variant.name if variant else None)
+        guarded = plan.mode in ("bridge", "allowlist")  # a firewall in the session's namespace
+        resolved, gateways = None, []
+        if guarded:
             engine.require_image(self.firewall_image)
-            resolved = allowlist_mod.resolve(plan, self.resolver, self.notice)
-        facts = self._host_facts(engine, loaded)
-        shape = policy.session_request(name, plan, settings, facts, self.owner.labels(), fresh=opts.fresh,
-                                       hosts=resolved.hosts if resolved else (),
-                                       container_name=f"mino-{self.owner.token[:8]}-{name}")
-        if shape.note:
-            self.notice(f"mino: {shape.note}")
-        for volume, _ in shape.request.volumes:
-            engine.ensure_volume(volume, policy.cache_volume_labels(volume))
-        session = Session(name=name, image=image, plan=plan, fresh=opts.fresh,
-                          log_path=self.log_dir / f"{name}.log", workspace_readonly=shape.readonly)
-        self.cleanup.ensure_watchdog(engine)
-        session.container_id = engine.run(policy.session_spec(shape.request))
-        if resolved is not None:
-            allowlist = SessionAllowlist(engine, session_container=session.container_id, plan=plan,
-                                         resolver=self.resolver, notice=self.notice)
+            gateways = [n["gateway"] for n in engine.network("podman").get("subnets", []) if n.get("gateway")]
+            resolved = session_firewall.resolve(plan, self._resolver(gateways), self.notice)
+        ca = host.ca_bundle(config.merged(loaded, "ca_bundle", "auto")[0])
+        home_lower = storage.image_home(engine, image, self.state / "image-homes", self.owner.labels())
+        storage.claim(self.storage_dir, self.owner.labels())
+        root = self.storage_dir / name
+        if os.path.lexists(root):  # a stopped session of the same name: its changes go now
+            storage.SessionStorage(storage.SessionPaths(root), notebook_dir, "ro").teardown()
+        store = storage.SessionStorage.create(root, notebook_dir=notebook_dir, mode=workspace,
+                                              home_lower=home_lower, disk_bytes=resources.disk)
+        try:
+            caches = policy.package_caches(settings.toolchain, settings.package_cache)
+            facts = policy.HostFacts(
+                limits=engine.host_limits(), storage=store.mounts(), ca_bundle=ca,
+                caches=storage.project_caches(self.state / "caches", notebook_dir, tuple(c for c, _ in caches),
+                                              resources.disk) if caches else None,
+                project=storage.project_key(notebook_dir) if caches else None,
+                seccomp_profile=host.seccomp_profile(self.state), kernel_id=self.kernel_id)
+            shape = policy.session_request(name, plan, settings, facts, self.owner.labels(), fresh=opts.fresh,
+                                           hosts=resolved.hosts if resolved and plan.mode == "allowlist" else (),
+                                           container_name=f"mino-{self.owner.token[:8]}-{name}")
+            self.cleanup.ensure_watchdog(engine)
+            container = engine.run(policy.session_spec(shape.request))
+        except BaseException:
+            store.teardown()
+            raise
+        session = Session(name=name, image=image, plan=plan, fresh=opts.fresh, log_path=self.log_dir / f"{name}.log",
+                          workspace=workspace, resources=resources, container_id=container, storage=store)
+        info = engine.inspect(container) or {}
+        state = info.get("State", {})
+        session.namespace = host.pid_namespace(int(state.get("Pid") or 0)) if state.get("Pid") else None
+        session.cgroup = state.get("CgroupPath")
+        session.oom_kills = host.oom_kills(session.cgroup) or 0
+        if guarded:
             try:
-                allowlist.start(image=self.firewall_image, name=f"{shape.request.name}-fw",
-                                labels=dict(shape.network_labels), resolved=resolved)
+                local = firewall.local_networks(
+                    host.host_addresses(), [n["subnet"] for net in engine.networks() for n in net.get("subnets", [])],
+                    host.nameservers(info.get("ResolvConfPath")) if plan.mode == "bridge" else ())
+                session.firewall = session_firewall.SessionFirewall(
+                    engine, session_container=container, plan=plan, resolver=self._resolver(gateways),
+                    notice=self.notice, hosts_path=info.get("HostsPath"), local=local)
+                session.firewall.start(image=self.firewall_image, name=f"{shape.request.name}-fw",
+                                       labels=dict(shape.network_labels), resolved=resolved,
+                                       seccomp_profile=facts.seccomp_profile)
             except MinoError as exc:
-                allowlist.close()
-                engine.remove(session.container_id)
-                raise FirewallError(f"the allowlist firewall could not be installed, so nothing ran: {exc.message}",
+                if session.firewall is not None:
+                    session.firewall.close()
+                engine.remove(container)
+                store.teardown()
+                raise FirewallError(f"the {plan.mode} firewall could not be installed, so nothing ran: {exc.message}",
                                     "mino never falls back to an open network; `mino-jupyter doctor` checks "
                                     "the image (nft) and the engine") from None
-            session.allowlist = allowlist
         session.state = "idle"
         self.sessions[name] = session
         if plan.mode == "host":
             self.notice(f"mino: session '{name}' uses the host network: cells reach everything this "
                         "machine reaches, its local services included")
-        workspace = Path(facts.workspace)
-        if not shape.readonly and not _writable_by_cell_user(workspace):
-            self.notice(f"mino: {workspace} is mounted at /workspace but the sandbox user (uid "
-                        f"{policy.CELL_UID}) cannot write there; to let cells save files next to the "
-                        f"notebook: `chown {policy.CELL_UID} {workspace}` or `setfacl -m u:{policy.CELL_UID}:rwx {workspace}`")
+        if workspace == "rw":
+            self.notice(policy.RW_WARNING.format(name=name, workspace=notebook_dir))
         self._changed()
         return session
 
-    # ------------------------------------------------------------------ the allowlist
+    # ------------------------------------------------------------------ the firewall
+    def _resolver(self, gateways: list[str]) -> firewall.Resolver:
+        """Names resolve on this machine; `host.containers.internal` is this machine as the
+        session sees it (the bridge gateway), for allow entries that open a local service."""
+        def resolve_name(name: str) -> list[str]:
+            return list(gateways) if name == "host.containers.internal" else self.resolver(name)
+        return resolve_name
+
     def _guard_firewall(self, session: Session, action: Callable[[], None]) -> None:
         """Change a live session's firewall; when that fails the old rules may be half-replaced,
         so the session must not run anything any more."""
@@ -296,13 +381,19 @@ class SessionManager:
 
     def _replan(self, session: Session, plan: NetworkPlan) -> None:
         """Allowlist entries changed for a live session: re-resolve and replace the rules."""
-        assert session.allowlist is not None
-        self._guard_firewall(session, lambda: session.allowlist.replace(plan))
+        assert session.firewall is not None
+        self._guard_firewall(session, lambda: session.firewall.replace(plan))
         session.plan = plan
         self.notice(f"mino: session '{session.name}' network is now {plan.describe()}")
 
-    def _run_in(self, session: Session, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
-        secrets = list(opts.secrets.values())
+    # ------------------------------------------------------------------ running
+    def _run_in(self, session: Session, script: str, opts: CellOptions, sink: Sink) -> CellResult:
+        values = set(opts.secrets.values())
+        if values - session.secrets and session.cells_run and not session.fresh:
+            self.notice(f"mino: session '{session.name}' has run cells before: anything they left running can "
+                        "read this secret (/proc/*/environ); --fresh gives a secret a container of its own")
+        session.secrets |= values  # masked in every later output of this session, not only this cell's
+        secrets = sorted(s for s in session.secrets if s)
         env = {**opts.env, **opts.secrets}
         log = SessionLog(session.log_path)
         session.cells_run += 1
@@ -312,29 +403,103 @@ class SessionManager:
         self._changed()
         try:
             result = run_script(self.engine, session.container_id, script, env=env, sink=cell_sink,
-                                timeout=opts.timeout)
+                                timeout=opts.timeout, control=session.storage, namespace=session.namespace)
         except MinoError:
             session.state = "idle"
-            if self.engine.inspect(session.container_id) is None:
-                self._mark_stopped(session)
-                raise MinoError(f"session '{session.name}' container is gone (removed outside mino)",
-                                "run the cell again to start a new container") from None
+            gone = self._container_gone(session)
+            if gone:
+                raise MinoError(f"session '{session.name}' stopped: {gone}; its processes and the files "
+                                "outside /workspace are gone", "run the cell again to start a new container") from None
             raise
         finally:
             cell_sink.close()
-            if session.allowlist is not None and session.state == "running":
-                line = session.allowlist.report()
-                if line:
+            if session.firewall is not None and session.state == "running":
+                for line in session.firewall.report():
                     self.notice(line)
-            if session.fresh:
-                self._mark_stopped(session)
-                self.cleanup.remove_soon(self.engine, session.container_id, session.name)
-            elif session.state == "running":
-                session.state = "idle"
         log.cell_end(result, cell_sink.dropped)
         session.last_exit = result.exit_code
+        if result.exit_code >= 128 or result.exit_code < 0:
+            self._after_kill(session, result)
+        if session.fresh:
+            self._mark_stopped(session)
+            self.cleanup.remove_soon(self.engine, session.container_id, session.name,
+                                     after=lambda s=session: self._release_fresh(s))
+        elif session.state == "running":
+            session.state = "idle"
         self._changed()
-        return result, session
+        return result
+
+    def _after_kill(self, session: Session, result: CellResult) -> None:
+        """A cell ended by a signal: the kernel's OOM killer? the container itself?"""
+        kills = host.oom_kills(session.cgroup)
+        if kills is not None and kills > session.oom_kills:
+            session.oom_kills = kills
+            self.notice(f"mino: killed: out of memory (limit {_size(session.resources.memory)}); raise it with "
+                        f"`%mino config set memory {max(1, 2 * session.resources.memory // policy.GIB)}g` "
+                        f"(new sessions) or `%%mino --session NEW --memory ...`")
+        gone = self._container_gone(session)
+        if gone:
+            self.notice(f"mino: session '{session.name}' stopped: {gone}; its processes and the files outside "
+                        "/workspace are gone; the next cell starts a new container")
+
+    def _container_gone(self, session: Session) -> str | None:
+        """Why the session's container is no longer running (None: it runs). Marks it stopped."""
+        info = self.engine.inspect(session.container_id) if session.container_id else None
+        state = (info or {}).get("State", {})
+        if info is not None and state.get("Running"):
+            return None
+        if info is None:
+            reason = "its container was removed outside mino"
+        elif state.get("OOMKilled"):
+            reason = f"its container ran out of memory (limit {_size(session.resources.memory)})"
+        else:
+            reason = f"its container exited (status {state.get('ExitCode')}), stopped from outside"
+        session.stop_reason = reason
+        self._remove(session)
+        return reason
+
+    def _release_fresh(self, session: Session) -> None:
+        """After a --fresh container is gone: its disk stays only while it holds changes."""
+        store = session.storage
+        if store is None:
+            return
+        store.release()
+        upper = store.upper
+        if upper is None or not any(os.scandir(upper)):
+            store.teardown()
+            session.storage = None
+
+    # ------------------------------------------------------------------ what cells wrote
+    def _storage_of(self, name: str) -> storage.SessionStorage:
+        session = self.get(name)
+        if session.storage is None or session.storage.upper is None:
+            mode = session.workspace
+            why = ("its workspace is not an overlay (" + mode + ")") if mode != "overlay" else "its disk is gone"
+            raise UsageError(f"session '{name}' has no changes to show: {why}",
+                             "cells' writes wait for `%mino apply` only in the overlay workspace (the default)")
+        return session.storage
+
+    def changes(self, name: str = DEFAULT_SESSION) -> list[changes.Change]:
+        store = self._storage_of(name)
+        return changes.list_changes(store.upper, store.notebook_dir)
+
+    def diff(self, name: str, change: changes.Change) -> str | None:
+        store = self._storage_of(name)
+        return changes.diff(change, store.upper, store.notebook_dir)
+
+    def apply(self, name: str = DEFAULT_SESSION, paths: list[str] | None = None) -> list[changes.Outcome]:
+        store = self._storage_of(name)
+        outcomes = changes.apply(store.upper, store.notebook_dir, paths or None)
+        self._changed()
+        return outcomes
+
+    def _auto_apply(self, session: Session) -> None:
+        if session.storage is None or session.storage.upper is None:
+            return
+        done = [o.path for o in changes.apply(session.storage.upper, session.storage.notebook_dir, None) if o.applied]
+        if done:
+            self.notice(f"mino: applied {len(done)} data file(s) (auto_apply): " + ", ".join(done[:10])
+                        + (" ..." if len(done) > 10 else ""))
 
     # ------------------------------------------------------------------ choosing a network
     def remember_network(self, mode: str, preset: str | None, scope: str,
@@ -425,26 +590,35 @@ class SessionManager:
         self.cleanup.wait_for_removals(timeout)
 
     def _mark_stopped(self, session: Session) -> None:
+        """The container is gone (or going, for --fresh): its overlays go; its disk stays, with
+        the changes cells made, until the session is forgotten (prune) or the kernel ends."""
         session.state = "stopped"
         session.stopped_at = time.time()
-        if session.allowlist is not None:
-            session.allowlist.close()
+        if session.firewall is not None:
+            session.firewall.close()
+        if session.storage is not None and not session.fresh:
+            session.storage.release()
 
     def logs(self, name: str, tail: int | None = None) -> str:
         return SessionLog(self.get(name).log_path).tail(tail)
 
     def prune(self) -> tuple[list[str], list[str]]:
-        """Forget stopped sessions (their log files stay) and remove orphaned containers."""
+        """Forget stopped sessions (their logs stay; their unapplied changes go) and remove what
+        dead kernels left behind."""
         with self._lock:
             gone = [n for n, s in self.sessions.items() if s.state == "stopped"]
             for name in gone:
-                del self.sessions[name]
+                session = self.sessions.pop(name)
+                if session.storage is not None:
+                    session.storage.teardown()
         orphaned = prune(self.engine)
+        storage.reap(self.state / "sessions", owner_alive)
         self._changed()
         return gone, orphaned
 
     def shutdown(self) -> None:
-        """Remove every container of this kernel. Runs at exit, restart and unload."""
+        """Remove every container of this kernel, then its sessions' disks and mounts. Runs at
+        exit, restart and unload."""
         if self._closed:
             return
         self._closed = True
@@ -453,36 +627,7 @@ class SessionManager:
             for s in self.sessions.values():
                 if s.state != "stopped":
                     self._mark_stopped(s)
+            storage.teardown_owner(self.storage_dir)
+            if self._engine is not None:
+                self.cleanup.release_caches(self._engine)
 
-
-def _ca_bundle(setting: str | None) -> str | None:
-    if not setting or setting == "none":
-        return None
-    if setting == "auto":
-        for path in HOST_CA_BUNDLES:
-            if os.path.isfile(path):
-                return os.path.realpath(path)
-        return None
-    if not os.path.isfile(setting):
-        raise UsageError(f"ca_bundle {setting} does not exist", 'set container.ca_bundle to "auto", "none" or a file')
-    return os.path.realpath(setting)
-
-
-def _writable_by_cell_user(path: Path) -> bool:
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    if st.st_uid == policy.CELL_UID:
-        return bool(st.st_mode & 0o200)
-    if st.st_gid == policy.CELL_UID:
-        return bool(st.st_mode & 0o020)
-    if st.st_mode & 0o002:
-        return True
-    # POSIX ACLs: only a named-user entry for the cell user counts here.
-    try:
-        out = subprocess.run(["getfacl", "-cpn", str(path)], capture_output=True, text=True, timeout=5).stdout
-        return any(line.startswith(f"user:{policy.CELL_UID}:") and "w" in line.split(":")[2]
-                   for line in out.splitlines())
-    except (OSError, subprocess.SubprocessError):
-        return False

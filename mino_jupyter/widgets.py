@@ -233,15 +233,17 @@ class Panel:
             loaded = self.m.settings()
         except MinoError:
             return
-        if loaded.project is not None and not loaded.project_trusted and loaded.skipped:
-            from .config import toml_value
+        if loaded.untrusted:
+            from .config import read_file, toml_value
 
-            values = ", ".join(f"{k} = {toml_value(v)}" for k, v in loaded.skipped.items())
+            path = loaded.untrusted[0]
+            fc, _ = read_file(path)
+            values = ", ".join(f"{k} = {toml_value(v)}" for k, v in (fc.values if fc else {}).items())
             button = w.Button(description="trust", button_style="warning")
-            button.on_click(lambda _b: self._guard(lambda: self.m.trust_project(loaded.project.path)))
+            button.on_click(lambda _b: self._guard(lambda: self.m.trust_project(path)))
             self.trust_box.children = [w.HTML(
-                f"<div style='{WARN_STYLE}'>{_text(str(loaded.project.path))} is not trusted; not applied: "
-                f"{_text(values)}</div>"), button]
+                f"<div style='{WARN_STYLE}'>{_text(str(path))} is not trusted, so it has no effect"
+                f"{': ' + _text(values) if values else ''}; review it, then trust it</div>"), button]
         else:
             self.trust_box.children = []
 

@@ -10,7 +10,7 @@ import pytest
 
 from mino_jupyter import config
 from mino_jupyter.errors import UsageError
-from mino_jupyter.network import AllowEntry, NetworkChoice, NetworkPlan
+from mino_jupyter.network import AllowEntry, NetworkChoice
 
 PRESETS = {"dev": (AllowEntry("github.com", 443), AllowEntry("pypi.org", 443)),
            "registries": (AllowEntry("pypi.org", 443),)}
@@ -70,6 +70,11 @@ def test_set_and_unset_change_only_that_key(tmp_path, env):
     ("network_allow", "pypi.org", 'invalid allow entry "pypi.org"'),
     ("pids_limit", "9000", "container.pids_limit must be between 1 and 4096, not 9000"),
     ("pids_limit", "ten", 'container.pids_limit must be an integer, not "ten"'),
+    ("memory", "lots", 'container.memory must be a size like "4g" or "512m", not "lots"'),
+    ("memory", "1m", 'container.memory must be at least 64m, not "1m"'),
+    ("disk", "-3g", 'container.disk must be a size like "4g" or "512m", not "-3g"'),
+    ("cpus", "0", 'container.cpus must be a number of cores like "2" or "0.5", not "0"'),
+    ("workspace", "shared", 'unknown workspace mode "shared"'),
     ("workdir_readonly", "maybe", 'container.workdir_readonly must be true or false, not "maybe"'),
     ("ca_bundle", "/no/such/file.pem", 'ca_bundle "/no/such/file.pem" is not a file'),
     ("colour", "blue", 'unknown config key "colour"'),
@@ -138,53 +143,79 @@ def test_local_set_creates_a_trusted_project_file(tmp_path, env):
     path, _ = config.set_key("network", "host", local=True, cwd=tmp_path, env=env)
     assert path == tmp_path / ".mino.toml"
     loaded = config.load(tmp_path, env, PRESETS)
-    assert loaded.project_trusted and loaded.project.values == {"network": "host"}
+    assert loaded.project.path == path and loaded.project.values == {"network": "host"}
+    assert loaded.untrusted == ()
 
 
 # ---------------------------------------------------------------- trust
-def test_untrusted_project_values_that_weaken_are_skipped(tmp_path, env):
-    (tmp_path / ".mino.toml").write_text('[container]\nnetwork = "host"\nimage = "evil:1"\npids_limit = 64\n'
-                                         'ca_bundle = "none"\nworkdir_readonly = true\n')
+def test_an_untrusted_project_file_has_no_effect_at_all(tmp_path, env):
+    f = tmp_path / ".mino.toml"
+    f.write_text('[container]\nnetwork = "host"\nimage = "evil:1"\npids_limit = 1\nworkspace = "rw"\n')
     loaded = config.load(tmp_path, env, PRESETS)
-    assert not loaded.project_trusted
-    assert loaded.project.values == {"pids_limit": 64, "workdir_readonly": True}
-    assert set(loaded.skipped) == {"network", "image", "ca_bundle"}
+    assert loaded.project is None and loaded.untrusted == (f,)
+    assert config.merged(loaded, "pids_limit", 4096) == (4096, "default")  # not even a "stricter" value
+    assert not loaded.explicit_network()
     (warning,) = loaded.warnings
-    assert warning.startswith(f"mino: {tmp_path / '.mino.toml'} is not trusted, so ")
-    assert 'network="host"' in warning and "`%mino trust`" in warning
-    config.record_trust(tmp_path / ".mino.toml", env=env)
+    assert warning == (f"mino: {f} is not trusted, so it has no effect; review it, then `%mino trust {f}` "
+                       f"(or `mino-jupyter trust {f}`)")
+    config.trust_project(None, tmp_path, env)
     trusted = config.load(tmp_path, env, PRESETS)
-    assert trusted.project_trusted and trusted.project.values["network"] == "host"
-    (tmp_path / ".mino.toml").write_text('[container]\nnetwork = "host"\nimage = "evil:2"\n')  # changed: ask again
-    assert not config.load(tmp_path, env, PRESETS).project_trusted
+    assert trusted.project.values["network"] == "host" and trusted.warnings == ()
+    f.write_text('[container]\nnetwork = "host"\nimage = "evil:2"\n')  # changed: ask again
+    assert config.load(tmp_path, env, PRESETS).project is None
 
 
-@pytest.mark.parametrize("project,global_,applied", [
-    ('network = "none"', None, True),                                   # stricter than the default
-    ('network_preset = "registries"', None, True),                      # allowlist < bridge default
-    ('network = "bridge"', None, True),                                 # the same as the default
-    ('network = "host"', None, False),                                  # weaker than the default
-    ('network = "bridge"', 'network = "none"', False),                  # weaker than the global choice
-    ('network_preset = "dev"', 'network_preset = "registries"', False),  # more destinations
-    ('network_preset = "registries"', 'network_preset = "dev"', True),   # a subset
-    ('network_allow = ["evil.example:443"]', 'network = "none"', False),
-])
-def test_untrusted_network_applies_only_when_at_least_as_strict(tmp_path, env, project, global_, applied):
-    (tmp_path / ".mino.toml").write_text(f"[container]\n{project}\n")
-    if global_:
-        g = Path(config.global_path(env))
-        g.parent.mkdir(parents=True)
-        g.write_text(f"[container]\n{global_}\n")
-    loaded = config.load(tmp_path, env, PRESETS)
-    assert (loaded.skipped == {}) is applied
-    assert loaded.explicit_network()
+def test_an_untrusted_file_does_not_hide_a_trusted_one_above(tmp_path, env):
+    parent = tmp_path / ".mino.toml"
+    parent.write_text('[container]\nnetwork = "none"\n')
+    config.record_trust(parent, env=env)
+    nb = tmp_path / "notebooks"
+    nb.mkdir()
+    (nb / ".mino.toml").write_text('[container]\nnetwork = "bridge"\n')  # planted next to the notebook
+    loaded = config.load(nb, env, PRESETS)
+    assert loaded.project.path == parent and loaded.project.values == {"network": "none"}
+    assert loaded.untrusted == (nb / ".mino.toml",)
 
 
-def test_strictness_order():
-    none, allow, bridge, host = (NetworkPlan("none"), NetworkPlan("allowlist", allow=(AllowEntry("a.b", 1),)),
-                                 NetworkPlan("bridge"), NetworkPlan("host"))
-    assert config.at_least_as_strict(none, allow) and config.at_least_as_strict(allow, bridge)
-    assert config.at_least_as_strict(bridge, host) and not config.at_least_as_strict(host, bridge)
+def test_a_symlinked_project_file_is_never_trusted(tmp_path, env):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".mino.toml").write_text('[container]\nnetwork = "host"\n')
+    config.record_trust(other / ".mino.toml", env=env)  # another project's trusted file
+    parent = tmp_path / ".mino.toml"
+    parent.write_text('[container]\nnetwork = "none"\n')
+    config.record_trust(parent, env=env)
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    (nb / ".mino.toml").symlink_to(other / ".mino.toml")
+    loaded = config.load(nb, env, PRESETS)
+    assert loaded.project.path == parent and loaded.project.values == {"network": "none"}
+    assert any("is a symlink, so it has no effect" in w for w in loaded.warnings)
+    with pytest.raises(UsageError, match="it is a symlink"):
+        config.trust_project(nb / ".mino.toml", nb, env)
+    with pytest.raises(UsageError, match="is a symlink"):
+        config.set_key("network", "none", local=True, cwd=nb, env=env)
+    assert (nb / ".mino.toml").is_symlink()  # nothing written through the link
+
+
+def test_trust_is_bound_to_the_path_as_well_as_the_content(tmp_path, env):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    text = '[container]\nnetwork = "host"\n'
+    (a / ".mino.toml").write_text(text)
+    (b / ".mino.toml").write_text(text)
+    config.record_trust(a / ".mino.toml", env=env)
+    assert config.load(a, env).project is not None
+    assert config.load(b, env).project is None  # same content, other place: not trusted
+
+
+def test_a_project_file_that_is_not_a_regular_file_is_ignored(tmp_path, env):
+    import os
+
+    os.mkfifo(tmp_path / ".mino.toml")
+    loaded = config.load(tmp_path, env, PRESETS)  # must not block on the FIFO
+    assert loaded.project is None
+    assert any("is not a regular file, so it has no effect" in w for w in loaded.warnings)
 
 
 def test_trust_hash_is_of_the_content(tmp_path, env):

@@ -1,4 +1,7 @@
 import json
+from pathlib import Path
+
+import pytest
 
 from mino_jupyter import firewall
 from mino_jupyter.network import AllowEntry
@@ -34,32 +37,88 @@ def test_a_hanging_resolver_does_not_hang_us():
 def test_ruleset_denies_by_default_and_rejects():
     r = firewall.Resolved(frozenset({("10.0.0.1", 443)}), frozenset({("2001:db8::1", 80)}))
     text = firewall.ruleset(r)
-    assert "policy drop;" in text
+    assert "type filter hook output priority 0; policy drop;" in text
+    assert "type filter hook input priority 0; policy drop;" in text  # no inbound
     assert "elements = { 10.0.0.1 . 443 }" in text and "elements = { 2001:db8::1 . 80 }" in text
     assert "reject with tcp reset" in text and "reject with icmpx type admin-prohibited" in text
     assert text.index("delete table inet mino") < text.index("table inet mino {")  # atomic replace
+    assert "ct state established,related accept" not in text  # narrowing cuts open flows
     empty = firewall.ruleset(firewall.Resolved())
     assert "set allow4 { type ipv4_addr . inet_service; }" in empty
 
 
-def _listing(v4, v6, policy="drop", last_rule="reject"):
-    objs = [{"metainfo": {}},
-            {"chain": {"family": "inet", "table": "mino", "name": "output", "hook": "output", "policy": policy}},
-            {"set": {"name": "allow4", "table": "mino", "elem": [{"concat": list(p)} for p in v4]}},
-            {"set": {"name": "allow6", "table": "mino", "elem": [{"concat": list(p)} for p in v6]}},
-            {"rule": {"chain": "output", "table": "mino", "expr": [{"accept": None}]}},
-            {"rule": {"chain": "output", "table": "mino", "expr": [{last_rule: None}]}}]
-    return json.dumps({"nftables": objs})
+def test_bridge_ruleset_refuses_local_networks_but_not_the_internet():
+    local = firewall.local_networks([("127.0.0.1", 8), ("192.0.2.2", 24), ("fd00::2", 64), ("203.0.112.9", 24)],
+                                    ["10.88.0.0/16", "10.89.0.0/24"], ["10.88.0.1"])
+    assert "10.88.0.0/16" in local.v4 and "10.89.0.0/24" in local.v4  # other containers
+    assert "192.0.2.0/24" in local.v4  # a private (documentation) subnet this machine is on
+    assert "203.0.112.9/32" in local.v4 and "203.0.112.0/24" not in local.v4  # public: only our address
+    assert "169.254.0.0/16" in local.v4 and "fe80::/10" in local.v6  # metadata services, link-local
+    assert "fd00::/64" in local.v6
+    text = firewall.ruleset(firewall.Resolved(), "bridge", local)
+    assert "type filter hook output priority 0; policy accept;" in text
+    assert "ip daddr @local4 jump refuse" in text and "ip6 daddr @local6 jump refuse" in text
+    assert "set dns4 { type ipv4_addr; elements = { 10.88.0.1 }; }" in text
+    assert text.index("@dns4 th dport 53 accept") < text.index("@local4 jump refuse")
+    assert "type filter hook input priority 0; policy drop;" in text
 
 
-def test_verify_accepts_what_was_asked_and_flags_differences():
-    r = firewall.Resolved(frozenset({("10.0.0.1", 443)}), frozenset())
-    assert firewall.verify(_listing([("10.0.0.1", 443)], []), r) == []
-    assert firewall.verify(_listing([("10.0.0.2", 443)], []), r)[0].startswith("set allow4 holds")
-    assert "policy drop" in firewall.verify(_listing([("10.0.0.1", 443)], [], policy="accept"), r)[0]
-    assert firewall.verify(_listing([("10.0.0.1", 443)], [], last_rule="accept"), r) == \
-        ["the output chain does not end in a reject rule"]
-    assert firewall.verify("not json", r)[0].startswith("unreadable")
+DATA = Path(__file__).parent / "data"
+FIXTURE_LOCAL = firewall.local_networks([("127.0.0.1", 8), ("192.0.2.2", 24), ("fd00::2", 64),
+                                         ("fe80::fc:ff:fe00:1", 64)], ["10.88.0.0/16"], ["10.255.255.53"])
+FIXTURE_RESOLVED = firewall.Resolved(frozenset({("10.88.0.1", 8080)}), frozenset({("2001:db8::1", 443)}))
+
+
+def _recorded(mode):
+    """What nft 1.0.6 listed after installing firewall.ruleset(FIXTURE_RESOLVED, mode, FIXTURE_LOCAL)."""
+    return json.loads((DATA / f"nft-{mode}.json").read_text())
+
+
+def _rules(doc, chain):
+    return [o for o in doc["nftables"] if "rule" in o and o["rule"]["chain"] == chain]
+
+
+@pytest.mark.parametrize("mode", ["bridge", "allowlist"])
+def test_verify_accepts_exactly_what_was_installed(mode):
+    assert firewall.verify(json.dumps(_recorded(mode)), FIXTURE_RESOLVED, mode, FIXTURE_LOCAL) == []
+
+
+def _mutated(mode, change):
+    doc = _recorded(mode)
+    change(doc)
+    return firewall.verify(json.dumps(doc), FIXTURE_RESOLVED, mode, FIXTURE_LOCAL)
+
+
+def _insert(chain, expr, at=0):
+    def change(doc):
+        first = _rules(doc, chain)[0]
+        doc["nftables"].insert(doc["nftables"].index(first) + at, {"rule": {**first["rule"], "expr": expr}})
+    return change
+
+
+@pytest.mark.parametrize("mode", ["bridge", "allowlist"])
+@pytest.mark.parametrize("name,change", [
+    ("an extra tcp accept", _insert("output", [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}},
+                                                           "right": "tcp"}}, {"accept": None}])),
+    ("udp 53 allowed", _insert("output", [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}},
+                                                     "right": 53}}, {"accept": None}], at=2)),
+    ("an inbound accept", _insert("input", [{"accept": None}], at=1)),
+    ("a rule removed", lambda doc: doc["nftables"].remove(_rules(doc, "refuse")[-1])),
+    ("rules swapped", lambda doc: (lambda r: r[0]["rule"].update(expr=r[1]["rule"]["expr"]))(_rules(doc, "output"))),
+    ("output policy accept", lambda doc: next(o for o in doc["nftables"] if o.get("chain", {}).get("name") == "input")
+     ["chain"].update(policy="accept")),
+    ("reject became drop", lambda doc: _rules(doc, "refuse")[2]["rule"]["expr"].__setitem__(2, {"drop": None})),
+    ("allow4 holds more", lambda doc: next(o for o in doc["nftables"] if o.get("set", {}).get("name") == "allow4")
+     ["set"]["elem"].append({"concat": ["1.2.3.4", 22]})),
+    ("local4 lost a network", lambda doc: next(o for o in doc["nftables"] if o.get("set", {}).get("name") == "local4")
+     ["set"]["elem"].pop()),
+])
+def test_verify_catches_every_difference(mode, name, change):
+    assert _mutated(mode, change), name
+
+
+def test_verify_reads_garbage_as_a_problem():
+    assert firewall.verify("not json", firewall.Resolved())[0].startswith("unreadable")
 
 
 def test_refused_report():
@@ -69,14 +128,19 @@ def test_refused_report():
         json.dumps({"nftables": [{"set": {"name": "refused4", "elem": [{"concat": ["10.88.0.1", "tcp", 8081]},
                                                                       {"concat": ["203.0.113.80", "udp", 53]}]}}]}),
         json.dumps({"nftables": [{"set": {"name": "refused6"}}]}),
+        json.dumps({"asked": ["example.com", "nowhere.test"]}),
     ])
     refused = firewall.parse_refused(text)
-    assert refused.count == 3
-    resolved = firewall.Resolved(hosts=(("pypi.org", "203.0.113.80"),))
-    assert firewall.describe_refused(refused, resolved) == (
+    assert refused.count == 3 and refused.asked == ("example.com", "nowhere.test")
+    resolved = firewall.Resolved(hosts=(("pypi.org", "203.0.113.80"),), unresolved=("nowhere.test",))
+    assert firewall.describe_refused(refused, resolved) == [
         "mino: the allowlist refused 3 connection attempt(s) to 10.88.0.1:8081/tcp, "
-        "pypi.org (203.0.113.80):53/udp (not allowed; add them with --network-allow HOST:PORT)")
-    assert firewall.describe_refused(firewall.Refused(), resolved) is None
+        "pypi.org (203.0.113.80):53/udp (not allowed; add them with --network-allow HOST:PORT)",
+        "mino: example.com is not on this session's allowlist, so it does not resolve here; "
+        "add --network-allow example.com:443 (or the port it uses)"]
+    assert firewall.describe_refused(refused, resolved, "bridge")[0].startswith(
+        "mino: bridge refused 3 connection attempt(s) to this machine or its local networks: 10.88.0.1:8081/tcp")
+    assert firewall.describe_refused(firewall.Refused(), resolved) == []
 
 
 def test_rewrite_hosts_replaces_only_allowlisted_names():
@@ -92,4 +156,6 @@ def test_agent_protocol_framing():
     assert firewall.install_request("table inet mino {}\n") == b"install 19\ntable inet mino {}\n"
     assert firewall.split_answer(b'{"nftables": []}\n@@mino-end 0\n') == (0, '{"nftables": []}\n')
     assert firewall.split_answer(b"Error: syntax\n@@mino-end 1\n") == (1, "Error: syntax\n")
-    assert "while IFS=' ' read -r cmd n" in firewall.AGENT and "@@mino-end" in firewall.AGENT
+    assert "\\@\\@mino-end" in firewall.AGENT  # perl: @ escaped in strings
+    assert firewall.agent_command("allowlist")[-1] == "dns" and firewall.agent_command("bridge")[-1] != "dns"
+    assert firewall.agent_command("bridge")[0] == "/usr/bin/perl"

@@ -10,10 +10,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "mino_jupyter"
 
 # The pure layer: plain data in, plain data out. No engine, no kernel, no widgets.
-PURE = ("policy", "network", "firewall", "presets", "config", "paths", "errors", "redact")
+PURE = ("policy", "network", "firewall", "presets", "config", "paths", "errors", "redact", "seccomp")
 # What acts (engine, sessions, user interface) and outside libraries that act.
-ACTING = {"runtime", "sessions", "cell", "allowlist", "cleanup", "magics", "widgets", "cli", "doctor",
-          "image", "demo", "logs", "commands", "owner"}
+ACTING = {"runtime", "sessions", "cell", "session_firewall", "cleanup", "magics", "widgets", "cli", "doctor",
+          "image", "demo", "logs", "commands", "owner", "storage", "changes", "host", "procs"}
 FORBIDDEN_LIBS = {"IPython", "ipywidgets", "ipykernel", "podman", "traitlets", "requests"}
 # Downward only: who may import whom among the acting modules.
 LAYERS = {
@@ -21,7 +21,9 @@ LAYERS = {
     "widgets": 40, "cli": 40,
     "sessions": 30, "doctor": 30,
     "logs": 25,
-    "allowlist": 20, "cell": 20, "cleanup": 20, "image": 20, "demo": 20,
+    "cleanup": 22,
+    "session_firewall": 20, "cell": 20, "image": 20, "demo": 20, "storage": 20, "host": 20,
+    "procs": 15, "changes": 15,
     "runtime": 10, "commands": 10, "owner": 10,
 }
 

@@ -1,9 +1,13 @@
-"""The hardening policy, checked on the specs it produces for every mode."""
+"""The hardening policy, checked on the exact specs and exec bodies it produces."""
 
 import pytest
 
 from mino_jupyter import policy
-from mino_jupyter.policy import HostLimits, Mount, SessionRequest
+from mino_jupyter.network import AllowEntry, NetworkPlan
+from mino_jupyter.policy import HostLimits, Mount, Resources, SessionRequest, StorageMounts
+
+STORAGE = StorageMounts(workspace="/s/ws", workspace_mode="overlay", home="/s/home", tmp="/s/disk/tmp",
+                        var_tmp="/s/disk/var-tmp", control="/s/control")
 
 
 def _spec(network="bridge", **kw):
@@ -28,13 +32,19 @@ def test_ulimits_never_exceed_host_hard_limits(hard, expected):
 
 @pytest.mark.parametrize("network", ["bridge", "host", "none"])
 def test_every_mode_is_hardened(network):
-    spec = _spec(network)
+    spec = _spec(network, resources=Resources(memory=4 << 30, cpus=1.5, disk=1 << 30, pids=100),
+                 seccomp_profile="/state/seccomp/mino-x.json")
     assert spec["cap_drop"] == ["ALL"] and spec["cap_add"] == []
     assert spec["no_new_privileges"] is True
     assert spec["privileged"] is False
-    assert spec["resource_limits"]["pids"]["limit"] == 4096
-    assert spec["user"] == "1000:1000"
+    assert spec["resource_limits"] == {"pids": {"limit": 100},
+                                       "memory": {"limit": 4 << 30, "swap": 4 << 30},
+                                       "cpu": {"quota": 150_000, "period": 100_000}}
+    assert spec["read_only_filesystem"] is True
+    assert spec["seccomp_profile_path"] == "/state/seccomp/mino-x.json"
+    assert spec["user"] == "1001:1001"  # init and its child: not the cell's uid
     assert spec["init"] is True
+    assert spec["ipcns"] == {"nsmode": "private"}
     assert spec["netns"] == {"nsmode": network}
     assert spec["work_dir"] == "/workspace"
     assert spec["labels"] == {"a": "b"}
@@ -45,62 +55,95 @@ def test_unknown_namespace_mode_is_refused():
         _spec("allowlist")  # allowlist is bridge + firewall, decided above this layer
 
 
-def test_workspace_and_ca_bundle_mounts():
-    spec = _spec(workspace=(Mount("/nb", "/workspace", read_only=True),), ca_bundle="/etc/ssl/x.pem")
-    ws, ca = spec["mounts"]
-    assert ws["source"] == "/nb" and ws["destination"] == "/workspace" and "ro" in ws["options"]
-    assert {"nosuid", "nodev"} <= set(ws["options"])
-    assert ca["destination"] == policy.CONTAINER_CA_BUNDLE and "ro" in ca["options"]
+@pytest.mark.parametrize("resources", [Resources(pids=0), Resources(pids=4097), Resources(memory=1 << 20),
+                                       Resources(cpus=0)])
+def test_limits_out_of_range_are_refused(resources):
+    with pytest.raises(ValueError):
+        _spec(resources=resources)
+
+
+def test_storage_mounts_and_ca_bundle():
+    spec = _spec(storage=STORAGE, ca_bundle="/etc/ssl/x.pem")
+    by_target = {m["destination"]: m for m in spec["mounts"]}
+    assert set(by_target) == {"/workspace", "/home/developer", "/tmp", "/var/tmp", "/run/mino",
+                              policy.CONTAINER_CA_BUNDLE}
+    assert by_target["/workspace"]["source"] == "/s/ws" and "rw" in by_target["/workspace"]["options"]
+    assert by_target["/home/developer"]["source"] == "/s/home"
+    assert by_target["/tmp"]["source"] == "/s/disk/tmp"
+    assert "ro" in by_target["/run/mino"]["options"] and "ro" in by_target[policy.CONTAINER_CA_BUNDLE]["options"]
+    for m in spec["mounts"]:
+        assert {"nosuid", "nodev", "rbind"} <= set(m["options"]) and m["type"] == "bind"
     for var in policy.CA_ENV_VARS:
         assert spec["env"][var] == policy.CONTAINER_CA_BUNDLE
+    ro = _spec(storage=StorageMounts(**{**STORAGE.__dict__, "workspace": "/nb", "workspace_mode": "ro"}))
+    assert "ro" in next(m for m in ro["mounts"] if m["destination"] == "/workspace")["options"]
+
+
+def test_a_probe_has_no_writable_place():
+    spec = _spec("none")
+    assert spec["mounts"] == [] and spec["read_only_filesystem"] is True
 
 
 def test_allowlist_namespace_has_hosts_and_no_dns():
     spec = _spec(hosts=[("pypi.org", "1.2.3.4"), ("pypi.org", "2001:db8::1")], no_dns=True)
     assert spec["hostadd"] == ["pypi.org:1.2.3.4", "pypi.org:2001:db8::1"]
-    assert spec["dns_server"] == ["127.0.0.1"]  # loopback: nothing answers, nothing leaves
+    assert spec["dns_server"] == ["127.0.0.1"]  # loopback: the firewall's name server, nothing leaves
 
 
-def test_firewall_container_holds_net_admin_only():
+def test_firewall_container_holds_net_admin_and_bind_only():
     spec = policy.firewall_spec(name="fw", image="img", target_container="abc", labels={},
-                                limits=HostLimits(100, 100))
-    assert spec["cap_drop"] == ["ALL"] and spec["cap_add"] == ["NET_ADMIN"]
-    assert spec["no_new_privileges"] is True
+                                limits=HostLimits(100, 100), command=("/usr/bin/perl", "-e", "1"),
+                                seccomp_profile="/p.json")
+    assert spec["cap_drop"] == ["ALL"] and spec["cap_add"] == ["NET_ADMIN", "NET_BIND_SERVICE"]
+    assert spec["no_new_privileges"] is True and spec["read_only_filesystem"] is True
     assert spec["netns"] == {"nsmode": "container", "value": "abc"}
-    assert "mounts" not in spec and "pidns" not in spec
+    assert [m["destination"] for m in spec["mounts"]] == ["/tmp"] and spec["mounts"][0]["type"] == "tmpfs"
+    assert "noexec" in spec["mounts"][0]["options"] and "pidns" not in spec
+    assert spec["resource_limits"]["memory"]["limit"] == policy.HELPER_RESOURCES.memory
+    assert spec["seccomp_profile_path"] == "/p.json"
 
 
-def test_exec_is_never_privileged_and_runs_as_the_cell_user():
-    body = policy.exec_body(["true"], env={"A": "1"})
-    assert body["Privileged"] is False
-    assert body["User"] == "1000:1000"
-    assert body["Env"] == ["A=1"]
+def test_the_cell_runs_bin_bash_itself_as_the_cell_user():
+    body = policy.cell_exec("echo hi", env={"A": "1"})
+    assert body["Cmd"] == ["/bin/bash", "--noprofile", "--norc", "-c", "echo hi", "mino-cell"]
+    assert body["Env"] == ["A=1", "BASH_ENV="]
+    assert body["User"] == "1000:1000" and body["Privileged"] is False
     assert body["WorkingDir"] == "/workspace"
     assert body["Tty"] is False and body["AttachStdin"] is False
+    from_file = policy.cell_exec("/run/mino/cell-1.sh", env={}, from_file=True)
+    assert from_file["Cmd"] == ["/bin/bash", "--noprofile", "--norc", "/run/mino/cell-1.sh"]
 
 
-def test_workspace_keeps_host_code_paths_read_only():
-    plan = policy.workspace_mounts("/p/nb", readonly=False, home="/home/u", existing=["a.ipynb", ".git", ".venv", "data"])
-    assert plan.note is None
-    assert plan.mounts == (Mount("/p/nb", "/workspace"), Mount("/p/nb/.git", "/workspace/.git", read_only=True),
-                           Mount("/p/nb/.venv", "/workspace/.venv", read_only=True))
-    assert policy.workspace_mounts("/p/nb", readonly=True, home=None, existing=[".git"]).mounts == (
-        Mount("/p/nb", "/workspace", read_only=True),)
+@pytest.mark.parametrize("make", [lambda: policy.cell_exec("x", env={}), lambda: policy.probe_exec("x")])
+def test_no_exec_runs_as_root_or_by_a_relative_name(make):
+    body = make()
+    assert body["User"] == policy.CELL_USER
+    assert body["Cmd"][0].startswith("/")
+    assert "BASH_ENV=" in body["Env"]
 
 
-@pytest.mark.parametrize("workspace", ["/home/u", "/home", "/"])
-def test_a_home_directory_is_never_shared_read_write(workspace):
-    plan = policy.workspace_mounts(workspace, readonly=False, home="/home/u", existing=[".bashrc"])
-    assert plan.mounts == (Mount(workspace, "/workspace", read_only=True),)
-    assert "shared read-only" in plan.note
+@pytest.mark.parametrize("workspace,requested,expected", [
+    ("/home/u", "rw", "overlay"), ("/home", "rw", "overlay"), ("/", "rw", "overlay"),
+    ("/home/u/proj", "rw", "rw"), ("/home/u", "ro", "ro"), ("/home/u", "overlay", "overlay"),
+])
+def test_a_home_directory_is_never_shared_read_write(workspace, requested, expected):
+    mode, note = policy.workspace_mode(requested, workspace, "/home/u")
+    assert mode == expected
+    assert (note is not None) == (requested != expected)
+
+
+def test_default_resources_follow_the_machine():
+    r = policy.default_resources(mem_total=24 << 30, cpu_count=2, disk_free=80 << 30)
+    assert (r.memory, r.cpus, r.disk, r.pids) == (12 << 30, 1.0, 10 << 30, 4096)
+    small = policy.default_resources(mem_total=512 << 20, cpu_count=1, disk_free=1 << 30)
+    assert (small.memory, small.cpus, small.disk) == (512 << 20, 1.0, 512 << 20)
 
 
 # ---------------------------------------------------------------- the whole session, engine-free
-from mino_jupyter.network import AllowEntry, NetworkPlan  # noqa: E402
-
 OWNER = {"io.mino.owner": "tok", "io.mino.owner-pid": "1"}
-FACTS = policy.HostFacts(limits=HostLimits(20000, 32768), workspace="/p/nb", home="/home/u",
-                         present=("data.csv",), ca_bundle="/etc/ssl/certs/ca-certificates.crt", kernel_id="k1")
+FACTS = policy.HostFacts(limits=HostLimits(20000, 32768), storage=STORAGE,
+                         ca_bundle="/etc/ssl/certs/ca-certificates.crt", caches={"pip": "/c/pip"},
+                         project="p1", seccomp_profile="/s.json", kernel_id="k1")
 
 
 @pytest.mark.parametrize("plan,namespace,no_dns", [
@@ -110,7 +153,7 @@ FACTS = policy.HostFacts(limits=HostLimits(20000, 32768), workspace="/p/nb", hom
     (NetworkPlan("allowlist", "registries", (AllowEntry("pypi.org", 443),)), "bridge", True),
 ])
 def test_session_request_decides_the_whole_container(plan, namespace, no_dns):
-    settings = policy.SessionSettings(image="img", pids_limit=100, toolchain="python")
+    settings = policy.SessionSettings(image="img", resources=Resources(pids=100), toolchain="python")
     shape = policy.session_request("s1", plan, settings, FACTS, OWNER, fresh=False,
                                    hosts=(("pypi.org", "1.2.3.4"),) if no_dns else (), container_name="mino-x-s1")
     spec = policy.session_spec(shape.request)
@@ -118,22 +161,23 @@ def test_session_request_decides_the_whole_container(plan, namespace, no_dns):
     assert ("dns_server" in spec) is no_dns
     assert spec["hostadd"] == (["pypi.org:1.2.3.4"] if no_dns else [])
     assert spec["resource_limits"]["pids"]["limit"] == 100
+    assert spec["seccomp_profile_path"] == "/s.json"
     assert spec["labels"] == {**policy.MANAGED, "io.mino.version": policy.__version__, **OWNER,
                               "io.mino.role": "session", "io.mino.session": "s1",
-                              "io.mino.network": plan.describe(), "io.mino.kernel-id": "k1"}
+                              "io.mino.network": plan.describe(), "io.mino.kernel-id": "k1",
+                              "io.mino.project": "p1"}
     assert shape.network_labels["io.mino.role"] == "firewall"
-    assert {k: v for k, v in shape.network_labels.items() if k != "io.mino.role"} == \
-        {k: v for k, v in spec["labels"].items() if k != "io.mino.role"}
-    assert spec["volumes"] == [{"Name": "mino-cache-pip", "Dest": "/home/developer/.cache/pip",
-                                "Options": ["nosuid", "nodev"]}]
-    assert spec["mounts"][0]["source"] == "/p/nb"
+    assert {"source": "/c/pip", "destination": "/home/developer/.cache/pip", "type": "bind",
+            "options": ["rbind", "rw", "nosuid", "nodev"]} in spec["mounts"]
+    assert "volumes" not in spec
 
 
 def test_session_request_fresh_role_and_no_cache():
-    shape = policy.session_request("fresh-1", NetworkPlan("none"), policy.SessionSettings(image="img", package_cache=False,
-                                   toolchain="node"), FACTS, OWNER, fresh=True, container_name="c")
+    shape = policy.session_request("fresh-1", NetworkPlan("none"), policy.SessionSettings(
+        image="img", package_cache=False, toolchain="python"), FACTS, OWNER, fresh=True, container_name="c")
     spec = policy.session_spec(shape.request)
-    assert spec["labels"]["io.mino.role"] == "fresh" and spec["volumes"] == []
+    assert spec["labels"]["io.mino.role"] == "fresh"
+    assert not any(m["destination"].endswith(".cache/pip") for m in spec["mounts"])
 
 
 def test_labels_refuse_unknown_roles():

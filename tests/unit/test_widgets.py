@@ -41,7 +41,7 @@ def test_saving_for_the_project_writes_a_trusted_mino_toml(manager):
     assert f"saved in {path}" in picker.status.value
     assert all(b.disabled for b in picker.buttons)
     loaded = manager.settings()
-    assert loaded.project_trusted and loaded.explicit_network()
+    assert loaded.project is not None and loaded.untrusted == () and loaded.explicit_network()
 
 
 def test_saving_bridge_globally_counts_as_a_choice(manager):
@@ -154,7 +154,7 @@ def test_panel_trust_button(manager):
     assert "is not trusted" in note.value and 'network = "host"' in note.value
     button.click()
     assert p.trust_box.children == () or list(p.trust_box.children) == []
-    assert "trusted" in p.status.value and manager.settings().project_trusted
+    assert "trusted" in p.status.value and manager.settings().project is not None
 
 
 def test_panel_shows_errors_not_tracebacks(manager):

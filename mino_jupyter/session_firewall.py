@@ -1,23 +1,26 @@
-"""One session's allowlist: its firewall container, the control channel to it, and the answers.
+"""One session's firewall: its firewall container, the control channel to it, and the answers.
 
-A :class:`SessionAllowlist` is made when an allowlist session starts and closed when it stops.
-It owns everything about the session's firewall that changes over time:
+A :class:`SessionFirewall` is made when a bridge or allowlist session starts and closed when it
+stops. It owns everything about the session's firewall that changes over time:
 
-* ``start``: the NET_ADMIN-only firewall container joins the session's network namespace, mino
-  attaches to its agent (requests on its stdin, which only the engine's API reaches), installs
-  the ruleset and verifies what was installed. Any failure raises :class:`FirewallError`.
+* ``start``: the firewall container (NET_ADMIN and NET_BIND_SERVICE, nothing else) joins the
+  session's network namespace, mino attaches to its agent (requests on its stdin, which only the
+  engine's API reaches), installs the ruleset and verifies what was installed, chain by chain
+  and rule by rule. Any failure raises :class:`FirewallError`: nothing runs on an open network.
 * ``refresh``: after :data:`RESOLVE_REFRESH` seconds the names are resolved again; changed
   answers replace the rules and ``/etc/hosts``.
-* ``replace``: the cell's allowlist entries changed; new rules, new hosts.
-* ``report``: what was refused since the last report, as one line for the user.
+* ``replace``: the cell's allow entries changed; new rules (flows to removed destinations stop
+  at their next packet), new hosts.
+* ``report``: what was refused since the last report, as lines for the user.
 * ``close``: the channel goes (the container goes with its session: removal with dependents).
 
-The decisions (the ruleset, its verification, hosts lines, keeping a name's last answers) are
+The decisions (the rulesets, their verification, hosts lines, keeping a name's last answers) are
 pure functions in :mod:`mino_jupyter.firewall`; this module only acts on them.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -41,11 +44,15 @@ def resolve(plan: NetworkPlan, resolver: firewall.Resolver, notice: Notice,
     return resolved
 
 
-class SessionAllowlist:
+class SessionFirewall:
     def __init__(self, engine: Engine, *, session_container: str, plan: NetworkPlan,
-                 resolver: firewall.Resolver, notice: Notice, clock: Callable[[], float] = time.monotonic):
+                 resolver: firewall.Resolver, notice: Notice, hosts_path: str | None,
+                 local: firewall.LocalNetworks, clock: Callable[[], float] = time.monotonic):
         self.engine = engine
+        self.mode = "allowlist" if plan.mode == "allowlist" else "bridge"
+        self.local = local
         self.session_container = session_container
+        self.hosts_path = hosts_path  # the session's /etc/hosts on this machine (Podman's HostsPath)
         self.plan = plan
         self.resolver = resolver
         self.notice = notice
@@ -59,11 +66,13 @@ class SessionAllowlist:
         return resolve(plan, self.resolver, self.notice, previous)
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, *, image: str, name: str, labels: dict, resolved: firewall.Resolved) -> None:
+    def start(self, *, image: str, name: str, labels: dict, resolved: firewall.Resolved,
+              seccomp_profile: str | None = None) -> None:
         """Start the firewall container in the session's namespace and install the rules."""
         self.container = self.engine.run(policy.firewall_spec(
             name=name, image=image, target_container=self.session_container, labels=labels,
-            limits=self.engine.host_limits(), command=("sh", "-c", firewall.AGENT)))
+            limits=self.engine.host_limits(), command=firewall.agent_command(self.mode),
+            seccomp_profile=seccomp_profile))
         self.channel = self.engine.attach(self.container)
         self._install(resolved)
 
@@ -89,15 +98,15 @@ class SessionAllowlist:
             self.plan = old
             raise
 
-    def report(self) -> str | None:
-        """One line about what was refused since the last report (None: nothing)."""
+    def report(self) -> list[str]:
+        """Lines about what was refused since the last report (none: nothing was)."""
         try:
             code, out, _ = self._request(firewall.REPORT_REQUEST)
         except MinoError:
-            return None
+            return []
         if code != 0:
-            return None
-        return firewall.describe_refused(firewall.parse_refused(out), self.resolved or firewall.Resolved())
+            return []
+        return firewall.describe_refused(firewall.parse_refused(out), self.resolved or firewall.Resolved(), self.mode)
 
     def close(self) -> None:
         if self.channel is not None:
@@ -119,24 +128,34 @@ class SessionAllowlist:
 
     def _install(self, resolved: firewall.Resolved) -> None:
         """Install the ruleset from the firewall container and check it is what we asked for."""
-        code, out, err = self._request(firewall.install_request(firewall.ruleset(resolved)))
+        code, out, err = self._request(firewall.install_request(firewall.ruleset(resolved, self.mode, self.local)))
         if code != 0:
             raise FirewallError(f"nft failed (exit {code}): {(err or out).strip()[:300]}")
-        problems = firewall.verify(out, resolved)
+        problems = firewall.verify(out, resolved, self.mode, self.local)
         if problems:
-            raise FirewallError("the installed rules differ from the allowlist: " + "; ".join(problems))
+            raise FirewallError("the installed rules differ from what mino asked for: " + "; ".join(problems))
         self.resolved = resolved
         self.resolved_at = self.clock()
 
     def _write_hosts(self, resolved: firewall.Resolved) -> None:
-        _, out, _ = self.engine.exec_run(self.session_container, policy.hosts_read_exec())
-        names = {e.host for e in self.plan.allow if not e.is_ip} | \
-            {n for n, _ in (self.resolved or firewall.Resolved()).hosts}
-        text = firewall.rewrite_hosts(out.decode(errors="replace"), names, resolved.hosts)
-        code, _, err = self.engine.exec_run(self.session_container, policy.hosts_write_exec(text))
-        if code != 0:
-            raise FirewallError(f"could not update /etc/hosts: {err.decode(errors='replace').strip()}")
+        """Rewrite the session's /etc/hosts from this machine: Podman bind-mounts that file from
+        its own directory into the container. No process runs in the session for this (a process
+        there would run where the cell's files are; as root, it could be the cell's)."""
+        if not self.hosts_path:
+            raise FirewallError("the engine did not say where the session's /etc/hosts is")
+        try:
+            fd = os.open(self.hosts_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FirewallError(f"could not open the session's hosts file {self.hosts_path}: {exc.strerror}") from None
+        with os.fdopen(fd, "r+", encoding="utf-8", errors="replace") as f:
+            names = {e.host for e in self.plan.allow if not e.is_ip} | \
+                {n for n, _ in (self.resolved or firewall.Resolved()).hosts}
+            text = firewall.rewrite_hosts(f.read(), names, resolved.hosts)
+            f.seek(0)
+            f.write(text)  # in place: the container's bind mount follows this inode, not the name
+            f.truncate()
 
     def _apply(self, resolved: firewall.Resolved) -> None:
         self._install(resolved)
-        self._write_hosts(resolved)
+        if self.mode == "allowlist":
+            self._write_hosts(resolved)

@@ -1,0 +1,147 @@
+"""Facts about this machine that a new session needs: gathered here, decided elsewhere.
+
+* the CA bundle to pass in, checked to be what it claims (a regular file, not a link a cell could
+  have planted, not writable by others);
+* default limits from the machine's size (memory, cores, free disk);
+* mino's seccomp profile, derived from the engine's default and written once per content;
+* a container's PID namespace and its memory cgroup's OOM-kill count, read from ``/proc`` and
+  the cgroup filesystem: what the kernel itself says happened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+from . import policy, seccomp
+from .errors import UsageError
+
+HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
+                   "/etc/ssl/cert.pem")
+
+
+def ca_bundle(setting: str | None) -> str | None:
+    """The host path of the CA bundle to mount, or None. "auto": the first system bundle."""
+    if not setting or setting == "none":
+        return None
+    if setting == "auto":
+        for path in HOST_CA_BUNDLES:
+            if os.path.isfile(path):
+                return _checked_bundle(path, automatic=True)
+        return None
+    if not os.path.isfile(setting):
+        raise UsageError(f"ca_bundle {setting} does not exist", 'set container.ca_bundle to "auto", "none" or a file')
+    return _checked_bundle(setting, automatic=False)
+
+
+def _checked_bundle(path: str, *, automatic: bool) -> str | None:
+    """The bundle's real path, once that path holds a regular file owned by root or by us that
+    nobody else may write (Podman mounts by path: it must be what we checked)."""
+    real = os.path.realpath(path)
+    try:
+        st = os.lstat(real)
+    except OSError:
+        return None
+    ok = stat.S_ISREG(st.st_mode) and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022
+    if ok:
+        return real
+    if automatic:
+        return None
+    raise UsageError(f"ca_bundle {path} is not a regular file owned by root or you and writable only by its owner",
+                     'fix its owner and mode, or set container.ca_bundle to "auto" or "none"')
+
+
+def default_resources(where: Path) -> policy.Resources:
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    where.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(where)
+    return policy.default_resources(mem_total, os.cpu_count() or 1, st.f_bavail * st.f_frsize)
+
+
+def disk_free(where: Path) -> int:
+    where.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(where)
+    return st.f_bavail * st.f_frsize
+
+
+def seccomp_profile(state: Path) -> str | None:
+    """mino's profile (:mod:`mino_jupyter.seccomp`) as a file named by its content's hash."""
+    for candidate in seccomp.DEFAULT_PROFILE_PATHS:
+        try:
+            default = json.loads(Path(candidate).read_text())
+        except (OSError, ValueError):
+            continue
+        text = seccomp.profile_text(default)
+        target = state / "seccomp" / f"mino-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        if not target.exists():
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        return str(target)
+    return None
+
+
+def pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def oom_kills(cgroup_path: str | None) -> int | None:
+    """How many processes the kernel's OOM killer ended in a container's memory cgroup."""
+    if not cgroup_path:
+        return None
+    rel = cgroup_path.lstrip("/")
+    for path, key in ((f"/sys/fs/cgroup/memory/{rel}/memory.oom_control", "oom_kill"),
+                      (f"/sys/fs/cgroup/{rel}/memory.events", "oom_kill")):
+        try:
+            for line in Path(path).read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+IP = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
+HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def host_addresses() -> list[tuple[str, int]]:
+    """Every address of this machine's interfaces, with its prefix length (`ip -j addr`)."""
+    import subprocess
+
+    binary = next((p for p in IP if os.access(p, os.X_OK)), None)
+    if binary is None:
+        raise UsageError("iproute2 (`ip`) is missing; mino needs it to know this machine's addresses",
+                         "apt-get install iproute2 (`make setup` does)")
+    out = subprocess.run([binary, "-j", "addr", "show"], env=HELPER_ENV, capture_output=True, text=True,
+                         timeout=10, cwd="/").stdout
+    return [(a["local"], int(a["prefixlen"])) for link in json.loads(out or "[]")
+            for a in link.get("addr_info", []) if a.get("local")]
+
+
+def nameservers(resolv_conf: str | None) -> list[str]:
+    """The name servers a container was given (its resolv.conf, as Podman wrote it)."""
+    import ipaddress
+
+    found = []
+    try:
+        text = Path(resolv_conf).read_text() if resolv_conf else ""
+    except OSError:
+        return found
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                found.append(str(ipaddress.ip_address(fields[1].split("%")[0])))
+            except ValueError:
+                continue
+    return found

@@ -1,0 +1,171 @@
+"""A cell's processes, seen and signalled from this machine: outside the container.
+
+Podman does not forward signals to exec'd processes, and any helper mino ran *inside* the
+container would share the cell's uid: a cell could stop it, trace it or answer in its place.
+So mino looks at the container's processes from the host's ``/proc`` and signals them from
+here, where nothing the cell runs can reach.
+
+A cell's processes are the processes of the cell's uid in the container's PID namespace that
+started no earlier than the cell's own shell (the exec's process, whose host pid the engine
+reports) and do not descend from an older process of that uid: a server an earlier cell left
+running, and what it starts, are not this cell's. ``setsid``, ``nohup`` and double forks do not
+hide a process from this: it is judged by namespace, uid and start time, not by group.
+
+Stopping (interrupt or timeout): INT, then TERM, then KILL to the shell's process group (what a
+terminal does; bash's foreground job and its background jobs are in it), a fraction of a second
+apart; then everything else the cell started is frozen (SIGSTOP, repeated until nothing new
+appears, so a fork loop cannot outrun it) and killed. What is still alive afterwards is
+reported by pid and command, never called stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .policy import CELL_UID
+
+PROC = Path("/proc")
+GRACE = 0.3  # seconds a signal to the group gets before the next, stronger one
+SWEEP_ROUNDS = 200
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    pgid: int
+    start: int  # clock ticks after boot
+    uid: int  # real uid
+    state: str
+    command: str
+
+
+def read(pid: int, proc: Path = PROC) -> Proc | None:
+    try:
+        raw = (proc / str(pid) / "stat").read_text()
+        status = (proc / str(pid) / "status").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    name = raw[raw.index("(") + 1:raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2:].split()
+    uid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:")), -1)
+    try:
+        args = (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        args = ""
+    return Proc(pid=pid, ppid=int(fields[1]), pgid=int(fields[2]), start=int(fields[19]), uid=uid,
+                state=fields[0], command=(args or name)[:120])
+
+
+def namespace(pid: int, proc: Path = PROC) -> str | None:
+    try:
+        return os.readlink(proc / str(pid) / "ns" / "pid")
+    except OSError:
+        return None
+
+
+def in_namespace(ns: str, proc: Path = PROC) -> dict[int, Proc]:
+    found = {}
+    for entry in os.scandir(proc):
+        if entry.name.isdigit() and namespace(int(entry.name), proc) == ns:
+            p = read(int(entry.name), proc)
+            if p is not None:
+                found[p.pid] = p
+    return found
+
+
+def cell_processes(ns: str, leader_start: int, proc: Path = PROC) -> dict[int, Proc]:
+    """The live processes a cell started (see the module doc)."""
+    everyone = in_namespace(ns, proc)
+
+    def ours(p: Proc) -> bool:
+        seen = 0
+        while p is not None and seen < 4096:
+            if p.uid != CELL_UID:
+                return True  # reached the container's init: nothing older of the cell's uid above
+            if p.start < leader_start:
+                return False  # an older process of the cell's uid: an earlier cell's
+            p = everyone.get(p.ppid)
+            seen += 1
+        return True
+
+    return {pid: p for pid, p in everyone.items()
+            if p.uid == CELL_UID and p.start >= leader_start and p.state != "Z" and ours(p)}
+
+
+@dataclass(frozen=True)
+class Stopped:
+    signal: str | None  # the strongest signal the group needed: INT, TERM, KILL (None: it was gone)
+    survivors: tuple[Proc, ...] = ()
+
+    @property
+    def how(self) -> str:
+        return {"INT": "interrupted", "TERM": "terminated", "KILL": "killed"}.get(self.signal or "", "interrupted")
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def boottime_ticks() -> int:
+    """Now, in the unit of /proc/PID/stat's start time (clock ticks since boot)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def stop(leader: int, *, ns: str | None, started: int, proc: Path = PROC, grace: float = GRACE) -> Stopped:
+    """Stop everything a cell started. `leader`: the host pid of the cell's shell (0: unknown or
+    gone); `started`: :func:`boottime_ticks` taken before the cell started, used when the shell
+    has already exited (its background processes are still the cell's)."""
+    me = read(leader, proc) if leader else None
+    if me is not None and me.state != "Z":
+        ns = namespace(leader, proc) or ns
+        started = me.start
+    if ns is None:
+        return Stopped(None)
+    used = None
+    for name in ("INT", "TERM", "KILL"):
+        if me is None:
+            break
+        group = [p for p in cell_processes(ns, started, proc).values() if p.pgid == leader]
+        if not group:
+            break
+        try:
+            os.killpg(leader, getattr(signal, f"SIG{name}"))
+        except (ProcessLookupError, PermissionError):
+            break
+        used = name
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(p.pgid == leader for p in cell_processes(ns, started, proc).values()):
+            time.sleep(0.02)
+    return Stopped(used, sweep(ns, started, proc))
+
+
+def sweep(ns: str, leader_start: int, proc: Path = PROC) -> tuple[Proc, ...]:
+    """Freeze every process the cell started (until no new one appears), then kill them all."""
+    frozen: dict[int, Proc] = {}
+    for _ in range(SWEEP_ROUNDS):
+        fresh = {pid: p for pid, p in cell_processes(ns, leader_start, proc).items()
+                 if pid not in frozen or p.state not in ("T", "t")}
+        if not fresh:
+            break
+        for pid in fresh:
+            _kill(pid, signal.SIGSTOP)
+        frozen.update(fresh)
+    for pid in frozen:
+        _kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        left = cell_processes(ns, leader_start, proc)
+        if not left:
+            return ()
+        for pid in left:
+            _kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
+    return tuple(cell_processes(ns, leader_start, proc).values())

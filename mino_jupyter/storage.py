@@ -1,0 +1,478 @@
+"""A session's storage on this machine: its disk, its workspace and home overlays, its control files.
+
+Everything a cell can write lands on the session's **disk**: a sparse file of the session's
+disk limit, formatted ext4 and mounted by mino (``nosuid,nodev``) under mino's state directory,
+never in the notebook's directory and never on a ``sys.path``. The container's own root
+filesystem is read-only, so the disk limit is the limit of everything the cell writes:
+
+* ``/workspace``: an overlay whose lower layer is the notebook's directory (opened by mino,
+  never written) and whose upper layer is on the disk. The cell reads every file next to the
+  notebook and writes, builds, clones and installs as usual; nothing reaches the notebook's
+  directory until the user applies it (:mod:`mino_jupyter.changes`). ``ro`` shares the
+  directory read-only, ``rw`` (an explicit opt-in) read-write.
+* ``/home/developer``: an overlay of the image's home (extracted once per image into mino's
+  state directory) and an upper layer on the disk: ``pip install``, ``npm install -g`` and dot
+  files work, and stay inside the limit.
+* ``/tmp`` and ``/var/tmp``: directories on the disk.
+* ``/run/mino``: read-only inside; where mino puts files for its own execs (a large cell script).
+
+The overlays are mounted with ``redirect_dir=off,metacopy=off,index=off``: what the cell
+changed is plain files and whiteouts in the upper layer, which :mod:`mino_jupyter.changes`
+reads without following anything the cell could have planted. The lower layers and the upper
+and work directories are passed to the kernel as ``/proc/self/fd/N`` of directories mino opened
+with ``O_NOFOLLOW``, so no path a cell could influence is resolved when mounting.
+
+Mounting needs root on this machine (rootful Podman, the kernel running as root). Every
+helper program mino runs here is named by absolute path, with a fixed environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import policy
+from .errors import MinoError
+
+HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+MOUNT = ("/usr/bin/mount", "/bin/mount")
+MKFS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
+OVERLAY_OPTIONS = "redirect_dir=off,metacopy=off,index=off"
+MS_NOSUID, MS_NODEV = 0x2, 0x4
+MNT_DETACH, UMOUNT_NOFOLLOW = 0x2, 0x8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class StorageError(MinoError):
+    """A session's disk or overlays could not be set up; nothing was started."""
+
+
+def _helper(names: tuple[str, ...]) -> str:
+    for path in names:
+        if os.access(path, os.X_OK):
+            return path
+    raise StorageError(f"{names[0]} is missing", "install util-linux and e2fsprogs (`make setup` does)")
+
+
+def _run(cmd: list[str], what: str) -> None:
+    done = subprocess.run(cmd, env=HELPER_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          errors="replace", cwd="/", timeout=120)
+    if done.returncode != 0:
+        raise StorageError(f"could not {what}: {(done.stderr or done.stdout).strip()[:300]}",
+                           "`mino-jupyter doctor` checks what sessions need on this machine")
+
+
+# ---------------------------------------------------------------------------- mounts
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace")
+
+
+def mountpoints() -> list[str]:
+    """Mount points of this mount namespace (/proc/self/mountinfo, octal escapes decoded)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    return [_unescape(line.split()[4]) for line in text.splitlines() if len(line.split()) > 4]
+
+
+def is_mounted(path: Path) -> bool:
+    return str(path) in mountpoints()
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    return [m for m in mountpoints() if m == str(path) or m.startswith(prefix)]
+
+
+def _open_dir(path: Path) -> int:
+    """A directory mino made or was given, opened without following a final symlink."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def mount_overlay(target: Path, lower: Path, upper: Path, work: Path) -> None:
+    fds = [_open_dir(lower), _open_dir(upper), _open_dir(work)]
+    try:
+        data = (f"lowerdir=/proc/self/fd/{fds[0]},upperdir=/proc/self/fd/{fds[1]},"
+                f"workdir=/proc/self/fd/{fds[2]},{OVERLAY_OPTIONS}")
+        if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, data.encode()) != 0:
+            err = ctypes.get_errno()
+            raise StorageError(f"could not mount the overlay at {target}: {os.strerror(err)}",
+                               "mino needs root and a kernel with overlayfs; `mino-jupyter doctor` checks")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def unmount(path: Path) -> None:
+    """Unmount; a busy mount point is detached (it goes when its last user does)."""
+    if _libc.umount2(os.fsencode(path), UMOUNT_NOFOLLOW) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return  # not mounted (any more)
+    if err == errno.EBUSY and _libc.umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+        return
+    raise StorageError(f"could not unmount {path}: {os.strerror(err)}")
+
+
+def make_disk(image: Path, size: int) -> None:
+    """A sparse file of `size` bytes with an ext4 filesystem (no journal: scratch space)."""
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    _run([_helper(MKFS), "-q", "-F", "-O", "^has_journal", "-m", "0", "-E",
+          "lazy_itable_init=1,root_owner=0:0", str(image)], f"make a {size // (1 << 20)} MiB disk")
+
+
+def mount_disk(image: Path, target: Path) -> None:
+    _run([_helper(MOUNT), "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", str(image), str(target)],
+         f"mount the disk {image}")
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete a directory mino made, but never across a mount point (a leftover mount would
+    let the deletion reach what is mounted there). False when something is still mounted."""
+    if mounts_under(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+# ---------------------------------------------------------------------------- one session
+
+@dataclass(frozen=True)
+class SessionPaths:
+    """Where a session's pieces live on this machine (pure)."""
+
+    root: Path
+
+    @property
+    def image(self) -> Path:
+        return self.root / "disk.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.root / "disk"
+
+    @property
+    def workspace_upper(self) -> Path:
+        return self.disk / "workspace" / "upper"
+
+    @property
+    def workspace_work(self) -> Path:
+        return self.disk / "workspace" / "work"
+
+    @property
+    def home_upper(self) -> Path:
+        return self.disk / "home" / "upper"
+
+    @property
+    def home_work(self) -> Path:
+        return self.disk / "home" / "work"
+
+    @property
+    def tmp(self) -> Path:
+        return self.disk / "tmp"
+
+    @property
+    def var_tmp(self) -> Path:
+        return self.disk / "var-tmp"
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "workspace"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control"
+
+
+def _mkdir(path: Path, mode: int, uid: int = 0) -> None:
+    path.mkdir(mode=mode)
+    os.chown(path, uid, uid)
+    os.chmod(path, mode)  # umask-free
+
+
+class SessionStorage:
+    """A session's disk and mounts. :meth:`create` sets everything up or leaves nothing behind."""
+
+    def __init__(self, paths: SessionPaths, notebook_dir: Path, mode: str):
+        self.paths = paths
+        self.notebook_dir = notebook_dir
+        self.mode = mode  # overlay | ro | rw
+
+    @classmethod
+    def create(cls, root: Path, *, notebook_dir: Path, mode: str, home_lower: Path, disk_bytes: int) -> "SessionStorage":
+        if mode not in policy.WORKSPACE_MODES:
+            raise ValueError(f"workspace mode must be one of {policy.WORKSPACE_MODES}, not {mode!r}")
+        storage = cls(SessionPaths(root), notebook_dir, mode)
+        try:
+            storage._create(home_lower, disk_bytes)
+        except BaseException:
+            storage.teardown()
+            raise
+        return storage
+
+    def _create(self, home_lower: Path, disk_bytes: int) -> None:
+        p = self.paths
+        p.root.mkdir(mode=0o700, parents=True)
+        for directory in (p.disk, p.workspace, p.home):
+            directory.mkdir(mode=0o700)
+        _mkdir(p.control, 0o755)
+        make_disk(p.image, disk_bytes)
+        mount_disk(p.image, p.disk)
+        os.chmod(p.disk, 0o711)
+        cell = policy.CELL_UID
+        for parent in (p.disk / "workspace", p.disk / "home"):
+            _mkdir(parent, 0o711)
+        _mkdir(p.workspace_upper, 0o755, cell)
+        _mkdir(p.home_upper, 0o755, cell)
+        _mkdir(p.workspace_work, 0o700)
+        _mkdir(p.home_work, 0o700)
+        _mkdir(p.tmp, 0o1777)
+        _mkdir(p.var_tmp, 0o1777)
+        if self.mode == "overlay":
+            mount_overlay(p.workspace, self.notebook_dir, p.workspace_upper, p.workspace_work)
+        mount_overlay(p.home, home_lower, p.home_upper, p.home_work)
+
+    # ------------------------------------------------------------------ what the container gets
+    def mounts(self) -> policy.StorageMounts:
+        p = self.paths
+        workspace = str(p.workspace) if self.mode == "overlay" else str(self.notebook_dir)
+        return policy.StorageMounts(workspace=workspace, workspace_mode=self.mode, home=str(p.home),
+                                    tmp=str(p.tmp), var_tmp=str(p.var_tmp), control=str(p.control))
+
+    def write_control(self, name: str, data: bytes) -> str:
+        """A file for one of mino's execs, read-only inside at /run/mino/NAME. Returns that path."""
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=_fd_guard(self.paths.control))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return f"{policy.CONTROL_DIR}/{name}"
+
+    def remove_control(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths.control / name)
+
+    # ------------------------------------------------------------------ changes
+    @property
+    def upper(self) -> Path | None:
+        """The workspace's upper layer (what the cell changed), while the disk is mounted."""
+        if self.mode != "overlay" or not is_mounted(self.paths.disk):
+            return None
+        return self.paths.workspace_upper
+
+    # ------------------------------------------------------------------ going away
+    def release(self) -> None:
+        """The container is gone: unmount the overlays, keep the disk (its changes can still be
+        listed and applied until the session is forgotten or the kernel ends)."""
+        for mount in (self.paths.workspace, self.paths.home):
+            unmount(mount)
+
+    def teardown(self) -> bool:
+        """Unmount everything and delete the session's files. False when a mount stayed."""
+        ok = True
+        for mount in (self.paths.workspace, self.paths.home, self.paths.disk):
+            try:
+                unmount(mount)
+            except StorageError:
+                ok = False
+        return remove_tree(self.paths.root) and ok
+
+
+class _FdGuard:
+    def __init__(self, path: Path):
+        self.fd = _open_dir(path)
+
+    def __del__(self):
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+_guards: dict[str, _FdGuard] = {}
+
+
+def _fd_guard(path: Path) -> int:
+    """A cached O_NOFOLLOW descriptor of one of mino's own directories."""
+    guard = _guards.get(str(path))
+    if guard is None:
+        guard = _guards[str(path)] = _FdGuard(path)
+    return guard.fd
+
+
+# ---------------------------------------------------------------------------- image homes
+
+def image_home(engine, image: str, cache: Path, owner_labels: dict) -> Path:
+    """The image's /home/developer on this machine (the lower layer of every session's home),
+    extracted once per image id through the engine's archive API; nothing runs to get it."""
+    info = engine.image_inspect(image)
+    if info is None:
+        raise StorageError(f"image {image} is not present", "build or pull it first")
+    target = cache / info["Id"][:24]
+    home = target / "developer"
+    if home.is_dir():
+        return home
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    spec = policy.session_spec(policy.SessionRequest(
+        name=f"mino-home-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=image, network="none",
+        labels=policy.labels("verify", owner_labels), limits=engine.host_limits()))
+    cid = engine.create(spec)
+    try:
+        data = engine.get_archive(cid, policy.HOME)
+    finally:
+        engine.remove(cid)
+    tmp = cache / f".{target.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o755)
+    if data is None:  # an image without the sandbox user's home: an empty one
+        _mkdir(tmp / "developer", 0o755, policy.CELL_UID)
+    else:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(tmp, numeric_owner=True, filter=_home_filter)
+        if not (tmp / "developer").is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StorageError(f"image {image}: {policy.HOME} is not a directory")
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another kernel extracted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return home
+
+
+def _home_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+    """The image's files as they are (owners kept), minus what could never belong in a home:
+    device files, setuid/setgid bits, links that leave the tree (tarfile's "tar" filter)."""
+    if member.ischr() or member.isblk():
+        return None
+    member = tarfile.tar_filter(member, path)
+    return member.replace(mode=member.mode & ~(stat.S_ISUID | stat.S_ISGID), deep=False) if member.mode else member
+
+
+# ---------------------------------------------------------------------------- owners and leftovers
+
+OWNER_FILE = "owner.json"
+
+
+def claim(directory: Path, owner_labels: dict) -> None:
+    """Mark a kernel's sessions directory with its owner, so a later reap can judge it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (directory / OWNER_FILE).write_text(json.dumps(owner_labels, sort_keys=True))
+
+
+def teardown_owner(directory: Path) -> bool:
+    """Unmount and delete every session of one kernel (its sessions directory)."""
+    ok = True
+    if directory.is_dir():
+        for child in directory.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                ok = SessionStorage(SessionPaths(child), Path("/"), "ro").teardown() and ok
+    return remove_tree(directory) and ok
+
+
+def reap(sessions_root: Path, alive: Callable[[dict], bool]) -> list[Path]:
+    """Storage of kernels that died (their owner is gone): unmounted and deleted."""
+    removed = []
+    try:
+        owners = [d for d in sessions_root.iterdir() if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        return removed
+    for directory in owners:
+        try:
+            labels = json.loads((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not alive(labels) and teardown_owner(directory):
+            removed.append(directory)
+    return removed
+
+
+# ---------------------------------------------------------------------------- project caches
+
+@dataclass(frozen=True)
+class CachePaths:
+    """One project's package caches (pip, npm): a disk of their own, shared by the sessions of
+    that project only (named by a hash of the notebook directory's real path)."""
+
+    root: Path
+
+    @property
+    def image(self) -> Path:
+        return self.root / "cache.img"
+
+    @property
+    def mount(self) -> Path:
+        return self.root / "mnt"
+
+    def cache(self, name: str) -> Path:
+        return self.mount / name
+
+
+def project_key(notebook_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(os.fsencode(os.path.realpath(notebook_dir))).hexdigest()[:16]
+
+
+def project_caches(caches_root: Path, notebook_dir: Path, names: tuple[str, ...], size: int) -> dict[str, str]:
+    """The project's cache directories, on its cache disk (made and mounted when needed).
+
+    The directories exist only inside the mounted disk: were it ever unmounted, binding them
+    would fail instead of writing to this machine's disk without a limit."""
+    if not names:
+        return {}
+    paths = CachePaths(caches_root / project_key(notebook_dir))
+    import fcntl
+
+    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(paths.root / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_mounted(paths.mount):
+            if not paths.mount.is_dir():
+                paths.mount.mkdir(mode=0o000)
+            if not paths.image.exists():
+                make_disk(paths.image, size)
+            mount_disk(paths.image, paths.mount)
+            os.chmod(paths.mount, 0o711)
+        for name in names:
+            if not paths.cache(name).is_dir():
+                _mkdir(paths.cache(name), 0o755, policy.CELL_UID)
+    return {name: str(paths.cache(name)) for name in names}
+
+
+def release_caches(caches_root: Path, in_use: set[str]) -> None:
+    """Unmount project cache disks that no container uses (`in_use`: project keys)."""
+    import fcntl
+
+    try:
+        roots = [d for d in caches_root.iterdir() if d.is_dir() and not d.is_symlink()]
+    except OSError:
+        return
+    for root in roots:
+        paths = CachePaths(root)
+        if root.name in in_use or not is_mounted(paths.mount):
+            continue
+        with open(root / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(StorageError):
+                unmount(paths.mount)
