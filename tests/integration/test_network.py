@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from mino_jupyter import allowlist as allowlist_mod
+from mino_jupyter import session_firewall as firewall_mod
 from mino_jupyter.errors import FirewallError, UsageError
 from mino_jupyter.network import NetworkChoice
 from mino_jupyter.sessions import CellOptions, SessionManager
@@ -93,7 +93,8 @@ def test_tampering_fails_and_the_allowlist_still_holds(manager, gateway):
 
 
 def test_ipv6_egress_is_refused(manager, gateway, engine):
-    """The bridge's IPv6 link-local address is the gateway too; bridge mode reaches it, allowlist not."""
+    """The bridge's IPv6 link-local address is this machine too: only an explicit allow entry
+    reaches it; plain bridge and an allowlist without it refuse it."""
     link_local = _bridge_link_local()
     if link_local is None:
         pytest.fail("the podman0 bridge has no usable IPv6 link-local address on this host")
@@ -102,12 +103,14 @@ def test_ipv6_egress_is_refused(manager, gateway, engine):
         target = f"http://[{link_local}%25eth0]:{listener.port}/"
         # A new interface's link-local address is unusable until duplicate detection is done.
         ready = "for i in $(seq 50); do ip -6 addr show dev eth0 | grep -q tentative || break; sleep 0.1; done\n"
-        code, out, _ = run(manager, ready + f"{CURL} -g '{target}'", session="v6-bridge")
-        assert out == "200" and listener.hits == 1, "control: bridge mode must reach it"
-        code, out, err = run(manager, ready + f"{CURL} -g '{target}'; echo \" exit=$?\"", session="v6-allow",
-                             allow=[f"{gateway}:9"])
-        assert out.strip().endswith("exit=7") and listener.hits == 1
-        assert any(f"[{link_local}]:{listener.port}/tcp" in n for n in manager.notices), manager.notices
+        code, out, _ = run(manager, ready + f"{CURL} -g '{target}'", session="v6-open", network="bridge",
+                           allow=[f"[{link_local}]:{listener.port}"])
+        assert out == "200" and listener.hits == 1, "control: an explicit allow entry must reach it"
+        for session, flags in (("v6-bridge", {"network": "bridge"}), ("v6-allow", {"allow": [f"{gateway}:9"]})):
+            code, out, err = run(manager, ready + f"{CURL} -g '{target}'; echo \" exit=$?\"", session=session, **flags)
+            assert out.strip().endswith("exit=7") and listener.hits == 1, (session, out, err)
+            assert any(f"[{link_local}]:{listener.port}/tcp" in n for n in manager.notices), manager.notices
+            manager.notices.clear()
     finally:
         listener.close()
 
@@ -125,8 +128,11 @@ def _bridge_link_local():
 def test_udp_to_port_53_never_arrives(manager, gateway):
     udp = UdpListener(gateway, 53)
     try:
-        run(manager, f"echo probe > /dev/udp/{gateway}/53", session="udp-bridge")
-        assert _wait(lambda: udp.hits == 1), "control: bridge mode must deliver the datagram"
+        run(manager, f"echo probe > /dev/udp/{gateway}/53", session="udp-host", network="host")
+        assert _wait(lambda: udp.hits == 1), "control: host mode must deliver the datagram"
+        run(manager, f"echo probe > /dev/udp/{gateway}/53", session="udp-bridge", network="bridge")
+        time.sleep(0.5)
+        assert udp.hits == 1, "a datagram to this machine's port 53 left a bridge container"
         code, out, err = run(manager, f"echo probe > /dev/udp/{gateway}/53; echo rc=$?\n"
                                       "getent hosts pypi.org; getent hosts example.com; echo lookups=$?",
                              session="udp-allow", allow=[f"{gateway}:9"])
@@ -231,7 +237,7 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
                                allow=[f"svc.mino.test:{listener.port}"])
             assert out.startswith("200") and gateway in out and listener.hits == 1
             answers["svc.mino.test"] = [second_gateway]
-            monkeypatch.setattr(allowlist_mod, "RESOLVE_REFRESH", 0.0)
+            monkeypatch.setattr(firewall_mod, "RESOLVE_REFRESH", 0.0)
             code, out, _ = run(m, f"getent hosts svc.mino.test; curl -sS -m 5 http://svc.mino.test:{listener.port}/\n"
                                   f"{CURL} http://{gateway}:{listener.port}/; echo \" exit=$?\"")
             lines = out.splitlines()
