@@ -70,3 +70,57 @@ class UdpListener:
         self.sock.close()
 
 
+
+
+class StreamingListener:
+    """Serves one endless HTTP response, a line every `every` seconds, and watches its own TCP
+    state: how much waits for an acknowledgement (a cut flow stops acknowledging)."""
+
+    def __init__(self, host: str, every: float = 0.02):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.every = every
+        self.conn = None
+        self.sent = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.conn = conn
+        try:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+            while not self._stop.wait(self.every):
+                conn.sendall(b"tick\n")
+                self.sent += 1
+        except OSError:
+            pass
+
+    def unacknowledged(self) -> int:
+        """Bytes of the served connection that the peer has not acknowledged (SIOCOUTQ)."""
+        import array
+        import fcntl
+        import termios
+
+        if self.conn is None:
+            return 0
+        buf = array.array("i", [0])
+        fcntl.ioctl(self.conn.fileno(), termios.TIOCOUTQ, buf)
+        return buf[0]
+
+    def close(self):
+        self._stop.set()
+        for s in (self.conn, self.sock):
+            if s is not None:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
