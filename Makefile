@@ -18,6 +18,7 @@ test:
 	@scripts/setup-host.sh --browser --toolchains
 	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) scripts/notebooks.py --check
+	$(PY) scripts/notebooks.py --check-in-place
 
 notebooks:
 	@scripts/setup-host.sh --toolchains
