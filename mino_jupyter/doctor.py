@@ -7,15 +7,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__, policy
+from . import __version__, host as host_facts, policy, storage
 from .errors import MinoError
+from .paths import state_dir
 from .image import base_image_ref, run_probe, verify_image
 from .runtime import Engine, podman_binary
 
 PROBE = (
-    "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status; "
+    "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; "
     "echo \"Pids: $(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max)\"; "
-    "echo \"Uid: $(id -u)\""
+    "echo \"Uid: $(id -u)\"; "
+    "unshare -r true 2>/dev/null && echo 'Userns: open' || echo 'Userns: refused'; "
+    "touch /usr/.mino-probe 2>/dev/null && echo 'Root: writable' || echo 'Root: read-only'"
 )
 
 
@@ -55,6 +58,12 @@ def judge_probe(values: dict[str, str]) -> list[str]:
         problems.append(f"pids.max={values.get('Pids')}")
     if values.get("Uid") != str(policy.CELL_UID):
         problems.append(f"uid={values.get('Uid')}")
+    if values.get("Seccomp") != "2":
+        problems.append(f"Seccomp={values.get('Seccomp')} (no filter)")
+    if values.get("Userns") != "refused":
+        problems.append("user namespaces are open")
+    if values.get("Root") != "read-only":
+        problems.append("the root filesystem is writable")
     return problems
 
 
@@ -110,18 +119,49 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
     except MinoError as exc:
         add(Check("base image", False, exc.message, exc.hint or ""))
 
+    profile = host_facts.seccomp_profile(state_dir(env))
     if checks[-1].ok:
-        add(_hardened_container(engine, image))
+        add(_hardened_container(engine, image, profile))
     else:
         add(Check("hardened container", False, "skipped: no usable base image", "fix the base image first"))
+    add(_session_storage(env))
     engine.close()
     return all(c.ok for c in checks)
 
 
-def _hardened_container(engine: Engine, image: str) -> Check:
+def _session_storage(env) -> Check:
+    """Can mino make a session's disk and overlay here? (a small one, made and removed)"""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        return Check("session storage", False, "the kernel is not root, so mino cannot mount a session's disk "
+                     "and workspace overlay", "run Jupyter as root with rootful Podman for now (`make lab` does)")
+    root = state_dir(env) / "doctor"
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=root))
+    lower = scratch / "lower"
+    lower.mkdir()
     started = time.monotonic()
     try:
-        probe = run_probe(engine, image, PROBE, role="doctor", network="bridge")
+        store = storage.SessionStorage.create(scratch / "session", notebook_dir=lower, mode="overlay",
+                                              home_lower=lower, disk_bytes=64 << 20)
+        ok = store.teardown()
+    except MinoError as exc:
+        return Check("session storage", False, exc.message, exc.hint or "")
+    finally:
+        storage.remove_tree(scratch)
+    if not ok:
+        return Check("session storage", False, "a test disk stayed mounted", "see `findmnt | grep mino`")
+    return Check("session storage", True, f"a disk and an overlay mounted and removed in "
+                 f"{time.monotonic() - started:.2f} s (loop devices, ext4, overlayfs)")
+
+
+def _hardened_container(engine: Engine, image: str, profile: str | None) -> Check:
+    started = time.monotonic()
+    try:
+        probe = run_probe(engine, image, PROBE, role="doctor", network="bridge", seccomp_profile=profile)
     except MinoError as exc:
         return Check("hardened container", False, f"does not start: {exc.message}",
                      "run `scripts/setup-host.sh` (OCI runtime and ulimits), then `podman info`")
@@ -136,4 +176,5 @@ def _hardened_container(engine: Engine, image: str) -> Check:
                      f"mino {__version__} policy is not applied by this engine; please report it")
     return Check("hardened container", True,
                  f"started and removed in {time.monotonic() - started:.1f} s; inside: CapEff=CapBnd=0, "
-                 f"NoNewPrivs=1, pids.max={values['Pids']}, uid={values['Uid']}")
+                 f"NoNewPrivs=1, seccomp on, no user namespaces, read-only root, pids.max={values['Pids']}, "
+                 f"uid={values['Uid']}")

@@ -297,7 +297,8 @@ class Probe:
     err: bytes
 
 
-def run_probe(engine: Engine, ref: str, script: str, *, role: str, network: str) -> Probe:
+def run_probe(engine: Engine, ref: str, script: str, *, role: str, network: str,
+              seccomp_profile: str | None = None) -> Probe:
     """One hardened container (the session policy), one bash script in it, then removed.
     Used to check an image (``verify``) and the hardening an engine applies (``doctor``)."""
     from .owner import current_owner
@@ -305,7 +306,7 @@ def run_probe(engine: Engine, ref: str, script: str, *, role: str, network: str)
     spec = policy.session_spec(policy.SessionRequest(
         name=f"mino-{role}-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=ref,
         network=network, labels=policy.labels(role, current_owner().labels()),
-        limits=engine.host_limits()))
+        limits=engine.host_limits(), seccomp_profile=seccomp_profile))
     cid = engine.run(spec)
     try:
         code, out, err = engine.exec_run(cid, policy.probe_exec(script))

@@ -32,7 +32,7 @@ die() { printf 'setup: error: %s\n' "$1" >&2; [ -n "${2:-}" ] && printf '  hint:
 
 # ---------------------------------------------------------------- 1. packages
 PACKAGES=(podman catatonit netavark aardvark-dns runc iptables nftables libcap2-bin debootstrap iproute2 uidmap curl ca-certificates
-          tar make python3 python3-venv)
+          tar make python3 python3-venv e2fsprogs mount)
 [ "$WANT_BROWSER" = 1 ] && PACKAGES+=(chromium chromium-driver)
 
 missing=()

@@ -40,10 +40,14 @@ def test_other_hosts_and_unlabelled_containers_are_not_judged():
 
 def test_probe_judgement():
     good = doctor.parse_probe("CapInh:\t0000000000000000\nCapPrm:\t0\nCapEff:\t0\nCapBnd:\t0000000000000000\n"
-                              "CapAmb:\t0\nNoNewPrivs:\t1\nPids: 4096\nUid: 1000\n")
+                              "CapAmb:\t0\nNoNewPrivs:\t1\nSeccomp:\t2\nPids: 4096\nUid: 1000\n"
+                              "Userns: refused\nRoot: read-only\n")
     assert doctor.judge_probe(good) == []
-    bad = dict(good, CapBnd="00000000a80425fb", NoNewPrivs="0", Pids="max", Uid="0")
-    assert doctor.judge_probe(bad) == ["CapBnd=00000000a80425fb", "NoNewPrivs=0", "pids.max=max", "uid=0"]
+    bad = dict(good, CapBnd="00000000a80425fb", NoNewPrivs="0", Pids="max", Uid="0", Seccomp="0",
+               Userns="open", Root="writable")
+    assert doctor.judge_probe(bad) == ["CapBnd=00000000a80425fb", "NoNewPrivs=0", "pids.max=max", "uid=0",
+                                       "Seccomp=0 (no filter)", "user namespaces are open",
+                                       "the root filesystem is writable"]
     assert "CapEff=None" in doctor.judge_probe({})
 
 
