@@ -9,6 +9,7 @@ Ratios, not absolute times, are what the targets are about; they are not asserte
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import queue
@@ -280,6 +281,49 @@ class Bench:
             "Podman keeps each finished API exec (its record and a conmon process) for "
             "`exit_command_delay` seconds, 300 by default; `scripts/setup-host.sh` sets 10."])
 
+    # ---------------------------------------------------------------- 8. what containment costs
+    def containment(self) -> None:
+        """The overlay workspace against a bind mount (warm cell and session start), and the
+        bridge firewall's share of a session's start, in alternating pairs."""
+        k = self.kernel()
+        try:
+            k.ok("%%mino --session ov\ntrue"), k.ok("%%mino --session rw --workspace rw\ntrue")
+            warm_ov, warm_rw = [], []
+            for _ in range(3):
+                k.ok("%%mino --session ov\ntrue"), k.ok("%%mino --session rw\ntrue")
+            for _ in range(self.pairs):
+                warm_ov.append(timed(lambda: k.ok("%%mino --session ov\ntrue")))
+                warm_rw.append(timed(lambda: k.ok("%%mino --session rw\ntrue")))
+            start_ov, start_rw, start_none, firewall, storage_phase = [], [], [], [], []
+            for i in range(self.pairs):
+                start_ov.append(timed(lambda: k.ok(f"%%mino --session o{i}\ntrue")))
+                start_rw.append(timed(lambda: k.ok(f"%%mino --session r{i} --workspace rw\ntrue")))
+                start_none.append(timed(lambda: k.ok(f"%%mino --session n{i} --network none\ntrue")))
+                record = json.loads(k.ok("import json\nfrom mino_jupyter.magics import current_manager as _cm\n"
+                                         f"print(json.dumps(_cm().sessions['o{i}'].startup))").stdout)
+                firewall.append(record.get("firewall", 0.0))
+                storage_phase.append(record.get("storage", 0.0))
+                for name in (f"o{i}", f"r{i}", f"n{i}"):
+                    k.ok(f"%mino stop {name}")
+                k.ok("%mino prune")
+        finally:
+            k.shutdown()
+        wo, wr = stats(warm_ov), stats(warm_rw)
+        so, sr, sn, fw, st = stats(start_ov), stats(start_rw), stats(start_none), stats(firewall), stats(storage_phase)
+        self.section("8. What containment costs", [
+            "| | median (min–max) |", "|---|---|",
+            f"| warm cell, overlay workspace | {fmt_ms(wo)} |",
+            f"| warm cell, read-write bind mount (`--workspace rw`) | {fmt_ms(wr)} |",
+            f"| session start, bridge, overlay | {fmt_ms(so)} |",
+            f"| session start, bridge, bind mount | {fmt_ms(sr)} |",
+            f"| session start, `none` (no firewall container) | {fmt_ms(sn)} |",
+            f"| of a bridge start: the firewall (container, rules, verification) | {fmt_ms(fw)} |",
+            f"| of a bridge start: the session's disk and overlays | {fmt_ms(st)} |",
+            "", f"Overlay / bind mount: warm cell **{wo['median'] / wr['median']:.2f}×**, session start "
+                f"**{so['median'] / sr['median']:.2f}×**. The bridge firewall is "
+                f"**{fw['median'] / so['median'] * 100:.0f}%** of a bridge session's start "
+                f"(bridge / none: {so['median'] / sn['median']:.2f}×)."])
+
     NOTES = """## What the profiles showed, and what changed
 
 Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on this machine:
@@ -320,7 +364,7 @@ Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
-ALL = ["warm", "fresh", "allowlist", "latency", "throughput", "shutdown", "concurrent"]
+ALL = ["warm", "fresh", "allowlist", "latency", "throughput", "shutdown", "concurrent", "containment"]
 
 
 def main(argv: list[str]) -> int:

@@ -83,13 +83,14 @@ class MinoMagics(Magics):
         self.manager.first_run_hook = self._first_run
 
     def _apply_traits(self) -> None:
-        self.manager.kernel_image = self.image or None
-        self.manager.kernel_workspace = "ro" if self.workspace_readonly else None
+        choices = self.manager.choices
+        choices.image = self.image or None
+        choices.workspace = "ro" if self.workspace_readonly else None
         if self.network or self.network_preset:
-            self.manager.kernel_network = NetworkChoice("%config MinoMagics", self.network or None,
+            choices.network = NetworkChoice("%config MinoMagics", self.network or None,
                                                         self.network_preset or None)
-        elif self.manager.kernel_network is not None and self.manager.kernel_network.source == "%config MinoMagics":
-            self.manager.kernel_network = None
+        elif choices.network is not None and choices.network.source == "%config MinoMagics":
+            choices.network = None
 
     def _first_run(self) -> None:
         """No network chosen anywhere yet: offer the picker (interactive) or say so (headless)."""
@@ -253,7 +254,7 @@ class MinoMagics(Magics):
 
             print(presets.render(presets.load(env=m.env)))
         elif args.command == "config":
-            run_config_command(args, cwd=m.cwd(), env=m.env, presets=m.presets())
+            run_config_command(args, cwd=m.cwd(), env=m.env, presets=m.choices.presets())
         elif args.command == "trust":
             print(m.trust_project(Path(args.path) if args.path else None))
         elif args.command == "panel":

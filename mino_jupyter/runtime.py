@@ -452,9 +452,17 @@ class Engine:
     def remove(self, cid: str, timeout: int = 0) -> None:
         """Force-remove (stop with `timeout` seconds of grace first), with the containers that
         depend on it (an allowlist session's firewall container). Missing is fine."""
-        self.request("delete", f"/containers/{cid}",
-                      params={"force": "true", "v": "true", "depend": "true", "timeout": str(timeout)},
-                      what=f"remove container {cid[:12]}", ok_missing=True)
+        for attempt in range(3):
+            try:
+                self.request("delete", f"/containers/{cid}",
+                             params={"force": "true", "v": "true", "depend": "true", "timeout": str(timeout)},
+                             what=f"remove container {cid[:12]}", ok_missing=True)
+                return
+            except MinoError as exc:
+                # A dependent container that exits while Podman stops it: "container state improper".
+                if "state improper" not in exc.message or attempt == 2:
+                    raise
+                time.sleep(0.1)
 
     def list(self, labels: Mapping[str, str | None]) -> list[dict]:
         """Containers (running or not) carrying all these labels (None = any value)."""

@@ -20,15 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import changes, config, firewall, host, policy, presets as presets_mod, session_firewall, storage
-from . import image as images
+from . import changes, config, firewall, host, launch, policy, storage
+from .choices import Choices, size_text
 from .cell import CellResult, Sink, run_script
 from .cleanup import Cleanup, owned_by, prune, remove_containers
 from .commands import DEFAULT_SESSION
 from .errors import FirewallError, MinoError, UsageError
 from .image import base_image_ref
+from .session_firewall import SessionFirewall
 from .logs import CellSink, SessionLog
-from .network import NetworkChoice, NetworkPlan, NetworkResolutionInput, Resolution, resolve
+from .network import NetworkChoice, NetworkPlan, Resolution
 from .owner import Owner, current_owner, owner_alive
 from .paths import logs_dir, state_dir
 from .runtime import Engine
@@ -69,12 +70,13 @@ class Session:
     started_at: float = field(default_factory=time.time)
     stopped_at: float | None = None
     stop_reason: str | None = None
-    firewall: session_firewall.SessionFirewall | None = None
+    firewall: SessionFirewall | None = None
     storage: storage.SessionStorage | None = None
     namespace: str | None = None  # the container's PID namespace, as seen from here
     cgroup: str | None = None
     oom_kills: int = 0
     secrets: set[str] = field(default_factory=set, repr=False)  # every value passed in; memory only
+    startup: dict[str, float] = field(default_factory=dict)  # seconds per phase of its start (benchmarks)
 
     def row(self) -> dict:
         return {
@@ -97,10 +99,6 @@ def kernel_id() -> str | None:
         return name[len("kernel-"):] if name.startswith("kernel-") else name
     except Exception:
         return None
-
-
-def _size(value: int) -> str:
-    return f"{value / policy.GIB:g} GiB" if value >= policy.GIB else f"{value // policy.MIB} MiB"
 
 
 class SessionManager:
@@ -131,13 +129,8 @@ class SessionManager:
         self._closed = False
         self.log_dir = logs_dir(env) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.owner.token}"
         self.listeners: list[Callable[[], None]] = []  # called when sessions change (the panel)
-        # Kernel-level choices (%config MinoMagics.*, the picker's "for this session").
-        self.kernel_network: NetworkChoice | None = None
-        self.kernel_image: str | None = None
-        self.kernel_workspace: str | None = None
+        self.choices = Choices(cwd, env, self.state, self.notice)
         self.first_run_hook: Callable[[], None] | None = None  # no network chosen anywhere yet
-        self._first_run_done = False
-        self._shown_warnings: set[str] = set()
         atexit.register(self.shutdown)
 
     # ------------------------------------------------------------------ engine
@@ -158,58 +151,6 @@ class SessionManager:
             except Exception:
                 pass
 
-    # ------------------------------------------------------------------ decisions
-    def presets(self) -> dict:
-        return presets_mod.entries(presets_mod.load(env=self.env))
-
-    def settings(self, presets: dict | None = None) -> config.Loaded:
-        return config.load(self.cwd(), self.env, self.presets() if presets is None else presets)
-
-    def plan_for(self, flags: NetworkChoice, session: Session | None, loaded: config.Loaded,
-                 presets: dict | None = None) -> Resolution:
-        inp = NetworkResolutionInput(
-            flags=flags,
-            session=session.plan.as_choice(f"session '{session.name}'") if session and session.state != "stopped" else None,
-            kernel=self.kernel_network,
-            project=config.network_choice(loaded.project, "project"),
-            global_=config.network_choice(loaded.global_, "global"),
-        )
-        return resolve(inp, self.presets() if presets is None else presets)
-
-    def resolve_image(self, requested: str | None, loaded: config.Loaded) -> str:
-        image = requested or self.kernel_image or config.merged(loaded, "image")[0]
-        return images.resolve_ref(image or "base")
-
-    def _workspace_mode(self, opts: CellOptions, loaded: config.Loaded) -> str:
-        if opts.workspace:
-            return opts.workspace
-        if self.kernel_workspace:
-            return self.kernel_workspace
-        mode = config.merged(loaded, "workspace")[0]
-        if mode:
-            return mode
-        return "ro" if config.merged(loaded, "workdir_readonly", False)[0] else "overlay"
-
-    def _resources(self, opts: CellOptions, loaded: config.Loaded) -> policy.Resources:
-        default = host.default_resources(self.state)
-
-        def pick(flag: str | None, key: str) -> str | None:
-            return flag if flag is not None else config.merged(loaded, key)[0]
-
-        memory, cpus, disk = pick(opts.memory, "memory"), pick(opts.cpus, "cpus"), pick(opts.disk, "disk")
-        resources = policy.Resources(
-            memory=config.parse_size(memory, "memory") if memory else default.memory,
-            cpus=config.parse_cpus(cpus) if cpus else default.cpus,
-            disk=config.parse_size(disk, "disk") if disk else default.disk,
-            pids=config.merged(loaded, "pids_limit", policy.PIDS_LIMIT)[0])
-        free = host.disk_free(self.state)
-        if resources.disk > free // 2:
-            capped = max(64 * policy.MIB, free // 2 // policy.MIB * policy.MIB)
-            self.notice(f"mino: a disk limit of {_size(resources.disk)} is more than half the free space where "
-                        f"sessions live ({_size(free)} free in {self.state}); this session gets {_size(capped)}")
-            resources = policy.Resources(resources.memory, resources.cpus, capped, resources.pids)
-        return resources
-
     # ------------------------------------------------------------------ cells
     def run_cell(self, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
         if self._closed:
@@ -223,25 +164,24 @@ class SessionManager:
         if opts.workspace is not None and opts.workspace not in policy.WORKSPACE_MODES:
             raise UsageError(f'unknown workspace mode "{opts.workspace}"',
                              f"valid modes: {', '.join(policy.WORKSPACE_MODES)}")
-        presets = self.presets()  # read once per cell, for the config filter and the plan
-        loaded = self.settings(presets)
-        for warning in loaded.warnings:
-            if warning not in self._shown_warnings:  # once per kernel, not at every cell
-                self._shown_warnings.add(warning)
-                self.notice(warning)
-        first_run = (not self._first_run_done and opts.network.silent and self.kernel_network is None
+        choices = self.choices
+        presets = choices.presets()  # read once per cell, for the files and the plan
+        loaded = choices.settings(presets)
+        choices.warn_once(loaded)
+        first_run = (not choices.first_run_done and opts.network.silent and choices.network is None
                      and not loaded.explicit_network() and opts.session not in self.sessions)
         with self._lock:
             existing = None if opts.fresh else self.sessions.get(opts.session)
             if existing is not None and existing.state == "stopped":
                 existing = None
-            resolution = self.plan_for(opts.network, existing, loaded, presets)
-            image = self.resolve_image(opts.image, loaded)
+            resolution = choices.plan(opts.network, (existing.name, existing.plan) if existing else None,
+                                      loaded, presets)
+            image = choices.image_for(opts.image, loaded)
             if existing is not None:
                 self._check_compatible(existing, resolution.plan, image, opts)
             else:
-                workspace = self._workspace_mode(opts, loaded)
-                resources = self._resources(opts, loaded)
+                workspace = choices.workspace_for(opts.workspace, loaded)
+                resources = choices.resources_for(opts.memory, opts.cpus, opts.disk, loaded)
             for warning in resolution.warnings:
                 self.notice(f"mino: {warning}")
             engine = self.engine
@@ -250,7 +190,7 @@ class SessionManager:
             session = existing or self._start_session(engine, opts, image, resolution.plan, workspace,
                                                       resources, loaded)
             if first_run:
-                self._first_run_done = True
+                choices.first_run_done = True
                 if self.first_run_hook:
                     self.first_run_hook()
             if session.firewall is not None and session.firewall.due():
@@ -274,100 +214,32 @@ class SessionManager:
 
     def _start_session(self, engine: Engine, opts: CellOptions, image: str, plan: NetworkPlan,
                        workspace: str, resources: policy.Resources, loaded: config.Loaded) -> Session:
-        images.ensure(engine, image, self.notice)  # mino's own images are built on first use
-        if os.geteuid() != 0:
-            raise MinoError("mino needs to run as root with rootful Podman for now: it mounts each session's "
-                            "disk and workspace overlay on this machine",
-                            "run the kernel as root (`make lab` does), or see the README on rootless Podman")
         if opts.fresh:
             self._fresh_count += 1
             name = f"fresh-{self._fresh_count}"
         else:
             name = opts.session
         notebook_dir = self.cwd().resolve()
-        home = (self.env or os.environ).get("HOME")
-        workspace, note = policy.workspace_mode(workspace, str(notebook_dir),
-                                                str(Path(home).resolve()) if home else None)
-        if note:
-            self.notice(f"mino: {note}")
-        variant = images.variant_of(image)
-        settings = policy.SessionSettings(image=image, workspace=workspace, resources=resources,
-                                          package_cache=config.merged(loaded, "package_cache", True)[0],
-                                          toolchain=variant.name if variant else None)
-        guarded = plan.mode in ("bridge", "allowlist")  # a firewall in the session's namespace
-        resolved, gateways = None, []
-        if guarded:
-            engine.require_image(self.firewall_image)
-            gateways = [n["gateway"] for n in engine.network("podman").get("subnets", []) if n.get("gateway")]
-            resolved = session_firewall.resolve(plan, self._resolver(gateways), self.notice)
-        ca = host.ca_bundle(config.merged(loaded, "ca_bundle", "auto")[0])
-        home_lower = storage.image_home(engine, image, self.state / "image-homes", self.owner.labels())
-        storage.claim(self.storage_dir, self.owner.labels())
-        root = self.storage_dir / name
-        if os.path.lexists(root):  # a stopped session of the same name: its changes go now
-            storage.SessionStorage(storage.SessionPaths(root), notebook_dir, "ro").teardown()
-        store = storage.SessionStorage.create(root, notebook_dir=notebook_dir, mode=workspace,
-                                              home_lower=home_lower, disk_bytes=resources.disk)
-        try:
-            caches = policy.package_caches(settings.toolchain, settings.package_cache)
-            facts = policy.HostFacts(
-                limits=engine.host_limits(), storage=store.mounts(), ca_bundle=ca,
-                caches=storage.project_caches(self.state / "caches", notebook_dir, tuple(c for c, _ in caches),
-                                              resources.disk) if caches else None,
-                project=storage.project_key(notebook_dir) if caches else None,
-                seccomp_profile=host.seccomp_profile(self.state), kernel_id=self.kernel_id)
-            shape = policy.session_request(name, plan, settings, facts, self.owner.labels(), fresh=opts.fresh,
-                                           hosts=resolved.hosts if resolved and plan.mode == "allowlist" else (),
-                                           container_name=f"mino-{self.owner.token[:8]}-{name}")
-            self.cleanup.ensure_watchdog(engine)
-            container = engine.run(policy.session_spec(shape.request))
-        except BaseException:
-            store.teardown()
-            raise
+        started = launch.start(engine, launch.Request(
+            name=name, fresh=opts.fresh, image=image, plan=plan, workspace=workspace, resources=resources,
+            loaded=loaded, notebook_dir=notebook_dir, home=self.choices.home()), launch.Kernel(
+            owner=self.owner.labels(), kernel_id=self.kernel_id, state=self.state, storage_dir=self.storage_dir,
+            firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
+            before_container=self.cleanup.ensure_watchdog))
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh, log_path=self.log_dir / f"{name}.log",
-                          workspace=workspace, resources=resources, container_id=container, storage=store)
-        info = engine.inspect(container) or {}
-        state = info.get("State", {})
-        session.namespace = host.pid_namespace(int(state.get("Pid") or 0)) if state.get("Pid") else None
-        session.cgroup = state.get("CgroupPath")
-        session.oom_kills = host.oom_kills(session.cgroup) or 0
-        if guarded:
-            try:
-                local = firewall.local_networks(
-                    host.host_addresses(), [n["subnet"] for net in engine.networks() for n in net.get("subnets", [])],
-                    host.nameservers(info.get("ResolvConfPath")) if plan.mode == "bridge" else ())
-                session.firewall = session_firewall.SessionFirewall(
-                    engine, session_container=container, plan=plan, resolver=self._resolver(gateways),
-                    notice=self.notice, hosts_path=info.get("HostsPath"), local=local)
-                session.firewall.start(image=self.firewall_image, name=f"{shape.request.name}-fw",
-                                       labels=dict(shape.network_labels), resolved=resolved,
-                                       seccomp_profile=facts.seccomp_profile)
-            except MinoError as exc:
-                if session.firewall is not None:
-                    session.firewall.close()
-                engine.remove(container)
-                store.teardown()
-                raise FirewallError(f"the {plan.mode} firewall could not be installed, so nothing ran: {exc.message}",
-                                    "mino never falls back to an open network; `mino-jupyter doctor` checks "
-                                    "the image (nft) and the engine") from None
-        session.state = "idle"
+                          workspace=started.workspace, resources=resources, container_id=started.container,
+                          storage=started.storage, firewall=started.firewall, namespace=started.namespace,
+                          cgroup=started.cgroup, oom_kills=started.oom_kills, startup=started.phases, state="idle")
         self.sessions[name] = session
         if plan.mode == "host":
             self.notice(f"mino: session '{name}' uses the host network: cells reach everything this "
                         "machine reaches, its local services included")
-        if workspace == "rw":
+        if session.workspace == "rw":
             self.notice(policy.RW_WARNING.format(name=name, workspace=notebook_dir))
         self._changed()
         return session
 
     # ------------------------------------------------------------------ the firewall
-    def _resolver(self, gateways: list[str]) -> firewall.Resolver:
-        """Names resolve on this machine; `host.containers.internal` is this machine as the
-        session sees it (the bridge gateway), for allow entries that open a local service."""
-        def resolve_name(name: str) -> list[str]:
-            return list(gateways) if name == "host.containers.internal" else self.resolver(name)
-        return resolve_name
-
     def _guard_firewall(self, session: Session, action: Callable[[], None]) -> None:
         """Change a live session's firewall; when that fails the old rules may be half-replaced,
         so the session must not run anything any more."""
@@ -434,7 +306,7 @@ class SessionManager:
         kills = host.oom_kills(session.cgroup)
         if kills is not None and kills > session.oom_kills:
             session.oom_kills = kills
-            self.notice(f"mino: killed: out of memory (limit {_size(session.resources.memory)}); raise it with "
+            self.notice(f"mino: killed: out of memory (limit {size_text(session.resources.memory)}); raise it with "
                         f"`%mino config set memory {max(1, 2 * session.resources.memory // policy.GIB)}g` "
                         f"(new sessions) or `%%mino --session NEW --memory ...`")
         gone = self._container_gone(session)
@@ -451,7 +323,7 @@ class SessionManager:
         if info is None:
             reason = "its container was removed outside mino"
         elif state.get("OOMKilled"):
-            reason = f"its container ran out of memory (limit {_size(session.resources.memory)})"
+            reason = f"its container ran out of memory (limit {size_text(session.resources.memory)})"
         else:
             reason = f"its container exited (status {state.get('ExitCode')}), stopped from outside"
         session.stop_reason = reason
@@ -501,38 +373,14 @@ class SessionManager:
             self.notice(f"mino: applied {len(done)} data file(s) (auto_apply): " + ", ".join(done[:10])
                         + (" ..." if len(done) > 10 else ""))
 
-    # ------------------------------------------------------------------ choosing a network
-    def remember_network(self, mode: str, preset: str | None, scope: str,
-                         allow: tuple[str, ...] = ()) -> str:
-        """Save a network choice: scope "session" (this kernel), "project" or "global".
-
-        Returns a one-line description of what was saved where. The default session restarts
-        at its next cell when its network differs from the new choice.
-        """
-        if scope not in ("session", "project", "global"):
-            raise UsageError(f'unknown scope "{scope}"', "valid scopes: session, project, global")
-        choice = NetworkChoice("this kernel", mode, preset, tuple(allow) or None)
-        plan = resolve(NetworkResolutionInput(flags=choice), self.presets()).plan  # validate first
-        self._first_run_done = True
-        if scope == "session":
-            self.kernel_network = choice
-            where = "for this kernel's sessions"
-        else:
-            local = scope == "project"
-            settings = {"network": mode, "network_preset": preset,
-                        "network_allow": ",".join(allow) if allow else None}
-            path = None
-            for key, value in settings.items():
-                if value is None:
-                    path, _ = config.unset_key(key, local=local, cwd=self.cwd(), env=self.env)
-                else:
-                    path, _ = config.set_key(key, value, local=local, cwd=self.cwd(), env=self.env,
-                                             presets=self.presets())
-            where = f"in {path}"
-        message = f"mino: network {plan.describe()} saved {where}"
+    # ------------------------------------------------------------------ choices that touch sessions
+    def remember_network(self, mode: str, preset: str | None, scope: str, allow: tuple[str, ...] = ()) -> str:
+        """Save a network choice (scope "session": this kernel, "project" or "global"). The
+        default session restarts at its next cell when its network differs from the new choice."""
+        message = self.choices.remember_network(mode, preset, scope, allow)
         current = self.sessions.get(DEFAULT_SESSION)
         if current is not None and current.state != "stopped":
-            wanted = self.plan_for(NetworkChoice("cell flags"), None, self.settings()).plan
+            wanted = self.choices.plan(NetworkChoice("cell flags"), None, self.choices.settings()).plan
             if wanted != current.plan:
                 self.stop(DEFAULT_SESSION)
                 message += "; the default session restarts with it at the next cell"
@@ -540,16 +388,15 @@ class SessionManager:
         return message
 
     def trust_project(self, path: Path | None = None) -> str:
-        """Trust the project file's current content (after the user reviewed it)."""
-        path, message = config.trust_project(path, self.cwd(), self.env)
-        self._shown_warnings = {w for w in self._shown_warnings if str(path) not in w}
+        message = self.choices.trust_project(path)
         self._changed()
         return message
 
     def current_network(self) -> Resolution:
         """What the next plain %%mino cell in the default session would get."""
         session = self.sessions.get(DEFAULT_SESSION)
-        return self.plan_for(NetworkChoice("cell flags"), session, self.settings())
+        live = (session.name, session.plan) if session is not None and session.state != "stopped" else None
+        return self.choices.plan(NetworkChoice("cell flags"), live, self.choices.settings())
 
     # ------------------------------------------------------------------ management
     def rows(self) -> list[dict]:

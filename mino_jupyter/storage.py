@@ -301,6 +301,18 @@ class SessionStorage:
         return remove_tree(self.paths.root) and ok
 
 
+def prepare(storage_dir: Path, name: str, owner_labels: dict, *, notebook_dir: Path, mode: str,
+            home_lower: Path, disk_bytes: int) -> SessionStorage:
+    """A new session's storage in its kernel's directory (claimed for the reaper); what a stopped
+    session of the same name left there goes first."""
+    claim(storage_dir, owner_labels)
+    root = storage_dir / name
+    if os.path.lexists(root):
+        SessionStorage(SessionPaths(root), notebook_dir, "ro").teardown()
+    return SessionStorage.create(root, notebook_dir=notebook_dir, mode=mode, home_lower=home_lower,
+                                 disk_bytes=disk_bytes)
+
+
 class _FdGuard:
     def __init__(self, path: Path):
         self.fd = _open_dir(path)

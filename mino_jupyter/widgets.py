@@ -230,7 +230,7 @@ class Panel:
 
     def _refresh_trust(self) -> None:
         try:
-            loaded = self.m.settings()
+            loaded = self.m.choices.settings()
         except MinoError:
             return
         if loaded.untrusted:

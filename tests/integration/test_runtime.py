@@ -128,7 +128,10 @@ def test_doctor_passes_every_check():
     result = _cli("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 5 and all(line.startswith("[ok  ]") for line in lines)
+    assert [line.split(":")[0] for line in lines] == [
+        "[ok  ] podman", "[ok  ] API service", "[ok  ] engine", "[ok  ] base image", "[ok  ] hardened container",
+        "[ok  ] session storage"]
+    assert "seccomp on, no user namespaces, read-only root" in lines[4]
 
 
 def test_missing_image_is_a_clear_error(engine):

@@ -13,13 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mino_jupyter"
 PURE = ("policy", "network", "firewall", "presets", "config", "paths", "errors", "redact", "seccomp")
 # What acts (engine, sessions, user interface) and outside libraries that act.
 ACTING = {"runtime", "sessions", "cell", "session_firewall", "cleanup", "magics", "widgets", "cli", "doctor",
-          "image", "demo", "logs", "commands", "owner", "storage", "changes", "host", "procs"}
+          "image", "demo", "logs", "commands", "owner", "storage", "changes", "host", "procs", "choices",
+          "launch"}
 FORBIDDEN_LIBS = {"IPython", "ipywidgets", "ipykernel", "podman", "traitlets", "requests"}
 # Downward only: who may import whom among the acting modules.
 LAYERS = {
     "magics": 50,
     "widgets": 40, "cli": 40,
     "sessions": 30, "doctor": 30,
+    "choices": 25, "launch": 27,
     "logs": 25,
     "cleanup": 22,
     "session_firewall": 20, "cell": 20, "image": 20, "demo": 20, "storage": 20, "host": 20,

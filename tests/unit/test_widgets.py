@@ -40,7 +40,7 @@ def test_saving_for_the_project_writes_a_trusted_mino_toml(manager):
     assert path.read_text() == '[container]\nnetwork = "allowlist"\nnetwork_preset = "registries"\n'
     assert f"saved in {path}" in picker.status.value
     assert all(b.disabled for b in picker.buttons)
-    loaded = manager.settings()
+    loaded = manager.choices.settings()
     assert loaded.project is not None and loaded.untrusted == () and loaded.explicit_network()
 
 
@@ -55,9 +55,9 @@ def test_saving_for_this_session_sets_the_kernel_layer_only(manager):
     picker = NetworkPicker(manager.remember_network)
     picker.choice.value = ("none", None)
     picker.buttons[0].click()
-    assert manager.kernel_network.network == "none"
+    assert manager.choices.network.network == "none"
     assert not Path(config.global_path(manager.env)).exists() and not (manager.cwd() / ".mino.toml").exists()
-    assert manager.plan_for(manager.kernel_network.__class__("cell flags"), None, manager.settings()).plan.mode == "none"
+    assert manager.current_network().plan.mode == "none"
 
 
 def test_a_refused_save_shows_the_error_in_the_picker(manager):
@@ -113,7 +113,7 @@ def test_panel_apply_and_save(manager):
     p.preset.value = "registries"
     p.allow.value = "10.88.0.1:8080"
     p.apply_button.click()
-    assert manager.kernel_network.network == "allowlist" and manager.kernel_network.allow == ("10.88.0.1:8080",)
+    assert manager.choices.network.network == "allowlist" and manager.choices.network.allow == ("10.88.0.1:8080",)
     assert "saved for this kernel" in p.status.value
     assert "allowlist (registries +1)" in p.current.value
     p.save_project.click()
@@ -154,7 +154,7 @@ def test_panel_trust_button(manager):
     assert "is not trusted" in note.value and 'network = "host"' in note.value
     button.click()
     assert p.trust_box.children == () or list(p.trust_box.children) == []
-    assert "trusted" in p.status.value and manager.settings().project is not None
+    assert "trusted" in p.status.value and manager.choices.settings().project is not None
 
 
 def test_panel_shows_errors_not_tracebacks(manager):

@@ -1,0 +1,156 @@
+"""Starting one session: gather the host facts, prepare its storage, start its container and its
+firewall, and undo everything when a step fails (nothing half-made is left, nothing runs on an
+open network).
+
+The decisions are made elsewhere: the container's shape by :mod:`policy`, the network plan by
+:mod:`network`, the firewall's rules by :mod:`firewall`. This module gathers what those need from
+this machine and the engine, in order, and times each phase (benchmarks read them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import config, firewall, host, image as images, policy, session_firewall, storage
+from .errors import FirewallError, MinoError
+from .network import NetworkPlan
+from .runtime import Engine
+
+Notice = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One new session, as the kernel's choices and the cell's flags decided it."""
+
+    name: str
+    fresh: bool
+    image: str
+    plan: NetworkPlan
+    workspace: str
+    resources: policy.Resources
+    loaded: config.Loaded
+    notebook_dir: Path
+    home: str | None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Who starts sessions and where their files go."""
+
+    owner: dict
+    kernel_id: str | None
+    state: Path  # mino's state directory: image homes, caches, the seccomp profile
+    storage_dir: Path  # this kernel's sessions' disks
+    firewall_image: str
+    resolver: firewall.Resolver
+    notice: Notice
+    before_container: Callable[[Engine], None]  # e.g. make sure the watchdog runs
+
+
+@dataclass
+class Started:
+    container: str
+    workspace: str  # as mounted (a home directory is never shared read-write)
+    storage: storage.SessionStorage
+    firewall: session_firewall.SessionFirewall | None
+    namespace: str | None  # the container's PID namespace, as seen from here
+    cgroup: str | None
+    oom_kills: int
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def start(engine: Engine, req: Request, k: Kernel) -> Started:
+    images.ensure(engine, req.image, k.notice)  # mino's own images are built on first use
+    if os.geteuid() != 0:
+        raise MinoError("mino needs to run as root with rootful Podman for now: it mounts each session's "
+                        "disk and workspace overlay on this machine",
+                        "run the kernel as root (`make lab` does), or see the README on rootless Podman")
+    workspace, note = policy.workspace_mode(req.workspace, str(req.notebook_dir), req.home)
+    if note:
+        k.notice(f"mino: {note}")
+    variant = images.variant_of(req.image)
+    settings = policy.SessionSettings(image=req.image, workspace=workspace, resources=req.resources,
+                                      package_cache=config.merged(req.loaded, "package_cache", True)[0],
+                                      toolchain=variant.name if variant else None)
+    guarded = req.plan.mode in ("bridge", "allowlist")  # a firewall in the session's namespace
+    resolved, resolver = None, k.resolver
+    if guarded:
+        engine.require_image(k.firewall_image)
+        resolver = with_host_name(k.resolver, [n["gateway"] for n in engine.network("podman").get("subnets", [])
+                                               if n.get("gateway")])
+        resolved = session_firewall.resolve(req.plan, resolver, k.notice)
+    ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
+    timer = _Phases()
+    home_lower = storage.image_home(engine, req.image, k.state / "image-homes", k.owner)
+    timer.done("image home")
+    store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
+                            home_lower=home_lower, disk_bytes=req.resources.disk)
+    timer.done("storage")
+    try:
+        caches = policy.package_caches(settings.toolchain, settings.package_cache)
+        facts = policy.HostFacts(
+            limits=engine.host_limits(), storage=store.mounts(), ca_bundle=ca,
+            caches=storage.project_caches(k.state / "caches", req.notebook_dir, tuple(c for c, _ in caches),
+                                          req.resources.disk) if caches else None,
+            project=storage.project_key(req.notebook_dir) if caches else None,
+            seccomp_profile=host.seccomp_profile(k.state), kernel_id=k.kernel_id)
+        shape = policy.session_request(req.name, req.plan, settings, facts, k.owner, fresh=req.fresh,
+                                       hosts=resolved.hosts if resolved and req.plan.mode == "allowlist" else (),
+                                       container_name=f"mino-{k.owner['io.mino.owner'][:8]}-{req.name}")
+        k.before_container(engine)
+        container = engine.run(policy.session_spec(shape.request))
+        timer.done("container")
+    except BaseException:
+        store.teardown()
+        raise
+    info = engine.inspect(container) or {}
+    state = info.get("State", {})
+    cgroup = state.get("CgroupPath")
+    started = Started(container, workspace, store, None,
+                      host.pid_namespace(int(state["Pid"])) if state.get("Pid") else None,
+                      cgroup, host.oom_kills(cgroup) or 0, timer.phases)
+    if guarded:
+        try:
+            local = firewall.local_networks(
+                host.host_addresses(), [n["subnet"] for net in engine.networks() for n in net.get("subnets", [])],
+                host.nameservers(info.get("ResolvConfPath")) if req.plan.mode == "bridge" else ())
+            started.firewall = session_firewall.SessionFirewall(
+                engine, session_container=container, plan=req.plan, resolver=resolver, notice=k.notice,
+                hosts_path=info.get("HostsPath"), local=local)
+            started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
+                                   labels=dict(shape.network_labels), resolved=resolved,
+                                   seccomp_profile=facts.seccomp_profile)
+        except MinoError as exc:
+            engine.remove(container)  # with its firewall container (removal with dependents)
+            if started.firewall is not None:
+                started.firewall.close()
+            store.teardown()
+            raise FirewallError(f"the {req.plan.mode} firewall could not be installed, so nothing ran: {exc.message}",
+                                "mino never falls back to an open network; `mino-jupyter doctor` checks "
+                                "the image (nft) and the engine") from None
+        timer.done("firewall")
+    return started
+
+
+def with_host_name(resolver: firewall.Resolver, gateways: list[str]) -> firewall.Resolver:
+    """Names resolve on this machine; `host.containers.internal` is this machine as the session
+    sees it (the bridge gateway), for allow entries that open a local service."""
+    def resolve_name(name: str) -> list[str]:
+        return list(gateways) if name == "host.containers.internal" else resolver(name)
+    return resolve_name
+
+
+class _Phases:
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = now - self._clock
+        self._clock = now
