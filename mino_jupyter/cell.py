@@ -56,9 +56,9 @@ class CellResult:
 
 def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str, str],
                sink: Sink, timeout: float | None = None, control: ControlFiles | None = None,
-               namespace: str | None = None) -> CellResult:
+               namespace: str | None = None, cgroup: str | None = None) -> CellResult:
     """Run `script` with bash in `container`; stream output to `sink` as it arrives.
-    `namespace`: the container's PID namespace as seen from here (for stopping)."""
+    `namespace`, `cgroup`: the container's PID namespace and cgroup as seen from here (for stopping)."""
     data = script.encode("utf-8", "surrogateescape")
     file_name = None
     if len(data) > MAX_ARGV_SCRIPT and control is not None:
@@ -67,18 +67,18 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
     else:
         body = policy.cell_exec(script, env=env)
     try:
-        return _run(engine, container, body, sink, timeout, namespace)
+        return _run(engine, container, body, sink, timeout, namespace, cgroup)
     finally:
         if file_name:
             control.remove_control(file_name)
 
 
 def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float | None,
-         namespace: str | None) -> CellResult:
+         namespace: str | None, cgroup: str | None) -> CellResult:
     started = time.monotonic()
     clock = procs.boottime_ticks()
     exec_id = engine.exec_create(container, body)
-    stop = _stopper(engine, exec_id, namespace, clock)
+    stop = _stopper(engine, exec_id, namespace, cgroup, clock)
     try:
         stream = engine.exec_attach(exec_id)
     except KeyboardInterrupt:  # the process may have started before we saw its stream
@@ -141,11 +141,12 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
     return result
 
 
-def _stopper(engine: Engine, exec_id: str, namespace: str | None, clock: int) -> Callable[[], procs.Stopped]:
+def _stopper(engine: Engine, exec_id: str, namespace: str | None, cgroup: str | None,
+             clock: int) -> Callable[[], procs.Stopped]:
     def stop() -> procs.Stopped:
         info = engine.exec_inspect(exec_id)
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
-        return procs.stop(pid, ns=namespace, started=clock)
+        return procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup)
     return stop
 
 

@@ -68,6 +68,12 @@ DOTFILE = "a dotfile or dot-directory: tools run these by themselves (git hooks,
 PYTHON = "Python the kernel can import from this directory"
 JUPYTER = "Jupyter or IPython configuration: some versions load it from the working directory"
 EXECUTABLE = "an executable: it runs with your rights when anything starts it"
+TOOLING = "a file tools run or read as code (make, shell scripts, package manifests, notebooks you would run)"
+OPTION = "a name that starts with '-': commands given it (rm *, tar *) read it as an option"
+
+TOOLING_NAMES = {"makefile", "gnumakefile", "justfile", "package.json", "pyproject.toml", "setup.cfg",
+                 "tox.ini", "dockerfile", "containerfile", "procfile", "cmakelists.txt"}
+TOOLING_SUFFIXES = (".sh", ".bash", ".zsh", ".mk", ".ipynb", ".bat", ".ps1", ".cmd")
 
 PYTHON_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".pth", ".pyz", ".egg", ".whl")
 PYTHON_METADATA = (".dist-info", ".egg-info")  # entry points importlib.metadata finds on sys.path
@@ -91,6 +97,11 @@ def risk_of(path: str, kind: str, executable: bool) -> str | None:
         return PYTHON
     if _JUPYTER_CONFIG.fullmatch(parts[-1].lower()):
         return JUPYTER
+    name = parts[-1].lower()
+    if name in TOOLING_NAMES or name.endswith(TOOLING_SUFFIXES) or name.startswith("requirements"):
+        return TOOLING
+    if any(p.startswith("-") for p in parts):
+        return OPTION
     if kind == "file" and executable:
         return EXECUTABLE
     return None
@@ -278,7 +289,10 @@ def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: i
             return
         executable = bool(st.st_mode & 0o111)
         status = "modified" if same_kind else "added"
-        out.append(Change(rel, status, kind, st.st_size, executable, risk_of(rel, kind, executable)))
+        # Replacing an executable the notebook's directory has is as risky as adding one.
+        was_executable = same_kind and bool(below.st_mode & 0o111)
+        out.append(Change(rel, status, kind, st.st_size, executable,
+                          risk_of(rel, kind, executable or was_executable)))
         return
     if kind == "symlink" and same_kind and _same_link(up, low, name):
         return
@@ -405,21 +419,40 @@ def _read_text(root: Path, path: str, limit: int) -> str | None:
 
 # ---------------------------------------------------------------------------- applying
 
-def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None) -> list[Outcome]:
+def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
+          budget: int | None = None) -> list[Outcome]:
     """Apply changes to the notebook's directory: by default every plain added or modified file;
-    with `paths`, exactly the named changes (a directory name: the changes under it). Every
-    change considered gets one Outcome; one path failing never stops the others."""
+    with `paths`, the named changes (a directory name: the plain ones under it). Every change
+    considered gets one Outcome; one path failing never stops the others.
+
+    `budget`: at most this many bytes of disk written in the notebook's directory by this call
+    (holes in sparse files cost nothing, and stay holes); a file that would go over it is not
+    applied, so a cell cannot turn its disk limit into a full disk here (sparse files, hard
+    links to one big file)."""
     found = list_changes(upper, lower)
     chosen = {c.path: "default" for c in found} if paths is None else _select(found, paths)
+    spend = _Budget(budget)
     up = _open_root(upper, "the workspace's upper layer")
     try:
         low = _open_root(lower, "the notebook's directory")
         try:
-            return [_apply_one(up, low, c, chosen[c.path]) for c in found if c.path in chosen]
+            return [_apply_one(up, low, c, chosen[c.path], spend) for c in found if c.path in chosen]
         finally:
             os.close(low)
     finally:
         os.close(up)
+
+
+class _Budget:
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.spent = 0
+
+    def take(self, size: int, path: str) -> None:
+        if self.limit is not None and self.spent + size > self.limit:
+            raise _Refused(f"{display_path(path)} would take this apply past {self.limit >> 20} MiB of disk "
+                           f"(already {self.spent >> 20} MiB); apply it on its own if you want it")
+        self.spent += size
 
 
 def _select(changes: list[Change], paths: Sequence[str]) -> dict[str, str]:
@@ -447,7 +480,8 @@ def _select(changes: list[Change], paths: Sequence[str]) -> dict[str, str]:
 
 
 def _refusal(change: Change, how: str) -> str | None:
-    """Why `change` is not applied when chosen `how` ("default", "dir", "exact"); None: go ahead."""
+    """Why `change` is not applied when chosen `how` ("default", "dir", "exact"); None: go ahead.
+    Only a file named on its own is applied despite its risk: naming its directory is not enough."""
     shown = display_path(change.path)
     if change.status == "deleted":
         return None if how == "exact" else f"a deletion is applied only when named on its own: %mino apply {shown}"
@@ -455,19 +489,19 @@ def _refusal(change: Change, how: str) -> str | None:
         return "a directory is never applied, only the files in it"
     if change.kind != "file":
         return f"{NOUNS[change.kind]} is never applied"
-    if how == "default" and change.risk:
+    if how != "exact" and change.risk:
         return f"{change.risk}; name it to apply it: %mino apply {shown}"
     return None
 
 
-def _apply_one(up: int, low: int, change: Change, how: str) -> Outcome:
+def _apply_one(up: int, low: int, change: Change, how: str, spend: _Budget) -> Outcome:
     reason = _refusal(change, how)
     if reason:
         return Outcome(change.path, False, f"not applied: {reason}")
     try:
         if change.status == "deleted":
             return Outcome(change.path, True, _delete(low, change.path))
-        return Outcome(change.path, True, _write(up, low, change, how))
+        return Outcome(change.path, True, _write(up, low, change, how, spend))
     except _Refused as exc:
         return Outcome(change.path, False, f"not applied: {exc}")
     except OSError as exc:
@@ -498,7 +532,7 @@ def _delete(low: int, path: str) -> str:
         os.close(parent)
 
 
-def _write(up: int, low: int, change: Change, how: str) -> str:
+def _write(up: int, low: int, change: Change, how: str, spend: _Budget) -> str:
     """Copy one regular file from UPPER into LOWER: checked first, then a temporary file in the
     target directory, fsync, rename over the old one. Nothing is left behind on failure."""
     parts = change.path.split("/")
@@ -507,7 +541,11 @@ def _write(up: int, low: int, change: Change, how: str) -> str:
     src, st = _open_source(up, parts)
     executable = bool(st.st_mode & 0o111)  # on the fd now, not as listed
     risk = risk_of(change.path, "file", executable)
+    if risk and how != "exact":
+        os.close(src)
+        raise _Refused(f"{risk}; name it to apply it: %mino apply {display_path(change.path)}")
     try:
+        spend.take(min(st.st_size, st.st_blocks * 512), change.path)
         _check_target(low, parts)
         keep_x = how == "exact" and executable
         made: list = []
@@ -587,16 +625,32 @@ def _replace(parent: int, name: str, src: int, size: int, mode: int) -> None:
 
 
 def _copy(src: int, dst: int, size: int) -> None:
-    """At most `size` bytes (the size when opened): a file the cell keeps growing ends there."""
-    left = size
-    while left > 0:
-        chunk = os.read(src, min(CHUNK, left))
-        if not chunk:
+    """At most `size` bytes (the size when opened): a file the cell keeps growing ends there.
+    Only the data is copied; holes stay holes (a sparse file costs here what it cost there)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        if start >= size:
             break
-        left -= len(chunk)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view):]
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        os.lseek(src, start, os.SEEK_SET)
+        os.lseek(dst, start, os.SEEK_SET)
+        left = end - start
+        while left > 0:
+            chunk = os.read(src, min(CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst, view):]
+        offset = end
+    os.ftruncate(dst, size)
 
 
 def _unmake(low: int, made: list) -> None:

@@ -342,7 +342,7 @@ sub answer {
     return if $len > 63 || $pos + $len > length $q; push @labels, substr($q, $pos, $len); $pos += $len; }
   return if $pos + 4 > length $q;
   my $name = lc join('.', @labels);
-  if ($name =~ /^[a-z0-9_.-]{1,253}$/ && !$asked{$name}++ && @order < 64) { push @order, $name; }
+  if (@order < 64 && $name =~ /\A[a-z0-9_.-]{1,253}\z/ && !$asked{$name}++) { push @order, $name; }
   $dns->send(pack('n n n n n n', $id, 0x8000 | ($flags & 0x7900) | 3, 1, 0, 0, 0)
              . substr($q, 12, $pos + 4 - 12), 0, $from);
 }

@@ -153,9 +153,13 @@ class MinoMagics(Magics):
                 self.shell.user_ns[args.out] = "".join(sink.captured[1])
             if args.err is not None and sink.captured[2] is not None:
                 self.shell.user_ns[args.err] = "".join(sink.captured[2])
+        if result.survivors:
+            shown = ", ".join(f"{p.pid} ({p.command})" for p in result.survivors[:5])
+            print(f"mino: {len(result.survivors)} process(es) the cell started could not be stopped: {shown}; "
+                  f"`%mino stop {session.name}` removes the container", file=sys.stderr)
         if result.timed_out:
-            print(f"mino: cell timed out after {result.timeout:g} s; its processes were stopped (exit 124)",
-                  file=sys.stderr)
+            stopped = "its processes were stopped" if not result.survivors else "the rest of its processes were stopped"
+            print(f"mino: cell timed out after {result.timeout:g} s; {stopped} (exit 124)", file=sys.stderr)
             if args.raise_error:
                 raise CellFailed(124, cell, f"timed out after {result.timeout:g} s")
         elif result.interrupted:

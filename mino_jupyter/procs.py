@@ -13,9 +13,11 @@ hide a process from this: it is judged by namespace, uid and start time, not by 
 
 Stopping (interrupt or timeout): INT, then TERM, then KILL to the shell's process group (what a
 terminal does; bash's foreground job and its background jobs are in it), a fraction of a second
-apart; then everything else the cell started is frozen (SIGSTOP, repeated until nothing new
-appears, so a fork loop cannot outrun it) and killed. What is still alive afterwards is
-reported by pid and command, never called stopped.
+apart; then the container's cgroup is frozen (nothing in it can run, fork or exit), everything
+else the cell started is killed, and the cgroup thawed. Freezing is what makes this hold against
+a cell that keeps forking and exiting so that its live pid is never the one looked at. Where no
+freezer is at hand, SIGSTOP is repeated until nothing new appears. What is still alive afterwards
+is reported by pid and command, never called stopped.
 """
 
 from __future__ import annotations
@@ -119,13 +121,17 @@ def boottime_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
-def stop(leader: int, *, ns: str | None, started: int, proc: Path = PROC, grace: float = GRACE) -> Stopped:
+def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None, proc: Path = PROC,
+         grace: float = GRACE) -> Stopped:
     """Stop everything a cell started. `leader`: the host pid of the cell's shell (0: unknown or
-    gone); `started`: :func:`boottime_ticks` taken before the cell started, used when the shell
-    has already exited (its background processes are still the cell's)."""
+    gone); `ns`: the container's PID namespace; `started`: :func:`boottime_ticks` taken before
+    the cell started, used when the shell has already exited (its background processes are still
+    the cell's); `cgroup`: the container's cgroup path (its freezer)."""
     me = read(leader, proc) if leader else None
-    if me is not None and me.state != "Z":
-        ns = namespace(leader, proc) or ns
+    if me is not None and (me.state == "Z" or (ns is not None and namespace(leader, proc) != ns)):
+        me = None  # gone, or the pid now names something else: never signal it
+    if me is not None:
+        ns = ns or namespace(leader, proc)
         started = me.start
     if ns is None:
         return Stopped(None)
@@ -144,7 +150,62 @@ def stop(leader: int, *, ns: str | None, started: int, proc: Path = PROC, grace:
         end = time.monotonic() + grace
         while time.monotonic() < end and any(p.pgid == leader for p in cell_processes(ns, started, proc).values()):
             time.sleep(0.02)
-    return Stopped(used, sweep(ns, started, proc))
+    freezer = Freezer.of(cgroup)
+    return Stopped(used, freezer.sweep(ns, started, proc) if freezer else sweep(ns, started, proc))
+
+
+class Freezer:
+    """A container's cgroup freezer (cgroup v1 `freezer.state`, v2 `cgroup.freeze`)."""
+
+    def __init__(self, path: Path, v2: bool):
+        self.path = path
+        self.v2 = v2
+
+    @classmethod
+    def of(cls, cgroup: str | None) -> "Freezer | None":
+        if not cgroup:
+            return None
+        rel = cgroup.lstrip("/")
+        v1 = Path("/sys/fs/cgroup/freezer") / rel / "freezer.state"
+        v2 = Path("/sys/fs/cgroup") / rel / "cgroup.freeze"
+        if v1.exists():
+            return cls(v1, False)
+        if v2.exists():
+            return cls(v2, True)
+        return None
+
+    def _set(self, frozen: bool) -> None:
+        self.path.write_text(("1" if frozen else "0") if self.v2 else ("FROZEN" if frozen else "THAWED"))
+
+    def _frozen(self) -> bool:
+        if self.v2:
+            events = (self.path.parent / "cgroup.events").read_text()
+            return "frozen 1" in events
+        return self.path.read_text().strip() == "FROZEN"
+
+    def sweep(self, ns: str, leader_start: int, proc: Path = PROC) -> tuple[Proc, ...]:
+        """Freeze, kill what the cell started, thaw; then what is still alive."""
+        try:
+            self._set(True)
+            end = time.monotonic() + 2.0
+            while not self._frozen() and time.monotonic() < end:
+                time.sleep(0.005)
+            for pid in cell_processes(ns, leader_start, proc):
+                _kill(pid, signal.SIGKILL)
+        except OSError:
+            return sweep(ns, leader_start, proc)  # no freezer after all: the SIGSTOP way
+        finally:
+            try:
+                self._set(False)
+            except OSError:
+                pass
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            left = cell_processes(ns, leader_start, proc)
+            if not left:
+                return ()
+            time.sleep(0.02)
+        return sweep(ns, leader_start, proc)
 
 
 def sweep(ns: str, leader_start: int, proc: Path = PROC) -> tuple[Proc, ...]:

@@ -106,7 +106,11 @@ class SessionFirewall:
             return []
         if code != 0:
             return []
-        return firewall.describe_refused(firewall.parse_refused(out), self.resolved or firewall.Resolved(), self.mode)
+        try:
+            refused = firewall.parse_refused(out)
+        except (ValueError, TypeError, KeyError):
+            return ["mino: the firewall's report of refused connections could not be read"]
+        return firewall.describe_refused(refused, self.resolved or firewall.Resolved(), self.mode)
 
     def close(self) -> None:
         if self.channel is not None:

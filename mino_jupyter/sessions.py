@@ -29,6 +29,7 @@ from .errors import FirewallError, MinoError, UsageError
 from .image import base_image_ref
 from .session_firewall import SessionFirewall
 from .logs import CellSink, SessionLog
+from .redact import mask
 from .network import NetworkChoice, NetworkPlan, Resolution
 from .owner import Owner, current_owner, owner_alive
 from .paths import logs_dir, state_dir
@@ -274,32 +275,41 @@ class SessionManager:
         session.state = "running"
         self._changed()
         try:
-            result = run_script(self.engine, session.container_id, script, env=env, sink=cell_sink,
-                                timeout=opts.timeout, control=session.storage, namespace=session.namespace)
-        except MinoError:
-            session.state = "idle"
-            gone = self._container_gone(session)
-            if gone:
-                raise MinoError(f"session '{session.name}' stopped: {gone}; its processes and the files "
-                                "outside /workspace are gone", "run the cell again to start a new container") from None
-            raise
+            try:
+                result = run_script(self.engine, session.container_id, script, env=env, sink=cell_sink,
+                                    timeout=opts.timeout, control=session.storage, namespace=session.namespace,
+                                    cgroup=session.cgroup)
+            except MinoError:
+                session.state = "idle"
+                gone = self._container_gone(session)
+                if gone:
+                    raise MinoError(f"session '{session.name}' stopped: {gone}; its processes and the files "
+                                    "outside /workspace are gone", "run the cell again to start a new container") from None
+                raise
+            finally:
+                cell_sink.close()
+                self._report_refused(session, secrets)
+            log.cell_end(result, cell_sink.dropped)
+            session.last_exit = result.exit_code
+            if result.exit_code >= 128 or result.exit_code < 0:
+                self._after_kill(session, result)
         finally:
-            cell_sink.close()
-            if session.firewall is not None and session.state == "running":
-                for line in session.firewall.report():
-                    self.notice(line)
-        log.cell_end(result, cell_sink.dropped)
-        session.last_exit = result.exit_code
-        if result.exit_code >= 128 or result.exit_code < 0:
-            self._after_kill(session, result)
-        if session.fresh:
-            self._mark_stopped(session)
-            self.cleanup.remove_soon(self.engine, session.container_id, session.name,
-                                     after=lambda s=session: self._release_fresh(s))
-        elif session.state == "running":
-            session.state = "idle"
+            if session.fresh:  # whatever happened, a --fresh container goes now
+                self._mark_stopped(session)
+                self.cleanup.remove_soon(self.engine, session.container_id, session.name,
+                                         after=lambda s=session: self._release_fresh(s))
+            elif session.state == "running":
+                session.state = "idle"
         self._changed()
         return result
+
+    def _report_refused(self, session: Session, secrets: list[str]) -> None:
+        """What the firewall refused during the cell, masked like the cell's output (a cell can
+        spell a secret into a name it looks up)."""
+        if session.firewall is None or session.state != "running":
+            return
+        for line in session.firewall.report():
+            self.notice(mask(line, secrets))
 
     def _after_kill(self, session: Session, result: CellResult) -> None:
         """A cell ended by a signal: the kernel's OOM killer? the container itself?"""
@@ -361,14 +371,21 @@ class SessionManager:
 
     def apply(self, name: str = DEFAULT_SESSION, paths: list[str] | None = None) -> list[changes.Outcome]:
         store = self._storage_of(name)
-        outcomes = changes.apply(store.upper, store.notebook_dir, paths or None)
+        outcomes = changes.apply(store.upper, store.notebook_dir, paths or None, budget=self._budget(name))
         self._changed()
         return outcomes
+
+    def _budget(self, name: str) -> int:
+        """What one apply may write next to the notebook: no more than the session's disk could
+        hold, and no more than half the free space there."""
+        session = self.get(name)
+        return min(session.resources.disk, host.disk_free(session.storage.notebook_dir) // 2)
 
     def _auto_apply(self, session: Session) -> None:
         if session.storage is None or session.storage.upper is None:
             return
-        done = [o.path for o in changes.apply(session.storage.upper, session.storage.notebook_dir, None) if o.applied]
+        done = [o.path for o in changes.apply(session.storage.upper, session.storage.notebook_dir, None,
+                                              budget=self._budget(session.name)) if o.applied]
         if done:
             self.notice(f"mino: applied {len(done)} data file(s) (auto_apply): " + ", ".join(done[:10])
                         + (" ..." if len(done) > 10 else ""))

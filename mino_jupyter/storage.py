@@ -265,8 +265,12 @@ class SessionStorage:
 
     def write_control(self, name: str, data: bytes) -> str:
         """A file for one of mino's execs, read-only inside at /run/mino/NAME. Returns that path."""
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=_fd_guard(self.paths.control))
+        directory = _open_dir(self.paths.control)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=directory)
+        finally:
+            os.close(directory)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return f"{policy.CONTROL_DIR}/{name}"
@@ -311,26 +315,6 @@ def prepare(storage_dir: Path, name: str, owner_labels: dict, *, notebook_dir: P
         SessionStorage(SessionPaths(root), notebook_dir, "ro").teardown()
     return SessionStorage.create(root, notebook_dir=notebook_dir, mode=mode, home_lower=home_lower,
                                  disk_bytes=disk_bytes)
-
-
-class _FdGuard:
-    def __init__(self, path: Path):
-        self.fd = _open_dir(path)
-
-    def __del__(self):
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
-_guards: dict[str, _FdGuard] = {}
-
-
-def _fd_guard(path: Path) -> int:
-    """A cached O_NOFOLLOW descriptor of one of mino's own directories."""
-    guard = _guards.get(str(path))
-    if guard is None:
-        guard = _guards[str(path)] = _FdGuard(path)
-    return guard.fd
 
 
 # ---------------------------------------------------------------------------- image homes

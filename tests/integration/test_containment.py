@@ -410,3 +410,68 @@ def test_no_user_namespaces_in_any_mode(engine, base_image, notebook, tmp_path, 
         assert "Operation not permitted" in r.stderr
     finally:
         k.shutdown()
+
+
+# ---------------------------------------------------------------- what an outside review found
+HOPPER = ("cat > /tmp/hop.pl <<'PERL'\n"
+          "use POSIX; POSIX::setsid(); my $t = time;\n"
+          "while (time - $t < 20) { exit 0 if fork; }\n"
+          "open F, \">/tmp/alive.$$\"; close F; sleep 300;\n"
+          "PERL\n"
+          "for i in $(seq 64); do perl /tmp/hop.pl & done; echo started; sleep 100")
+
+
+def test_processes_that_keep_changing_pid_do_not_outlive_a_timeout(engine, base_image, notebook, tmp_path):
+    """Each process forks and exits at once, so its live pid is never the one looked at: only
+    freezing the container's cgroup catches every one."""
+    k = _kernel(notebook, tmp_path / "mino-home")
+    try:
+        for _ in range(4):  # without the freezer, about one run in four leaves a chain running
+            r = k.execute("%%mino --timeout 2\n" + HOPPER)
+            assert "timed out after 2 s" in r.stderr and "could not be stopped" not in r.stderr
+            time.sleep(1)
+            r = k.ok("%%mino\nls /tmp | grep -c '^alive' || true; ps -eo args | grep -c '[h]op.pl' || true")
+            assert r.stdout.split() == ["0", "0"], r.stdout
+    finally:
+        k.shutdown()
+
+
+def test_a_crafted_name_lookup_breaks_nothing_and_a_fresh_container_still_goes(engine, base_image, notebook,
+                                                                                tmp_path, gateway):
+    k = _kernel(notebook, tmp_path / "mino-home")
+    try:
+        query = ("perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(PeerAddr => \"127.0.0.1:53\", Proto => \"udp\");"
+                 " $q = pack(\"n6\", 7, 0x100, 1, 0, 0, 0) . chr(4) . \"abc\\n\" . chr(0) . pack(\"n2\", 1, 1);"
+                 " $s->send($q); print \"sent\\n\"'")
+        r = k.ok(f"%%mino --fresh --network-allow {gateway}:9\n{query}")
+        assert r.stdout == "sent\n" and "Traceback" not in r.stderr
+        token = k.owner_token()
+        deadline = time.monotonic() + 10
+        while engine.list({"io.mino.owner": token, "io.mino.role": "fresh"}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.list({"io.mino.owner": token, "io.mino.role": "fresh"}) == []
+    finally:
+        k.shutdown()
+
+
+def test_a_secret_spelled_into_a_name_is_masked_in_mino_s_own_lines(engine, base_image, notebook, tmp_path, gateway):
+    k = _kernel(notebook, tmp_path / "mino-home")
+    try:
+        k.ok("TOKEN = 's3cr3tvalue123'")
+        r = k.ok(f"%%mino --fresh --secret TOKEN --network-allow {gateway}:9\n"
+                 "getent hosts \"$TOKEN.x.example\" || echo unresolved")
+        assert "unresolved" in r.stdout
+        assert "s3cr3tvalue123" not in r.stderr and "********.x.example" in r.stderr
+    finally:
+        k.shutdown()
+
+
+def test_a_large_script_runs_in_a_session_started_again(engine, base_image, notebook, tmp_path):
+    k = _kernel(notebook, tmp_path / "mino-home")
+    big = "# " + "x" * 998 + "\n"
+    try:
+        assert k.ok("%%mino\n" + big * 150 + "echo one").stdout == "one\n"
+        k.ok("%mino stop default")
+        assert k.ok("%%mino\n" + big * 150 + "echo two").stdout == "two\n"
+    finally:
+        k.shutdown()

@@ -228,7 +228,14 @@ def test_non_utf8_names(layers):
     ("table.parquet", "file", False, None),
     ("plot.png", "file", False, None),
     ("notes.txt", "file", False, None),
-    ("analysis.ipynb", "file", False, None),
+    ("analysis.ipynb", "file", False, changes.TOOLING),  # its cells run in your kernel when you run them
+    ("Makefile", "file", False, changes.TOOLING),
+    ("build/rules.mk", "file", False, changes.TOOLING),
+    ("package.json", "file", False, changes.TOOLING),
+    ("pyproject.toml", "file", False, changes.TOOLING),
+    ("requirements-dev.txt", "file", False, changes.TOOLING),
+    ("--", "file", False, changes.OPTION),
+    ("-rf.csv", "file", False, changes.OPTION),
     ("README.md", "file", False, None),
     ("python_notes.txt", "file", False, None),
     ("mypy.ini", "file", False, None),
@@ -270,9 +277,9 @@ def test_non_utf8_names(layers):
     ("ipython_config.json", "file", False, changes.JUPYTER),
     ("jupyter_server_config.json", "file", False, changes.JUPYTER),
     ("ipython_kernel_config.py", "file", False, changes.PYTHON),
-    ("run.sh", "file", True, changes.EXECUTABLE),
+    ("run.sh", "file", True, changes.TOOLING),
     ("bin/tool", "file", True, changes.EXECUTABLE),
-    ("run.sh", "file", False, None),
+    ("run.sh", "file", False, changes.TOOLING),
     ("tool", "symlink", True, None),
     ("pipe", "fifo", False, None),
     (".pipe", "fifo", False, changes.DOTFILE),
@@ -290,11 +297,14 @@ def test_risk_reasons_speak_to_the_user():
 def test_listing_carries_the_risk(layers):
     upper, lower = layers
     put(upper, "analysis.py")
-    put(upper, "run.sh", mode=0o755)
+    put(upper, "run", mode=0o755)
     put(upper, ".envrc")
+    put(lower, "tool", "old\n", mode=0o755)
+    put(upper, "tool", "new\n", mode=0o644)  # the x bit dropped: still replaces an executable
     found = {c.path: c for c in list_changes(upper, lower)}
     assert found["analysis.py"].risk == changes.PYTHON
-    assert found["run.sh"].risk == changes.EXECUTABLE and found["run.sh"].executable
+    assert found["run"].risk == changes.EXECUTABLE and found["run"].executable
+    assert found["tool"].risk == changes.EXECUTABLE and not found["tool"].executable
     assert found[".envrc"].risk == changes.DOTFILE
 
 
@@ -315,7 +325,7 @@ def test_default_applies_plain_files_only(layers):
     assert results["analysis.py"].message == (
         "not applied: Python the kernel can import from this directory; name it to apply it: "
         "%mino apply analysis.py")
-    assert results["run.sh"].message.startswith("not applied: an executable")
+    assert results["run.sh"].message.startswith("not applied: a file tools run")
     assert results[".envrc"].message.startswith("not applied: a dotfile or dot-directory")
     assert results["link"].message == "not applied: a symlink is never applied"
     assert results["empty"].message.startswith("not applied: a directory is never applied")
@@ -495,15 +505,15 @@ def test_named_python_file_is_applied_with_a_warning(layers, upper_mode, lower_m
     assert (lower / "analysis.py").read_text() == "print('hi')\n"
 
 
-def test_executable_keeps_its_x_bit_only_when_named_itself(layers):
+def test_an_executable_is_applied_only_when_named_itself(layers):
     upper, lower = layers
-    put(upper, "bin/run.sh", "#!/bin/sh\n", mode=0o4755)
-    put(upper, "bin/other.sh", "#!/bin/sh\n", mode=0o755)
-    results = {o.path: o for o in apply(upper, lower, ["bin", "bin/run.sh"])}
-    assert results["bin/run.sh"].message == f"applied with a warning: {changes.EXECUTABLE}"
-    assert stat.S_IMODE((lower / "bin/run.sh").stat().st_mode) == 0o755
-    assert results["bin/other.sh"].message == "applied without its x bit: name the file itself to keep it"
-    assert stat.S_IMODE((lower / "bin/other.sh").stat().st_mode) == 0o644
+    put(upper, "bin/run", "#!/bin/sh\n", mode=0o4755)
+    put(upper, "bin/other", "#!/bin/sh\n", mode=0o755)
+    results = {o.path: o for o in apply(upper, lower, ["bin", "bin/run"])}
+    assert results["bin/run"].message == f"applied with a warning: {changes.EXECUTABLE}"
+    assert stat.S_IMODE((lower / "bin/run").stat().st_mode) == 0o755  # never setuid
+    assert results["bin/other"].message.startswith(f"not applied: {changes.EXECUTABLE}; name it")
+    assert not (lower / "bin/other").exists()
 
 
 @pytest.mark.parametrize("name", ["results", "results/", "./results"])
@@ -514,8 +524,43 @@ def test_directory_name_applies_what_is_under_it(layers, name):
     put(upper, "resultsx.csv", "not under results\n")
     results = {o.path: o for o in apply(upper, lower, [name])}
     assert set(results) == {"results/a.csv", "results/deep/b.py"}
-    assert results["results/deep/b.py"].message.startswith("applied with a warning:")
-    assert names_in(lower) == {"results", "results/a.csv", "results/deep", "results/deep/b.py"}
+    # Naming a directory takes its plain data; code under it still has to be named on its own.
+    assert results["results/deep/b.py"].message.startswith("not applied: Python the kernel can import")
+    assert names_in(lower) == {"results", "results/a.csv"}
+
+
+def test_naming_a_directory_never_applies_dotfiles_or_bytecode_under_it(layers):
+    upper, lower = layers
+    put(upper, "pkg/.git/config", "[core]\n\tfsmonitor = evil\n")
+    put(upper, "pkg/.envrc", "evil\n")
+    put(upper, "pkg/__pycache__/mod.cpython-311.pyc", "evil\n")
+    put(upper, "pkg/data.csv", "ok\n")
+    results = {o.path: o for o in apply(upper, lower, ["pkg"])}
+    assert results["pkg/data.csv"].applied
+    assert [p for p, o in results.items() if o.applied] == ["pkg/data.csv"]
+    assert names_in(lower) == {"pkg", "pkg/data.csv"}
+
+
+def test_apply_keeps_within_its_budget_and_keeps_holes(layers):
+    upper, lower = layers
+    big = upper / "big.dat"
+    with open(big, "wb") as f:  # 2 GiB, almost all hole, as a cell's `truncate -s 2G` makes it
+        f.seek(2 << 30)
+        f.write(b"head")
+    for i in (1, 2, 3):
+        os.link(big, upper / f"big{i}.dat")
+    put(upper, "data.csv", "x" * (3 << 20))
+    results = {o.path: o for o in apply(upper, lower, None, budget=4 << 20)}
+    assert results["data.csv"].applied  # 3 MiB of data
+    copies = [p for p in ("big.dat", "big1.dat", "big2.dat", "big3.dat") if results[p].applied]
+    st = (lower / copies[0]).stat()
+    assert st.st_size == (2 << 30) + 4 and st.st_blocks * 512 < (1 << 20)  # holes stayed holes
+    assert (lower / copies[0]).read_bytes()[-4:] == b"head"
+    elsewhere = lower.parent / "elsewhere"
+    elsewhere.mkdir()
+    over = {o.path: o for o in apply(upper, elsewhere, ["data.csv"], budget=1 << 20)}
+    assert not over["data.csv"].applied and "past 1 MiB of disk" in over["data.csv"].message
+    assert not (elsewhere / "data.csv").exists()
 
 
 def test_unknown_names_write_nothing(layers):
