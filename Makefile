@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit notebooks bench lab clean-containers
+.PHONY: setup demo test unit mutants notebooks bench lab clean-containers
 
 setup:
 	@scripts/setup-host.sh
@@ -19,6 +19,10 @@ test:
 	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) scripts/notebooks.py --check
 	$(PY) scripts/notebooks.py --check-in-place
+	$(PY) tests/mutants/run.py
+
+mutants: setup
+	$(PY) tests/mutants/run.py
 
 notebooks:
 	@scripts/setup-host.sh --toolchains

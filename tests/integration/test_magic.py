@@ -55,14 +55,9 @@ def kernel(engine, base_image, workspace):
     k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
     k.ok("%load_ext mino_jupyter")
     yield k
-    token = None
-    try:
-        token = k.owner_token()
-    except Exception:
-        pass
+    token = k.owner_token()  # a kernel that died during the test fails here, loudly
     k.shutdown()
-    if token:
-        assert _wait_until(lambda: not _containers(engine, **{"io.mino.owner": token}), 15)
+    assert _wait_until(lambda: not _containers(engine, **{"io.mino.owner": token}), 15)
 
 
 def test_hardening_seen_from_the_cell(kernel):
@@ -110,14 +105,35 @@ def test_output_streams_while_the_cell_runs(kernel, workspace):
     assert r.stdout == "waiting\nreleased\n"
 
 
+WAIT_FOR_GO = "for i in $(seq 300); do [ -e /tmp/go ] && break; sleep 0.05; done; rm -f /tmp/go"
+
+
+def _release_after(kernel, marker: str):
+    """A stream callback that lets the cell go on (it waits for /tmp/go) once `marker` was shown:
+    what the cell prints next is certainly a separate read."""
+    go = _session_path(kernel, "tmp") / "go"
+
+    def on_stream(name, text, reply):
+        if marker in reply.stdout and not getattr(on_stream, "sent", False):
+            on_stream.sent = True
+            go.touch()
+    return on_stream
+
+
 def test_decoding_is_incremental_and_forgiving(kernel):
-    r = kernel.ok("%%mino\nprintf '\\xc3'; sleep 0.3; printf '\\xa9\\n'\nprintf 'bad \\xff byte\\n'\n"
-                  "head -c 300000 /dev/zero | tr '\\0' a; echo\nprintf 'no newline'")
+    kernel.ok("%%mino\ntrue")
+    on_stream = _release_after(kernel, "ready")
+    r = kernel.execute("%%mino\nprintf 'ready\\n\\xc3'; " + WAIT_FOR_GO + "; printf '\\xa9\\n'\n"
+                       "printf 'bad \\xff byte\\n'\nhead -c 300000 /dev/zero | tr '\\0' a; echo\nprintf 'no newline'",
+                       on_stream=on_stream)
+    assert r.error is None, r.error_text
+    assert getattr(on_stream, "sent", False), "the first half never arrived on its own"
     lines = r.stdout.split("\n")
-    assert lines[0] == "é"
-    assert lines[1] == "bad \ufffd byte"
-    assert lines[2] == "a" * 300000
-    assert lines[3] == "no newline"
+    assert lines[0] == "ready"
+    assert lines[1] == "é"  # its two bytes arrived in two reads
+    assert lines[2] == "bad \ufffd byte"
+    assert lines[3] == "a" * 300000
+    assert lines[4] == "no newline"
 
 
 def test_exit_code_raises_called_process_error(kernel):
@@ -202,8 +218,12 @@ def test_sessions_reuse_separate_and_fresh(kernel, engine):
 
 def test_logs_outlive_the_container_and_mask_secrets(kernel, engine):
     kernel.ok("MY_TOKEN = 's3cr3t-value-123'")
-    r = kernel.ok("%%mino --secret MY_TOKEN\necho token=$MY_TOKEN\n"
-                  "printf '%s' \"${MY_TOKEN:0:6}\"; sleep 0.3; printf '%s\\n' \"${MY_TOKEN:6}\"")
+    kernel.ok("%%mino\ntrue")
+    on_stream = _release_after(kernel, "ready")
+    r = kernel.execute("%%mino --secret MY_TOKEN\necho token=$MY_TOKEN\n"
+                       "printf 'ready\\n%s' \"${MY_TOKEN:0:6}\"; " + WAIT_FOR_GO + "; printf '%s\\n' \"${MY_TOKEN:6}\"",
+                       on_stream=on_stream)
+    assert r.error is None and getattr(on_stream, "sent", False)  # the secret arrived in two reads
     assert "s3cr3t-value-123" not in r.stdout and "s3cr3t" not in r.stdout
     assert r.stdout.count("********") == 2
     token = kernel.owner_token()

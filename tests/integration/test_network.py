@@ -184,13 +184,16 @@ def test_none_mode_has_no_network(manager, gateway):
 
 
 def test_host_plus_preset_warns_and_enforces_the_allowlist(manager, gateway):
-    listener = TcpListener("127.0.0.1")
+    """The gateway listener is reachable in host mode (the control) and refused under the
+    allowlist that overrides host: the allowlist really applies, not only its warning."""
+    listener = TcpListener(gateway)
     try:
-        code, out, _ = run(manager, f"{CURL} http://127.0.0.1:{listener.port}/ ; echo \" exit=$?\"",
+        code, out, _ = run(manager, f"{CURL} http://{gateway}:{listener.port}/", session="plain-host", network="host")
+        assert out == "200" and listener.hits == 1, "control: host mode reaches the gateway listener"
+        code, out, _ = run(manager, f"{CURL} http://{gateway}:{listener.port}/ ; echo \" exit=$?\"",
                            network="host", preset="registries")
         assert "mino: --network host overridden by --network-preset registries" in manager.notices
-        # Loopback inside the allowlisted bridge container is its own, not the host's.
-        assert out.strip().endswith("exit=7") and listener.hits == 0
+        assert out.strip().endswith("exit=7") and listener.hits == 1
     finally:
         listener.close()
 
@@ -255,7 +258,7 @@ def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_
 
 def test_firewall_failure_runs_nothing(engine, base_image, gateway, tmp_path):
     """An image without nft for the firewall: the cell fails, its first line never runs."""
-    tag = "localhost/mino-test-nonft:1"
+    tag = f"localhost/mino-test-nonft:{uuid.uuid4().hex[:8]}"  # its own: concurrent runs never share it
     build = subprocess.run(["podman", "build", "-q", "-t", tag, "-f", "-", str(tmp_path)],
                            input=f"FROM {base_image}\nUSER 0\nRUN rm -f /usr/sbin/nft\nUSER 1000\n",
                            capture_output=True, text=True)

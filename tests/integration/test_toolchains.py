@@ -118,6 +118,8 @@ def test_package_caches_persist_across_sessions(manager):
 def test_package_cache_can_be_turned_off(manager, tmp_path):
     from mino_jupyter import config
 
+    code, out, _ = run(manager, "grep -c ' /home/developer/.npm ' /proc/self/mounts || true", "node")
+    assert out.strip() == "1"  # the control: on by default
     config.set_key("package_cache", "false", local=False, cwd=tmp_path, env=manager.env)
     code, out, _ = run(manager, "grep -c ' /home/developer/.npm ' /proc/self/mounts || true", "node")
     assert out.strip() == "0"

@@ -159,3 +159,18 @@ def test_agent_protocol_framing():
     assert "\\@\\@mino-end" in firewall.AGENT  # perl: @ escaped in strings
     assert firewall.agent_command("allowlist")[-1] == "dns" and firewall.agent_command("bridge")[-1] != "dns"
     assert firewall.agent_command("bridge")[0] == "/usr/bin/perl"
+
+
+def test_names_are_resolved_again_only_after_the_refresh_interval():
+    from mino_jupyter import session_firewall
+    from mino_jupyter.network import NetworkPlan
+
+    now = [1000.0]
+    fw = session_firewall.SessionFirewall(None, session_container="c", plan=NetworkPlan("allowlist"),
+                                          resolver=lambda n: [], notice=lambda m: None, hosts_path=None,
+                                          local=firewall.LocalNetworks(), clock=lambda: now[0])
+    fw.resolved_at = now[0]
+    now[0] += session_firewall.RESOLVE_REFRESH
+    assert not fw.due()  # exactly the interval: not yet
+    now[0] += 0.001
+    assert fw.due()
