@@ -98,6 +98,7 @@ class Cleanup:
         self.storage_root = storage_root  # mino's state directory: sessions/, caches/
         self.want_watchdog = watchdog
         self.reaped = False
+        self.reaped_ids: list[str] = []  # what this kernel's reaper removed (tests, diagnostics)
         self._watchdog: subprocess.Popen | None = None
         self._watchdog_pipe: int | None = None
         self._removals: list[threading.Thread] = []
@@ -126,6 +127,7 @@ class Cleanup:
         self.reaped = True
         try:
             removed = prune(engine)
+            self.reaped_ids += removed
             storage.reap(self.storage_root / "sessions", owner_alive)
         except Exception:
             return
@@ -225,7 +227,7 @@ def watchdog_main(argv: list[str]) -> int:
     for attempt in range(3):
         try:
             engine = Engine.connect(env)
-            remove_containers(engine, owned_by(engine, token))
+            removed = remove_containers(engine, owned_by(engine, token))
             break
         except Exception:
             time.sleep(1 + attempt)
@@ -233,7 +235,17 @@ def watchdog_main(argv: list[str]) -> int:
         return 1
     if sessions is not None:  # the kernel's session disks and mounts, now that no container uses them
         storage.teardown_owner(sessions)
+        _log(sessions.parent.parent / "watchdog.log",
+             f"removed {len(removed)} container(s) and the session disks of kernel {token} (pid {pid}), which died")
     return 0
+
+
+def _log(path: Path, line: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -352,6 +352,10 @@ def test_sigkilled_kernel_is_cleaned_up_by_the_watchdog(engine, base_image, work
     k.shutdown(now=True)
     assert _wait_until(lambda: not _containers(engine, **{"io.mino.owner": token}), timeout=30), \
         "the watchdog did not remove the dead kernel's containers"
+    # ... and it was the watchdog (not another kernel's reaper): its own line says so.
+    log = workspace.parent / "mino-home" / "state" / "mino" / "watchdog.log"
+    assert _wait_until(lambda: log.exists() and f"kernel {token}" in log.read_text(), timeout=10)
+    assert "removed 4 container(s)" in log.read_text()  # two sessions, each with its firewall container
 
 
 def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
@@ -371,6 +375,9 @@ def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
     try:
         k.ok("%load_ext mino_jupyter")
         assert _wait_until(lambda: engine.inspect(cid) is None, timeout=20)
+        # ... and this kernel's reaper removed it (not a concurrent run's).
+        assert _wait_until(lambda: cid in k.ok("from mino_jupyter.magics import current_manager as _cm; "
+                                               "print(_cm().cleanup.reaped_ids)").stdout, timeout=10)
     finally:
         k.shutdown()
         engine.remove(cid)

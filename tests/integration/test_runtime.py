@@ -78,29 +78,31 @@ def test_exec_exit_code_and_stream_separation(engine, hardened):
     assert (code, out, err) == (42, b"out\n", b"err\n")
 
 
-def test_stopped_service_is_started_again(engine, base_image, tmp_path, monkeypatch):
-    path = engine.endpoint.socket_path
-    if os.environ.get("CONTAINER_HOST") or not path:
-        pytest.skip("needs the local default socket")
-    pid = _socket_peer_pid(path)
-    assert pid, "no service process behind the socket"
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(100):
-        if _socket_peer_pid(path) is None:
-            break
-        time.sleep(0.1)
-    assert _socket_peer_pid(path) is None
+def test_a_service_that_is_not_running_is_started(engine, base_image, tmp_path, monkeypatch):
+    """Against a socket of its own (a rootless-style $XDG_RUNTIME_DIR path under tmp_path), so
+    the machine's shared service is never touched."""
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(runtime_dir), "XDG_STATE_HOME": str(tmp_path / "state"), "PATH": os.environ["PATH"]}
+    path = str(runtime_dir / "podman" / "podman.sock")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # discovery picks $XDG_RUNTIME_DIR, which it may start
     notes = []
     doomed = tmp_path / "a-notebook-dir"
     doomed.mkdir()
     monkeypatch.chdir(doomed)  # kernels start the service from notebook directories
-    fresh = Engine.connect(notify=notes.append)
-    assert fresh.started_service
-    assert notes and "started the Podman API service" in notes[0] and path in notes[0]
-    assert fresh.image_exists(base_image)
+    fresh = Engine.connect(env, notify=notes.append)
+    monkeypatch.undo()
     service = _socket_peer_pid(path)
-    assert os.readlink(f"/proc/{service}/cwd") == "/"  # not the directory that may be deleted
-    fresh.close()
+    try:
+        assert fresh.started_service and fresh.endpoint.socket_path == path
+        assert notes and "started the Podman API service" in notes[0] and path in notes[0]
+        assert fresh.image_exists(base_image)
+        assert os.readlink(f"/proc/{service}/cwd") == "/"  # not the directory that may be deleted
+        assert service != _socket_peer_pid(engine.endpoint.socket_path)  # not the shared one
+    finally:
+        fresh.close()
+        if service:
+            os.kill(service, signal.SIGTERM)
 
 
 def _cli(*args, env=None):

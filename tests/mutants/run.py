@@ -56,7 +56,8 @@ def run(mutant: Mutant) -> tuple[str, float, str]:
         if problem:
             return "BROKEN", 0.0, problem
         env = {**os.environ, "PYTHONPATH": str(work), "MINO_REQUIRE_PODMAN": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                               f"--basetemp={work / 'tmp'}", *mutant.tests],
                               cwd=work, env=env, capture_output=True, text=True, timeout=600)
         seconds = time.monotonic() - started
         last = (done.stdout.strip().splitlines() or [""])[-1]
@@ -66,7 +67,29 @@ def run(mutant: Mutant) -> tuple[str, float, str]:
             return "SURVIVED", seconds, last
         return "BROKEN", seconds, f"pytest exit {done.returncode}: {last}"  # no tests, usage error
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        _clean(work)
+
+
+def _clean(work: Path) -> None:
+    """A mutant may have disabled mino's own cleanup: what its tests left mounted under the scratch
+    copy is unmounted here (deepest first) before the copy goes."""
+    from mino_jupyter import storage
+    from mino_jupyter.cleanup import prune
+    from mino_jupyter.runtime import Engine
+
+    try:  # containers of the killed kernels a mutant left (no watchdog, no reaper)
+        engine = Engine.connect(autostart=False)
+        prune(engine)
+        engine.close()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    for mount in sorted(storage.mounts_under(work), key=len, reverse=True):
+        try:
+            storage.unmount(Path(mount))
+        except Exception:  # noqa: BLE001 - best effort; the copy stays and says so below
+            pass
+    if storage.remove_tree(work) is False:
+        print(f"  (left {work}: something is still mounted there)", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
