@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="build on IMAGE (a Debian bookworm image) instead of debian:bookworm-slim")
     build.add_argument("--mirror", default=None, metavar="URL", help="Debian mirror for --offline")
     build.add_argument("--force", action="store_true", help="rebuild even when the image exists")
+    build.add_argument("--tag", metavar="REF", help="build the base under another name (to try a build without "
+                                                    "touching the one sessions use); an offline build then makes "
+                                                    "its own REPO-bootstrap:TAG rootfs image")
 
     cfg = sub.add_parser("config", help="show, get, set or unset settings (--local: the project's .mino.toml)")
     add_config_arguments(cfg)
@@ -80,10 +83,12 @@ def _dispatch(args) -> int:
         def progress(message: str) -> None:
             print(message, flush=True)
 
+        if args.tag and names != ["base"]:
+            raise MinoError("--tag names the base image only", "use `mino-jupyter image build --tag REF` alone")
         if "base" in names or args.offline or args.from_image:
             print(build_base(engine, offline=args.offline, from_image=args.from_image,
                              mirror=args.mirror or DEFAULT_MIRROR, force=args.force and "base" in names,
-                             progress=progress))
+                             progress=progress, target=args.tag))
         for name in names:
             if name != "base":
                 print(build_variant(engine, name, force=args.force, progress=progress))

@@ -114,30 +114,41 @@ class BuildPlan:
     base_ref: str
 
 
-def plan_base(*, offline: bool, from_image: str | None, have: Callable[[str], bool]) -> BuildPlan:
+def bootstrap_ref_for(target: str) -> str:
+    """The Debian rootfs image an offline build of `target` starts from (its own, for another tag)."""
+    if target == base_image_ref():
+        return BOOTSTRAP_REF
+    repo, _, tag = target.rpartition(":")
+    return f"{repo}-bootstrap:{tag}"
+
+
+def plan_base(*, offline: bool, from_image: str | None, have: Callable[[str], bool],
+              bootstrap_ref: str = BOOTSTRAP_REF) -> BuildPlan:
     if offline and from_image:
         raise UsageError("--offline and --from exclude each other",
                          "--offline builds from Debian packages; --from IMAGE builds on IMAGE")
     if from_image:
         return BuildPlan("local" if have(from_image) else "registry", from_image)
     if offline:
-        return BuildPlan("local" if have(BOOTSTRAP_REF) else "debootstrap", BOOTSTRAP_REF)
+        return BuildPlan("local" if have(bootstrap_ref) else "debootstrap", bootstrap_ref)
     if have(REGISTRY_BASE):
         return BuildPlan("local", REGISTRY_BASE)
-    if have(BOOTSTRAP_REF):
-        return BuildPlan("local", BOOTSTRAP_REF)
+    if have(bootstrap_ref):
+        return BuildPlan("local", bootstrap_ref)
     return BuildPlan("registry", REGISTRY_BASE)
 
 
 def build_base(engine: Engine, *, offline: bool = False, from_image: str | None = None,
                mirror: str = DEFAULT_MIRROR, force: bool = False,
-               progress: Progress = print) -> str:
-    """Build localhost/mino-base:<version> unless present (or `force`). Returns the reference."""
-    target = base_image_ref()
+               progress: Progress = print, target: str | None = None) -> str:
+    """Build localhost/mino-base:<version> (or `target`) unless present (or `force`). Returns the
+    reference."""
+    target = target or base_image_ref()
     if not force and engine.image_exists(target):
         progress(f"image {target} is present (use --force to rebuild)")
         return target
-    plan = plan_base(offline=offline, from_image=from_image, have=engine.image_exists)
+    bootstrap_ref = bootstrap_ref_for(target)
+    plan = plan_base(offline=offline, from_image=from_image, have=engine.image_exists, bootstrap_ref=bootstrap_ref)
     started = time.monotonic()
     base = plan.base_ref
     if plan.source == "registry":
@@ -147,9 +158,9 @@ def build_base(engine: Engine, *, offline: bool = False, from_image: str | None 
             if from_image:
                 raise
             progress(f"no registry reachable ({exc.message}); building offline from Debian packages")
-            base = bootstrap(engine, mirror=mirror, progress=progress)
+            base = bootstrap(engine, mirror=mirror, progress=progress, ref=bootstrap_ref)
     elif plan.source == "debootstrap":
-        base = bootstrap(engine, mirror=mirror, progress=progress)
+        base = bootstrap(engine, mirror=mirror, progress=progress, ref=bootstrap_ref)
     progress(f"building {target} FROM {base} ...")
     build_recipe(engine, base=base, target=target, progress=progress)
     progress(f"built {target} in {time.monotonic() - started:.0f} s")
@@ -178,8 +189,8 @@ def _follow(items, progress: Progress, show: Callable[[str], str | None]) -> str
     return error
 
 
-def bootstrap(engine: Engine, *, mirror: str, progress: Progress) -> str:
-    """A minimal Debian rootfs from packages (debootstrap), imported as the build base."""
+def bootstrap(engine: Engine, *, mirror: str, progress: Progress, ref: str = BOOTSTRAP_REF) -> str:
+    """A minimal Debian rootfs from packages (debootstrap), imported as the build base `ref`."""
     if os.geteuid() != 0:
         raise ImageBuildError("an offline build needs root (debootstrap creates device files)",
                               "run `sudo mino-jupyter image build --offline`, or build --from an image you have")
@@ -192,18 +203,18 @@ def bootstrap(engine: Engine, *, mirror: str, progress: Progress) -> str:
         progress(f"debootstrap {SUITE} from {mirror} (about a minute) ...")
         _stream_command([debootstrap, "--variant=minbase", SUITE, str(rootfs), mirror], progress,
                         failure="debootstrap failed")
-        progress(f"importing the rootfs as {BOOTSTRAP_REF} ...")
+        progress(f"importing the rootfs as {ref} ...")
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."],
                                stdout=subprocess.PIPE)
         try:
-            engine.import_image(BOOTSTRAP_REF, _chunks(tar.stdout))
+            engine.import_image(ref, _chunks(tar.stdout))
         finally:
             tar.stdout.close()
             tar.wait()
         if tar.returncode != 0:
-            engine.remove_image(BOOTSTRAP_REF)
+            engine.remove_image(ref)
             raise ImageBuildError("packing the rootfs failed", "check free disk space and rerun")
-    return BOOTSTRAP_REF
+    return ref
 
 
 def _chunks(stream, size: int = 1 << 20):

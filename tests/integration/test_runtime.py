@@ -173,3 +173,30 @@ def test_build_from_a_local_base_image_uses_the_same_recipe(engine, base_image):
         assert any(line.strip().startswith("STEP") for line in seen)  # progress was shown
     finally:
         engine.remove_image(target)
+
+
+def test_offline_and_from_builds_through_the_command_line(engine, base_image):
+    """The path every fresh machine takes (debootstrap, import, the recipe, checked, tagged),
+    then --from on its rootfs, both under tags of their own (the images sessions use stay)."""
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    offline, from_ = f"localhost/mino-test-offline:{tag}", f"localhost/mino-test-from:{tag}"
+    rootfs = f"localhost/mino-test-offline-bootstrap:{tag}"
+    try:
+        result = _cli("image", "build", "--offline", "--tag", offline)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "debootstrap bookworm from" in result.stdout and f"importing the rootfs as {rootfs}" in result.stdout
+        assert result.stdout.strip().splitlines()[-1] == offline
+        assert engine.image_exists(offline) and engine.image_exists(rootfs)
+        assert not engine.image_exists(f"{offline}-candidate")  # tagged only once checked
+        result = _cli("image", "build", "--from", rootfs, "--tag", from_)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert f"building {from_} FROM {rootfs}" in result.stdout
+        labels = engine.image_inspect(from_)["Labels"]
+        assert labels["io.mino.image"] == "mino-base"
+        result = _cli("image", "build", "python", "--tag", from_)
+        assert result.returncode == 1 and "--tag names the base image only" in result.stderr
+    finally:
+        for ref in (offline, from_, rootfs):
+            engine.remove_image(ref)
