@@ -5,13 +5,23 @@ import pytest
 
 from mino_jupyter import doctor, image
 from mino_jupyter.errors import UsageError
-from mino_jupyter.owner import boot_id, current_owner, owner_alive, process_start_ticks
+from mino_jupyter.owner import current_owner, owner_alive, process_start_ticks
 
 
-def test_owner_of_this_process_is_alive():
-    me = current_owner()
-    assert me.pid == os.getpid()
-    assert owner_alive(me.labels())
+def test_a_live_process_is_alive_until_it_ends():
+    """Another process, its start time read from /proc here (not through the code under test)."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        stat = open(f"/proc/{child.pid}/stat").read()
+        start = stat[stat.rindex(")") + 2:].split()[19]
+        labels = current_owner().labels() | {"io.mino.owner-pid": str(child.pid), "io.mino.owner-start": start}
+        assert owner_alive(labels)
+    finally:
+        child.kill()
+        child.wait()
+    assert not owner_alive(labels)
 
 
 def test_owner_with_reused_pid_is_dead():
@@ -32,10 +42,11 @@ def test_owner_gone_is_dead():
 
 
 def test_other_hosts_and_unlabelled_containers_are_not_judged():
-    labels = current_owner().labels() | {"io.mino.owner-pid": "999999999", "io.mino.host": socket.gethostname() + "-x"}
-    assert owner_alive(labels)
-    assert owner_alive({})
-    assert boot_id() != "unknown"
+    dead_here = current_owner().labels() | {"io.mino.owner-pid": "999999999"}
+    assert not owner_alive(dead_here)  # the contrast: on this host, a dead owner is dead
+    assert owner_alive(dead_here | {"io.mino.host": socket.gethostname() + "-x"})  # elsewhere: not ours to judge
+    assert owner_alive({})  # no owner labels at all: not ours either
+    assert owner_alive({"io.mino.host": socket.gethostname(), "io.mino.owner-pid": "not-a-number"})
 
 
 def test_probe_judgement():
