@@ -4,7 +4,8 @@
 #   2. Podman configuration this host needs (OCI runtime on hybrid cgroups)
 #   3. the Podman API service, started when its socket does not answer
 #   4. the project's virtualenv (.venv) with the package and its test extras
-#   5. the base image localhost/mino-base:<version>, built offline when missing (and with
+#   5. the base image localhost/mino-base:<version> when missing: FROM a registry image when one
+#      answers, else offline from Debian packages (and with
 #      --toolchains the python and node images on top of it)
 # With everything in place it changes nothing and takes a few seconds.
 #
@@ -151,10 +152,9 @@ if [ "$WANT_IMAGE" = 1 ]; then
     if podman image exists "$base_ref" 2>/dev/null; then
         say "image $base_ref present"
     else
-        # This machine kind reaches no container registry: build from Debian packages.
-        # Elsewhere `mino-jupyter image build` (without --offline) starts FROM debian:bookworm-slim.
-        "$VENV/bin/mino-jupyter" image build ${MINO_IMAGE_FROM:+--from "$MINO_IMAGE_FROM"} \
-            $([ -z "${MINO_IMAGE_FROM:-}" ] && echo --offline)
+        # FROM debian:bookworm-slim when a registry answers; otherwise (it says so) from Debian
+        # packages with debootstrap. MINO_IMAGE_FROM=IMAGE builds on an image of your choice.
+        "$VENV/bin/mino-jupyter" image build ${MINO_IMAGE_FROM:+--from "$MINO_IMAGE_FROM"}
     fi
     if [ "$WANT_TOOLCHAINS" = 1 ]; then
         for pair in "python:$python_ref" "node:$node_ref"; do
