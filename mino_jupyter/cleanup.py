@@ -75,13 +75,25 @@ def owned_by(engine: Engine, token: str) -> list[dict]:
     return engine.list({**MANAGED, "io.mino.owner": token})
 
 
-def orphans(engine: Engine) -> list[dict]:
-    return [c for c in engine.list(MANAGED) if not owner_alive(c.get("Labels") or {})]
+def state_key(state: Path) -> str:
+    """Which mino installation (state directory) a container belongs to: a kernel reaps only
+    orphans of its own (another user's, or a concurrent test run's, are theirs to judge)."""
+    import hashlib
+
+    return hashlib.sha256(os.fsencode(os.path.realpath(state))).hexdigest()[:16]
 
 
-def prune(engine: Engine, everything: bool = False) -> list[str]:
-    """Remove orphaned mino containers (or, with `everything`, all of this host's)."""
-    victims = engine.list(MANAGED) if everything else orphans(engine)
+def orphans(engine: Engine, state: Path | None = None) -> list[dict]:
+    key = state_key(state) if state is not None else None
+    return [c for c in engine.list(MANAGED)
+            if not owner_alive(c.get("Labels") or {})
+            and (key is None or (c.get("Labels") or {}).get("io.mino.state", key) == key)]
+
+
+def prune(engine: Engine, everything: bool = False, state: Path | None = None) -> list[str]:
+    """Remove orphaned mino containers of this state directory (or, with `everything`, all of
+    this host's)."""
+    victims = engine.list(MANAGED) if everything else orphans(engine, state)
     return remove_containers(engine, victims)
 
 
@@ -126,7 +138,7 @@ class Cleanup:
     def reap(self, engine: Engine) -> None:
         self.reaped = True
         try:
-            removed = prune(engine)
+            removed = prune(engine, state=self.storage_root)
             self.reaped_ids += removed
             storage.reap(self.storage_root / "sessions", owner_alive)
         except Exception:

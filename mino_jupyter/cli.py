@@ -118,7 +118,9 @@ def _dispatch(args) -> int:
         from .runtime import Engine
 
         engine = Engine.connect(notify=lambda m: print(m, file=sys.stderr))
-        removed = prune(engine, everything=args.all)
+        from .paths import state_dir
+
+        removed = prune(engine, everything=args.all, state=state_dir())
         print(f"removed {len(removed)} container(s)")
         return 0
     raise MinoError(f"unknown command {args.command!r}", "`mino-jupyter --help` lists the commands")

@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 from . import changes, config, firewall, host, launch, policy, storage
 from .choices import Choices, size_text
 from .cell import CellResult, Sink, run_script
-from .cleanup import Cleanup, owned_by, prune, remove_containers
+from .cleanup import Cleanup, owned_by, prune, remove_containers, state_key
 from .commands import DEFAULT_SESSION
 from .errors import FirewallError, MinoError, UsageError
 from .image import base_image_ref
@@ -224,7 +224,8 @@ class SessionManager:
         started = launch.start(engine, launch.Request(
             name=name, fresh=opts.fresh, image=image, plan=plan, workspace=workspace, resources=resources,
             loaded=loaded, notebook_dir=notebook_dir, home=self.choices.home()), launch.Kernel(
-            owner=self.owner.labels(), kernel_id=self.kernel_id, state=self.state, storage_dir=self.storage_dir,
+            owner={**self.owner.labels(), "io.mino.state": state_key(self.state)}, kernel_id=self.kernel_id,
+            state=self.state, storage_dir=self.storage_dir,
             firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
             before_container=self.cleanup.ensure_watchdog))
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh, log_path=self.log_dir / f"{name}.log",
@@ -475,7 +476,7 @@ class SessionManager:
                 session = self.sessions.pop(name)
                 if session.storage is not None:
                     session.storage.teardown()
-        orphaned = prune(self.engine)
+        orphaned = prune(self.engine, state=self.state)
         storage.reap(self.state / "sessions", owner_alive)
         self._changed()
         return gone, orphaned

@@ -365,8 +365,12 @@ def test_orphans_are_reaped_when_a_kernel_loads(engine, base_image, workspace):
     from mino_jupyter import policy
     from mino_jupyter.owner import current_owner
 
+    from mino_jupyter.cleanup import state_key
+
     me = current_owner()
-    dead = {**me.labels(), "io.mino.owner": "dead" + uuid.uuid4().hex[:8], "io.mino.owner-pid": "999999999"}
+    home = workspace.parent / "mino-home"
+    dead = {**me.labels(), "io.mino.owner": "dead" + uuid.uuid4().hex[:8], "io.mino.owner-pid": "999999999",
+            "io.mino.state": state_key(home / "state" / "mino")}  # this test's own: no other run reaps it
     spec = policy.session_spec(policy.SessionRequest(
         name=f"mino-orphan-{uuid.uuid4().hex[:6]}", image=base_image, network="none",
         labels=policy.labels("session", dead), limits=engine.host_limits()))
