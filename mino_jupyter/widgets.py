@@ -88,7 +88,7 @@ def _uptime(seconds: float) -> str:
 class Panel:
     """`%mino panel` / `mino_jupyter.panel()`. Every action goes through the SessionManager."""
 
-    SESSION_COLUMNS = ("name", "state", "network", "image", "cells", "last exit", "uptime", "", "")
+    SESSION_COLUMNS = ("name", "state", "network", "image", "cells", "last exit", "uptime", "", "", "")
 
     def __init__(self, manager, clock: Callable[[], float] = time.time):
         self.m = manager
@@ -115,11 +115,12 @@ class Panel:
             widget.observe(lambda _change: self._validate(), names="value")
         self.preset.observe(self._preset_chosen, names="value")
         # ---------------------------------------------------------------- sessions
-        self.sessions = w.GridBox(layout=w.Layout(grid_template_columns="repeat(7, auto) auto auto",
+        self.sessions = w.GridBox(layout=w.Layout(grid_template_columns="repeat(7, auto) auto auto auto",
                                                   grid_gap="2px 12px"))
         self.stop_all_button = w.Button(description="stop all")
         self.stop_all_button.on_click(lambda _: self._guard(self._stop_all))
         self.logs = w.HTML()
+        self.changes_box = w.VBox()  # what a session's cells wrote, with checkboxes to apply
         # ---------------------------------------------------------------- trust and status
         self.trust_box = w.VBox()
         self.status = w.HTML()
@@ -129,7 +130,7 @@ class Panel:
             self.allow, self.allow_errors,
             w.HBox([self.apply_button, self.save_project, self.save_global]),
             self.trust_box,
-            w.HTML("<b>Sessions</b>"), self.sessions, self.stop_all_button, self.logs,
+            w.HTML("<b>Sessions</b>"), self.sessions, self.stop_all_button, self.changes_box, self.logs,
             self.status,
         ])
         self._init_from_current()
@@ -223,7 +224,10 @@ class Panel:
             stop = w.Button(description="stop", layout=w.Layout(width="auto"),
                             disabled=row["state"] == "stopped")
             stop.on_click(lambda _b, name=row["name"]: self._guard(lambda: self._stop(name)))
-            cells += [logs, stop]
+            changed = w.Button(description="changes", layout=w.Layout(width="auto"),
+                               disabled=row.get("workspace", "overlay") != "overlay")
+            changed.on_click(lambda _b, name=row["name"]: self._guard(lambda: self.show_changes(name)))
+            cells += [logs, stop, changed]
         self.sessions.children = cells
         self.stop_all_button.disabled = not any(r["state"] != "stopped" for r in self.m.rows())
         self._refresh_trust()
@@ -246,6 +250,40 @@ class Panel:
                 f"{': ' + _text(values) if values else ''}; review it, then trust it</div>"), button]
         else:
             self.trust_box.children = []
+
+    def show_changes(self, name: str, outcomes: list | None = None) -> str:
+        """What the session's cells wrote, one checkbox each: plain data is ticked, code, dotfiles
+        and executables are not (ticking one names it, as `%mino apply PATH` does), links and
+        other special files cannot be ticked. Applying goes through the session manager."""
+        from .changes import LETTERS, display_path
+
+        found = self.m.changes(name)
+        boxes = []
+        for change in found:
+            appliable = change.kind == "file" or change.status == "deleted"
+            note = change.risk or ("" if appliable else f"{change.kind}: never applied")
+            box = w.Checkbox(value=appliable and not change.risk and change.status != "deleted", disabled=not appliable,
+                             indent=False, layout=w.Layout(width="auto"),
+                             description=f"{LETTERS[change.status]} {display_path(change.path)}"
+                                         + (f" ({note})" if note else ""))
+            box.mino_path = change.path
+            boxes.append(box)
+        apply = w.Button(description="apply selected", disabled=not boxes)
+        apply.on_click(lambda _b: self._guard(lambda: self._apply_selected(name, boxes)))
+        done = [w.HTML(f"<div>{_text(o.path)}: {_text(o.message)}</div>") for o in outcomes or []]
+        title = (f"<b>changes of {_text(name)}</b> (not in the notebook's directory until applied)" if boxes
+                 else f"<b>changes of {_text(name)}</b>: none waiting")
+        self.changes_box.children = [w.HTML(title), *done, *boxes, apply]
+        return f"{len(found)} change(s) in session '{name}'"
+
+    def _apply_selected(self, name: str, boxes: list) -> str:
+        paths = [box.mino_path for box in boxes if box.value]
+        if not paths:
+            return "nothing selected"
+        outcomes = self.m.apply(name, paths)
+        self.show_changes(name, outcomes)
+        applied = sum(1 for o in outcomes if o.applied)
+        return f"applied {applied} of {len(paths)} to the notebook's directory"
 
     def show_logs(self, name: str) -> str:
         text = self.m.logs(name, tail=40)

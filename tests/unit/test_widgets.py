@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import ipywidgets
+
 import pytest
 
 from mino_jupyter import config
@@ -130,8 +132,9 @@ def test_panel_sessions_table_logs_and_summary(manager):
     assert labels[:7] == ["default", "idle", "bridge", "img:1", "2", "0", "2m05s"]
     assert labels[7:14] == ["old", "stopped", "bridge", "img:1", "2", "0", "-"]
     buttons = [c for c in p.sessions.children if isinstance(c, __import__("ipywidgets").Button)]
-    assert [b.description for b in buttons] == ["logs", "stop", "logs", "stop"]
-    assert buttons[3].disabled  # a stopped session cannot be stopped again
+    assert [b.description for b in buttons] == ["logs", "stop", "changes", "logs", "stop", "changes"]
+    assert buttons[4].disabled  # a stopped session cannot be stopped again
+    assert not buttons[5].disabled  # its changes can still be applied
     buttons[0].click()
     assert "hello from default" in p.logs.value
     assert p.summary() == ("mino panel: next cell network bridge; sessions: default (idle, bridge, 2 cells); "
@@ -167,3 +170,28 @@ def test_panel_shows_errors_not_tracebacks(manager):
 
     p._guard(boom)
     assert 'no session named "x"' in p.status.value and "sessions in this kernel" in p.status.value
+
+
+def test_panel_changes_tick_plain_data_and_apply_exactly_what_is_ticked(manager):
+    from mino_jupyter.changes import PYTHON, Change, Outcome
+
+    _fake_session(manager, "default")
+    found = [Change("results.csv", "added", "file", 8, False, None),
+             Change("helper.py", "added", "file", 5, False, PYTHON),
+             Change("link", "added", "symlink", 0, False, None),
+             Change("old.csv", "deleted", "file", 0, False, None)]
+    applied = []
+    manager.changes = lambda name: found
+    manager.apply = lambda name, paths: applied.append((name, list(paths))) or [Outcome(p, True, "applied") for p in paths]
+    p = Panel(manager)
+    p.show_changes("default")
+    boxes = {b.mino_path: b for b in p.changes_box.children if isinstance(b, ipywidgets.Checkbox)}
+    assert boxes["results.csv"].value and not boxes["results.csv"].disabled
+    assert not boxes["helper.py"].value and PYTHON in boxes["helper.py"].description  # ticked only by hand
+    assert boxes["link"].disabled and not boxes["link"].value  # never applied
+    assert not boxes["old.csv"].value and not boxes["old.csv"].disabled  # a deletion: only when ticked
+    boxes["helper.py"].value = True
+    button = p.changes_box.children[-1]
+    button.click()
+    assert applied == [("default", ["results.csv", "helper.py"])]
+    assert "applied 2 of 2" in p.status.value
