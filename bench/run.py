@@ -342,6 +342,13 @@ Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on
   cells, and the start is about 1.7x. The rest is the firewall container's own start (about
   130 ms), which keeps NET_ADMIN out of the session container; installing the rules from a
   privileged exec inside the session container would be faster and is deliberately not done.
+- Containment (the overlay workspace, the session's disk, the bridge firewall): the overlay costs
+  nothing measurable against a bind mount, warm or at start (mounting a disk and two overlays
+  takes about 20 ms). The bridge firewall container costs about 150 ms of every bridge session's
+  start (a third of it; allowlist and bridge now start alike). That is what moved the fresh cell
+  from about 0.6x to about 1.1x `podman run --rm` (which has no firewall at all); the speed issue
+  (a spare container started ahead, the firewall installed from an already-running helper) is
+  where that comes back.
 - 200 MB through one cell, before: the kernel grew by 194 MB for displayed output, because
   IPython 9 keeps a copy of everything a cell prints in its output history. mino now lets only
   the first MiB per stream through IPython's recording write: 2 MB growth. With `--out` the text
