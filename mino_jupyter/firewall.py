@@ -359,10 +359,13 @@ sub serve {
       else { print $err; print "\@\@mino-end 1\n"; }
     } elsif ($cmd eq 'report') {
       $in = substr($in, $nl + 1);
-      print quiet($NFT, '-j', 'reset', 'counters', 'table', 'inet', 'mino');
-      for my $set ('refused4', 'refused6') {
-        print quiet($NFT, '-j', 'list', 'set', 'inet', 'mino', $set);
-        run($NFT, 'flush', 'set', 'inet', 'mino', $set);
+      my $counters = quiet($NFT, '-j', 'reset', 'counters', 'table', 'inet', 'mino');
+      print $counters;
+      if ($counters =~ /"packets":\s*[1-9]/) {  # the sets fill only where these count
+        for my $set ('refused4', 'refused6') {
+          print quiet($NFT, '-j', 'list', 'set', 'inet', 'mino', $set);
+          run($NFT, 'flush', 'set', 'inet', 'mino', $set);
+        }
       }
       print '{"asked": [' . join(',', map { "\"$_\"" } @order) . "]}\n"; %asked = (); @order = ();
       print "\@\@mino-end 0\n";
