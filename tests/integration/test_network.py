@@ -126,6 +126,11 @@ def _bridge_link_local():
 
 
 def test_udp_to_port_53_never_arrives(manager, gateway):
+    import fcntl
+
+    # One port 53 on the gateway for the whole machine: a concurrent run waits for it.
+    lock = open("/tmp/mino-test-gateway-udp53.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     udp = UdpListener(gateway, 53)
     try:
         run(manager, f"echo probe > /dev/udp/{gateway}/53", session="udp-host", network="host")
@@ -141,6 +146,7 @@ def test_udp_to_port_53_never_arrives(manager, gateway):
         assert "rc=1" in out and "lookups=2" in out
     finally:
         udp.close()
+        lock.close()
 
 
 def test_names_resolve_only_to_mino_answers(manager, gateway):
