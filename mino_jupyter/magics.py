@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 import shlex
 import sys
-import time
 from subprocess import CalledProcessError
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class

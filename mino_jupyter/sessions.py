@@ -1,11 +1,11 @@
 """The kernel's sessions: which exist, starting them, running cells in them, stopping them.
 
-One :class:`SessionManager` per kernel. The magics and the panel call it. It asks
-:mod:`network` for the plan and :mod:`policy` for the container's shape, gathers the host facts
-those need (:mod:`host`, :mod:`storage`), and hands the rest to the owners of each concern:
-:mod:`cell` runs one cell, :mod:`allowlist` owns a session's firewall, :mod:`changes` lists and
-applies what cells wrote, :mod:`cleanup` makes sure nothing outlives the kernel, :mod:`logs`
-keeps the output.
+One :class:`SessionManager` per kernel. The magics and the panel call it. :mod:`choices` says
+what a new session will be (network plan, image, workspace, limits), :mod:`launch` starts it
+(storage, container, firewall), and the owners of each concern do the rest: :mod:`cell` runs
+one cell, :mod:`session_firewall` owns a session's firewall, :mod:`changes` lists and applies
+what cells wrote, :mod:`cleanup` makes sure nothing outlives the kernel, :mod:`logs` keeps the
+output.
 """
 
 from __future__ import annotations

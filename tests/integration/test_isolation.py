@@ -8,7 +8,6 @@ these tests create. Listeners count what arrives, so "refused" is checked at the
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 import pytest

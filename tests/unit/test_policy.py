@@ -4,7 +4,7 @@ import pytest
 
 from mino_jupyter import policy
 from mino_jupyter.network import AllowEntry, NetworkPlan
-from mino_jupyter.policy import HostLimits, Mount, Resources, SessionRequest, StorageMounts
+from mino_jupyter.policy import HostLimits, Resources, SessionRequest, StorageMounts
 
 STORAGE = StorageMounts(workspace="/s/ws", workspace_mode="overlay", home="/s/home", tmp="/s/disk/tmp",
                         var_tmp="/s/disk/var-tmp", control="/s/control")
