@@ -141,6 +141,7 @@ class Cleanup:
             removed = prune(engine, state=self.storage_root)
             self.reaped_ids += removed
             storage.reap(self.storage_root / "sessions", owner_alive)
+            _release_caches(engine, self.storage_root)
         except Exception:
             return
         if removed:
@@ -208,12 +209,7 @@ class Cleanup:
         return removed
 
     def release_caches(self, engine: Engine) -> None:
-        """Project cache disks that no mino container uses any more are unmounted."""
-        try:
-            in_use = {(c.get("Labels") or {}).get("io.mino.project") for c in engine.list(MANAGED)}
-            storage.release_caches(self.storage_root / "caches", {k for k in in_use if k})
-        except Exception:
-            pass
+        _release_caches(engine, self.storage_root)
 
 
 def watchdog_main(argv: list[str]) -> int:
@@ -247,9 +243,20 @@ def watchdog_main(argv: list[str]) -> int:
         return 1
     if sessions is not None:  # the kernel's session disks and mounts, now that no container uses them
         storage.teardown_owner(sessions)
-        _log(sessions.parent.parent / "watchdog.log",
+        state = sessions.parent.parent
+        _release_caches(engine, state)
+        _log(state / "watchdog.log",
              f"removed {len(removed)} container(s) and the session disks of kernel {token} (pid {pid}), which died")
     return 0
+
+
+def _release_caches(engine: Engine, state: Path) -> None:
+    """Project cache disks that no mino container uses any more are unmounted."""
+    try:
+        in_use = {(c.get("Labels") or {}).get("io.mino.project") for c in engine.list(MANAGED)}
+        storage.release_caches(state / "caches", {k for k in in_use if k})
+    except Exception:
+        pass
 
 
 def _log(path: Path, line: str) -> None:
