@@ -84,7 +84,8 @@ class Choices:
                       loaded: config.Loaded) -> policy.Resources:
         """Limits of a new session: the cell's flags, else the files, else this machine's size.
         A disk limit above half the free space where disks live is lowered, and said so."""
-        default = host.default_resources(self.state)
+        free = host.disk_free(self.state)
+        default = host.default_resources(free)
 
         def pick(flag: str | None, key: str) -> str | None:
             return flag if flag is not None else config.merged(loaded, key)[0]
@@ -95,7 +96,6 @@ class Choices:
             cpus=config.parse_cpus(cpus) if cpus else default.cpus,
             disk=config.parse_size(disk, "disk") if disk else default.disk,
             pids=config.merged(loaded, "pids_limit", policy.PIDS_LIMIT)[0])
-        free = host.disk_free(self.state)
         if resources.disk > free // 2:
             capped = max(64 * policy.MIB, free // 2 // policy.MIB * policy.MIB)
             self.notice(f"mino: a disk limit of {size_text(resources.disk)} is more than half the free space "

@@ -78,9 +78,7 @@ def owned_by(engine: Engine, token: str) -> list[dict]:
 def state_key(state: Path) -> str:
     """Which mino installation (state directory) a container belongs to: a kernel reaps only
     orphans of its own (another user's, or a concurrent test run's, are theirs to judge)."""
-    import hashlib
-
-    return hashlib.sha256(os.fsencode(os.path.realpath(state))).hexdigest()[:16]
+    return storage.path_key(state)
 
 
 def orphans(engine: Engine, state: Path | None = None) -> list[dict]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,16 +55,19 @@ def _checked_bundle(path: str, *, automatic: bool) -> str | None:
                      'fix its owner and mode, or set container.ca_bundle to "auto" or "none"')
 
 
-def default_resources(where: Path) -> policy.Resources:
+def default_resources(disk_free: int) -> policy.Resources:
+    """Limits from this machine's size (`disk_free`: where session disks live)."""
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    where.mkdir(parents=True, exist_ok=True)
-    st = os.statvfs(where)
-    return policy.default_resources(mem_total, os.cpu_count() or 1, st.f_bavail * st.f_frsize)
+    return policy.default_resources(mem_total, os.cpu_count() or 1, disk_free)
 
 
 def disk_free(where: Path) -> int:
-    where.mkdir(parents=True, exist_ok=True)
-    st = os.statvfs(where)
+    """Free bytes on the filesystem that holds `where` (its nearest existing ancestor: nothing is
+    created to ask)."""
+    path = Path(where)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
 
 
@@ -71,10 +75,9 @@ def seccomp_profile(state: Path) -> str | None:
     """mino's profile (:mod:`mino_jupyter.seccomp`) as a file named by its content's hash."""
     for candidate in seccomp.DEFAULT_PROFILE_PATHS:
         try:
-            default = json.loads(Path(candidate).read_text())
+            text = _derived(candidate, os.stat(candidate).st_mtime_ns)
         except (OSError, ValueError):
             continue
-        text = seccomp.profile_text(default)
         target = state / "seccomp" / f"mino-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
         if not target.exists():
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -84,6 +87,12 @@ def seccomp_profile(state: Path) -> str | None:
             os.replace(tmp, target)
         return str(target)
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _derived(path: str, _mtime_ns: int) -> str:
+    """Derived once per version of the engine's default profile (every session start asks)."""
+    return seccomp.profile_text(json.loads(Path(path).read_text()))
 
 
 def pid_namespace(pid: int) -> str | None:

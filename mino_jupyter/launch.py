@@ -78,11 +78,12 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                       package_cache=config.merged(req.loaded, "package_cache", True)[0],
                                       toolchain=variant.name if variant else None)
     guarded = req.plan.mode in ("bridge", "allowlist")  # a firewall in the session's namespace
-    resolved, resolver = None, k.resolver
+    resolved, resolver, networks = None, k.resolver, []
     if guarded:
         engine.require_image(k.firewall_image)
-        resolver = with_host_name(k.resolver, [n["gateway"] for n in engine.network("podman").get("subnets", [])
-                                               if n.get("gateway")])
+        networks = engine.networks()  # the session's (gateway) and every other container's subnets
+        resolver = with_host_name(k.resolver, [n["gateway"] for net in networks if net.get("name") == "podman"
+                                               for n in net.get("subnets", []) if n.get("gateway")])
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
@@ -117,7 +118,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     if guarded:
         try:
             local = firewall.local_networks(
-                host.host_addresses(), [n["subnet"] for net in engine.networks() for n in net.get("subnets", [])],
+                host.host_addresses(), [n["subnet"] for net in networks for n in net.get("subnets", [])],
                 host.nameservers(info.get("ResolvConfPath")) if req.plan.mode == "bridge" else ())
             started.firewall = session_firewall.SessionFirewall(
                 engine, session_container=container, plan=req.plan, resolver=resolver, notice=k.notice,

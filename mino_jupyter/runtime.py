@@ -405,12 +405,6 @@ class Engine:
                      what=f"remove {ref}", ok_missing=True)
 
     # ----------------------------------------------------------------- volumes and networks
-    def ensure_volume(self, name: str, labels: Mapping[str, str]) -> None:
-        if self.request("get", f"/volumes/{_quote(name)}/exists", what=f"look up volume {name}",
-                        ok_missing=True) is None:
-            self.request("post", "/volumes/create", data=json.dumps({"Name": name, "Label": dict(labels)}),
-                         headers={"Content-Type": "application/json"}, what=f"create volume {name}")
-
     def network(self, name: str) -> dict:
         return self.request("get", f"/networks/{_quote(name)}/json", what=f"inspect network {name}").json()
 

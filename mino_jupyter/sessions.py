@@ -87,10 +87,6 @@ class Session:
             "workspace": self.workspace,
         }
 
-    @property
-    def workspace_readonly(self) -> bool:
-        return self.workspace == "ro"
-
 
 def kernel_id() -> str | None:
     try:

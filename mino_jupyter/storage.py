@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import hashlib
 import io
 import json
 import os
@@ -423,10 +425,14 @@ class CachePaths:
         return self.mount / name
 
 
-def project_key(notebook_dir: Path) -> str:
-    import hashlib
+def path_key(path: Path) -> str:
+    """A short, stable name for a directory: a hash of its real path. Names a project's caches
+    and a mino installation's state directory (what a kernel may reap)."""
+    return hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:16]
 
-    return hashlib.sha256(os.fsencode(os.path.realpath(notebook_dir))).hexdigest()[:16]
+
+def project_key(notebook_dir: Path) -> str:
+    return path_key(notebook_dir)
 
 
 def project_caches(caches_root: Path, notebook_dir: Path, names: tuple[str, ...], size: int) -> dict[str, str]:
@@ -437,8 +443,6 @@ def project_caches(caches_root: Path, notebook_dir: Path, names: tuple[str, ...]
     if not names:
         return {}
     paths = CachePaths(caches_root / project_key(notebook_dir))
-    import fcntl
-
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(paths.root / "lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -457,8 +461,6 @@ def project_caches(caches_root: Path, notebook_dir: Path, names: tuple[str, ...]
 
 def release_caches(caches_root: Path, in_use: set[str]) -> None:
     """Unmount project cache disks that no container uses (`in_use`: project keys)."""
-    import fcntl
-
     try:
         roots = [d for d in caches_root.iterdir() if d.is_dir() and not d.is_symlink()]
     except OSError:
