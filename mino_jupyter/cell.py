@@ -56,9 +56,11 @@ class CellResult:
 
 def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str, str],
                sink: Sink, timeout: float | None = None, control: ControlFiles | None = None,
-               namespace: str | None = None, cgroup: str | None = None) -> CellResult:
+               namespace: str | None = None, cgroup: str | None = None,
+               cell_uid: int = policy.CELL_UID) -> CellResult:
     """Run `script` with bash in `container`; stream output to `sink` as it arrives.
-    `namespace`, `cgroup`: the container's PID namespace and cgroup as seen from here (for stopping)."""
+    `namespace`, `cgroup`, `cell_uid`: the container's PID namespace, its own cgroup and the
+    cell's uid as seen from here (for stopping)."""
     data = script.encode("utf-8", "surrogateescape")
     file_name = None
     if len(data) > MAX_ARGV_SCRIPT and control is not None:
@@ -67,18 +69,18 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
     else:
         body = policy.cell_exec(script, env=env)
     try:
-        return _run(engine, container, body, sink, timeout, namespace, cgroup)
+        return _run(engine, container, body, sink, timeout, namespace, cgroup, cell_uid)
     finally:
         if file_name:
             control.remove_control(file_name)
 
 
 def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float | None,
-         namespace: str | None, cgroup: str | None) -> CellResult:
+         namespace: str | None, cgroup: str | None, cell_uid: int) -> CellResult:
     started = time.monotonic()
     clock = procs.boottime_ticks()
     exec_id = engine.exec_create(container, body)
-    stop = _stopper(engine, exec_id, namespace, cgroup, clock)
+    stop = _stopper(engine, exec_id, namespace, cgroup, clock, cell_uid)
     try:
         stream = engine.exec_attach(exec_id)
     except KeyboardInterrupt:  # the process may have started before we saw its stream
@@ -142,11 +144,11 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
 
 
 def _stopper(engine: Engine, exec_id: str, namespace: str | None, cgroup: str | None,
-             clock: int) -> Callable[[], procs.Stopped]:
+             clock: int, cell_uid: int) -> Callable[[], procs.Stopped]:
     def stop() -> procs.Stopped:
         info = engine.exec_inspect(exec_id)
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
-        return procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup)
+        return procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid)
     return stop
 
 

@@ -231,14 +231,16 @@ def _read_exact(fd: int, size: int) -> bytes:
 
 # ---------------------------------------------------------------------------- listing
 
-def list_changes(upper: Path, lower: Path) -> list[Change]:
-    """Every change the session made to the notebook's directory, sorted by path."""
+def list_changes(upper: Path, lower: Path, opaque_xattr: str = OPAQUE_XATTR) -> list[Change]:
+    """Every change the session made to the notebook's directory, sorted by path. `opaque_xattr`:
+    the xattr overlayfs marks a replaced directory with (``user.overlay.opaque`` when the overlay
+    was mounted in a user namespace, rootless)."""
     up = _open_root(upper, "the workspace's upper layer")
     try:
         low = _open_root(lower, "the notebook's directory")
         try:
             out: list[Change] = []
-            _walk(up, low, "", False, 0, out)
+            _walk(up, low, "", False, 0, out, opaque_xattr)
         finally:
             os.close(low)
     finally:
@@ -250,12 +252,12 @@ def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: list[Change]) -> bool:
+def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: list[Change], opaque: str) -> bool:
     """The changes in one upper directory (`hidden`: below an opaque one). True if any listed."""
     before = len(out)
     names = sorted(os.listdir(up))
     for name in names:
-        _entry(up, low, name, _join(rel, name), hidden, depth, out)
+        _entry(up, low, name, _join(rel, name), hidden, depth, out, opaque)
     if hidden and low is not None:
         present = set(names)
         for name in sorted(os.listdir(low)):
@@ -270,7 +272,8 @@ def _deleted(rel: str, below: os.stat_result) -> Change:
     return Change(rel, "deleted", kind, 0, False, risk_of(rel, kind, False))
 
 
-def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: int, out: list[Change]) -> None:
+def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: int, out: list[Change],
+           opaque: str) -> None:
     st = _lstat(up, name)
     if st is None:  # gone since the listing
         return
@@ -280,7 +283,7 @@ def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: i
             out.append(_deleted(rel, below))
         return
     if stat.S_ISDIR(st.st_mode):
-        _directory(up, low, name, rel, hidden, depth, below, out)
+        _directory(up, low, name, rel, hidden, depth, below, out, opaque)
         return
     kind = _kind(st.st_mode)
     same_kind = below is not None and _kind(below.st_mode) == kind
@@ -300,7 +303,7 @@ def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: i
 
 
 def _directory(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: int,
-               below: os.stat_result | None, out: list[Change]) -> None:
+               below: os.stat_result | None, out: list[Change], opaque: str) -> None:
     """An upper directory: its listed descendants, else itself when it is new (or unreadable)."""
     lower_dir = below is not None and stat.S_ISDIR(below.st_mode)
     before, walked = len(out), False
@@ -311,7 +314,7 @@ def _directory(up: int, low: int | None, name: str, rel: str, hidden: bool, dept
     if fd is not None and depth < MAX_DEPTH:
         child = _open_child(low, name) if lower_dir else None
         try:
-            _walk(fd, child, rel, hidden or (child is not None and _opaque(fd)), depth + 1, out)
+            _walk(fd, child, rel, hidden or (child is not None and _opaque(fd, opaque)), depth + 1, out, opaque)
             walked = True
         except OSError:
             pass
@@ -331,9 +334,9 @@ def _open_child(low: int, name: str) -> int | None:
         return None
 
 
-def _opaque(fd: int) -> bool:
+def _opaque(fd: int, name: str) -> bool:
     try:
-        return os.getxattr(fd, OPAQUE_XATTR) == b"y"
+        return os.getxattr(fd, name) == b"y"
     except OSError:
         return False
 
@@ -420,7 +423,7 @@ def _read_text(root: Path, path: str, limit: int) -> str | None:
 # ---------------------------------------------------------------------------- applying
 
 def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
-          budget: int | None = None) -> list[Outcome]:
+          budget: int | None = None, opaque_xattr: str = OPAQUE_XATTR) -> list[Outcome]:
     """Apply changes to the notebook's directory: by default every plain added or modified file;
     with `paths`, the named changes (a directory name: the plain ones under it). Every change
     considered gets one Outcome; one path failing never stops the others.
@@ -429,7 +432,7 @@ def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
     (holes in sparse files cost nothing, and stay holes); a file that would go over it is not
     applied, so a cell cannot turn its disk limit into a full disk here (sparse files, hard
     links to one big file)."""
-    found = list_changes(upper, lower)
+    found = list_changes(upper, lower, opaque_xattr)
     chosen = {c.path: "default" for c in found} if paths is None else _select(found, paths)
     spend = _Budget(budget)
     up = _open_root(upper, "the workspace's upper layer")

@@ -31,7 +31,7 @@ from typing import Callable, Mapping
 
 from pathlib import Path
 
-from . import storage
+from . import mounts, storage
 from .owner import Owner, owner_alive, process_start_ticks
 from .policy import MANAGED
 from .runtime import Engine
@@ -138,7 +138,7 @@ class Cleanup:
         try:
             removed = prune(engine, state=self.storage_root)
             self.reaped_ids += removed
-            storage.reap(self.storage_root / "sessions", owner_alive)
+            storage.reap(self.storage_root / "sessions", owner_alive, mounts.for_cleanup(engine))
             _release_caches(engine, self.storage_root)
         except Exception:
             return
@@ -240,7 +240,7 @@ def watchdog_main(argv: list[str]) -> int:
     else:
         return 1
     if sessions is not None:  # the kernel's session disks and mounts, now that no container uses them
-        storage.teardown_owner(sessions)
+        storage.teardown_owner(sessions, mounts.for_cleanup(engine))
         state = sessions.parent.parent
         _release_caches(engine, state)
         _log(state / "watchdog.log",

@@ -154,3 +154,15 @@ def nameservers(resolv_conf: str | None) -> list[str]:
             except ValueError:
                 continue
     return found
+
+
+def primary_address() -> list[str]:
+    """This machine's first global IPv4 address (what rootless Podman calls
+    `host.containers.internal`), or nothing."""
+    import ipaddress
+
+    for address, _prefix in host_addresses():
+        ip = ipaddress.ip_address(address)
+        if ip.version == 4 and not (ip.is_loopback or ip.is_link_local):
+            return [address]
+    return []

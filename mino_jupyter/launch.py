@@ -9,13 +9,12 @@ this machine and the engine, in order, and times each phase (benchmarks read the
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import config, firewall, host, image as images, policy, session_firewall, storage
+from . import config, firewall, host, image as images, mounts, policy, session_firewall, storage
 from .errors import FirewallError, MinoError
 from .network import NetworkPlan
 from .runtime import Engine
@@ -50,6 +49,12 @@ class Kernel:
     resolver: firewall.Resolver
     notice: Notice
     before_container: Callable[[Engine], None]  # e.g. make sure the watchdog runs
+    shown: set = field(default_factory=set)  # notices this kernel has shown once
+
+    def notice_once(self, text: str) -> None:
+        if text not in self.shown:
+            self.shown.add(text)
+            self.notice(text)
 
 
 @dataclass
@@ -62,14 +67,15 @@ class Started:
     cgroup: str | None
     oom_kills: int
     phases: dict[str, float] = field(default_factory=dict)
+    cell_uid: int = policy.CELL_UID  # the cell's uid as this machine sees it
 
 
 def start(engine: Engine, req: Request, k: Kernel) -> Started:
     images.ensure(engine, req.image, k.notice)  # mino's own images are built on first use
-    if os.geteuid() != 0:
-        raise MinoError("mino needs to run as root with rootful Podman for now: it mounts each session's "
-                        "disk and workspace overlay on this machine",
-                        "run the kernel as root (`make lab` does), or see the README on rootless Podman")
+    kind = engine.facts()
+    mounter = mounts.for_engine(engine)  # where overlays are mounted: fails early, before anything is made
+    for gap in policy.unenforced(kind):
+        k.notice_once(f"mino: on this engine, {gap}")
     workspace, note = policy.workspace_mode(req.workspace, str(req.notebook_dir), req.home)
     if note:
         k.notice(f"mino: {note}")
@@ -82,39 +88,47 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     if guarded:
         engine.require_image(k.firewall_image)
         networks = engine.networks()  # the session's (gateway) and every other container's subnets
-        resolver = with_host_name(k.resolver, [n["gateway"] for net in networks if net.get("name") == "podman"
-                                               for n in net.get("subnets", []) if n.get("gateway")])
+        resolver = with_host_name(k.resolver, host_seen_from_sessions(kind, networks))
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
-    home_lower = storage.image_home(engine, req.image, k.state / "image-homes", k.owner)
+    home_lower = storage.image_home(engine, req.image, k.state / "image-homes", k.owner, mounter.cell_uid)
     timer.done("image home")
     store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
-                            home_lower=home_lower, disk_bytes=req.resources.disk)
+                            home_lower=home_lower, disk_bytes=req.resources.disk, mounter=mounter)
     timer.done("storage")
     try:
         caches = policy.package_caches(settings.toolchain, settings.package_cache)
         facts = policy.HostFacts(
             limits=engine.host_limits(), storage=store.mounts(), ca_bundle=ca,
             caches=storage.project_caches(k.state / "caches", req.notebook_dir, tuple(c for c, _ in caches),
-                                          req.resources.disk) if caches else None,
+                                          req.resources.disk, mounter) if caches else None,
             project=storage.project_key(req.notebook_dir) if caches else None,
-            seccomp_profile=host.seccomp_profile(k.state), kernel_id=k.kernel_id)
+            seccomp_profile=host.seccomp_profile(k.state), kernel_id=k.kernel_id, engine=kind)
         shape = policy.session_request(req.name, req.plan, settings, facts, k.owner, fresh=req.fresh,
                                        hosts=resolved.hosts if resolved and req.plan.mode == "allowlist" else (),
                                        container_name=f"mino-{k.owner['io.mino.owner'][:8]}-{req.name}")
         k.before_container(engine)
-        container = engine.run(policy.session_spec(shape.request))
+        warned: list[str] = []
+        engine.warnings = lambda _name, said: warned.extend(said)
+        try:
+            container = engine.run(policy.session_spec(shape.request))
+        finally:
+            engine.warnings = None
+        for warning in policy.unexplained_warnings(warned, kind):
+            k.notice_once(f"mino: Podman warned when starting session '{req.name}': {warning}")
         timer.done("container")
     except BaseException:
         store.teardown()
         raise
     info = engine.inspect(container) or {}
     state = info.get("State", {})
-    cgroup = state.get("CgroupPath")
+    # Its own cgroup only where the engine applies limits: rootless on cgroup v1 reports the
+    # service's, which mino must never freeze or read as the session's.
+    cgroup = state.get("CgroupPath") if kind.cgroup_limits else None
     started = Started(container, workspace, store, None,
                       host.pid_namespace(int(state["Pid"])) if state.get("Pid") else None,
-                      cgroup, host.oom_kills(cgroup) or 0, timer.phases)
+                      cgroup, host.oom_kills(cgroup) or 0, timer.phases, cell_uid=mounter.cell_uid)
     if guarded:
         try:
             local = firewall.local_networks(
@@ -125,7 +139,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                 hosts_path=info.get("HostsPath"), local=local)
             started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
                                    labels=dict(shape.network_labels), resolved=resolved,
-                                   seccomp_profile=facts.seccomp_profile)
+                                   seccomp_profile=facts.seccomp_profile, engine=kind)
         except MinoError as exc:
             engine.remove(container)  # with its firewall container (removal with dependents)
             if started.firewall is not None:
@@ -138,9 +152,20 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     return started
 
 
+def host_seen_from_sessions(kind: policy.EngineFacts, networks: list[dict]) -> list[str]:
+    """This machine's address as a bridge session reaches it: the bridge gateway (rootful); with
+    a rootless engine the bridge lives in the user's own network namespace and the host is its
+    first global address, through slirp4netns (Podman writes the same for
+    `host.containers.internal`)."""
+    if kind.rootless:
+        return host.primary_address()
+    return [n["gateway"] for net in networks if net.get("name") == "podman"
+            for n in net.get("subnets", []) if n.get("gateway")]
+
+
 def with_host_name(resolver: firewall.Resolver, gateways: list[str]) -> firewall.Resolver:
     """Names resolve on this machine; `host.containers.internal` is this machine as the session
-    sees it (the bridge gateway), for allow entries that open a local service."""
+    sees it (:func:`host_seen_from_sessions`), for allow entries that open a local service."""
     def resolve_name(name: str) -> list[str]:
         return list(gateways) if name == "host.containers.internal" else resolver(name)
     return resolve_name

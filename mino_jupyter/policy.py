@@ -72,14 +72,53 @@ class HostLimits:
     nproc: int
 
 
-def container_ulimits(limits: HostLimits) -> list[dict]:
+@dataclass(frozen=True)
+class EngineFacts:
+    """What kind of engine the containers run on (from its ``/info``)."""
+
+    rootless: bool = False
+    cgroup_limits: bool = True  # it applies the memory, CPU and pids limits
+    cgroup_version: str = "v1"
+
+    @property
+    def cell_uid_mapped(self) -> bool:
+        """The cell's uid is the kernel user's own on this machine (rootless ``keep-id``)."""
+        return self.rootless
+
+
+ROOTFUL = EngineFacts()
+# Podman's create warning when it starts a container without the cgroup limits asked for.
+CGROUP_LIMITS_IGNORED = "Resource limits are not supported and ignored"
+
+
+def unenforced(engine: EngineFacts) -> tuple[str, ...]:
+    """The limits this engine cannot apply, each with what holds instead (shown once per kernel,
+    in `doctor`, and in the README's rootless section)."""
+    gaps = []
+    if not engine.cgroup_limits:
+        gaps.append(f"memory and CPU limits are not applied: rootless Podman on cgroup {engine.cgroup_version} "
+                    "ignores cgroup limits (cgroup v2 with delegated controllers applies them); "
+                    f"the {PIDS_LIMIT}-process limit holds through the nproc ulimit")
+    if engine.rootless:
+        gaps.append("the disk limit is not applied: without root mino cannot mount a session disk, so "
+                    "what a cell writes goes to your state directory (~/.local/state/mino) without a cap")
+    return tuple(gaps)
+
+
+def unexplained_warnings(warnings: Sequence[str], engine: EngineFacts) -> list[str]:
+    """Podman's create warnings that :func:`unenforced` does not already report: each one may
+    weaken a promise, so none is dropped."""
+    return [w for w in warnings if not (CGROUP_LIMITS_IGNORED in w and not engine.cgroup_limits)]
+
+
+def container_ulimits(limits: HostLimits, nproc_ceiling: int = NPROC_CEILING) -> list[dict]:
     """Ulimits for every container: never above the host's hard limits, so init can set them."""
 
     def cap(hard: int, ceiling: int) -> int:
         return ceiling if hard == RLIM_INFINITY or hard < 0 else min(hard, ceiling)
 
     nofile = cap(limits.nofile, NOFILE_CEILING)
-    nproc = cap(limits.nproc, NPROC_CEILING)
+    nproc = cap(limits.nproc, nproc_ceiling)
     return [
         {"type": "nofile", "soft": nofile, "hard": nofile},
         {"type": "nproc", "soft": nproc, "hard": nproc},
@@ -198,16 +237,24 @@ class SessionRequest:
     resources: Resources = Resources()
     caches: Sequence[Mount] = ()  # package caches of this project (host directories)
     seccomp_profile: str | None = None  # host path of mino's profile
+    engine: EngineFacts = ROOTFUL
 
 
-def _hardening(limits: HostLimits, resources: Resources, seccomp_profile: str | None) -> dict:
+def _hardening(limits: HostLimits, resources: Resources, seccomp_profile: str | None,
+               engine: EngineFacts = ROOTFUL, *, runs_cells: bool = True) -> dict:
+    # Where the engine cannot apply the pids limit (rootless Podman on cgroup v1 ignores every
+    # cgroup limit and says so in a warning), the process limit is the nproc ulimit instead: it
+    # counts the cell's uid in the container's own user namespace (keep-id gives every session
+    # one), so a fork loop stops at the same number. Not for the firewall: it runs as the
+    # rootless user namespace's root, whose count is everything that user runs there.
+    nproc_ceiling = resources.pids if (runs_cells and not engine.cgroup_limits) else NPROC_CEILING
     spec = {
         "cap_drop": ["ALL"],
         "cap_add": [],
         "no_new_privileges": True,
         "privileged": False,
         "resource_limits": _limits(resources),
-        "r_limits": container_ulimits(limits),
+        "r_limits": container_ulimits(limits, nproc_ceiling),
         "init": True,
         "read_only_filesystem": True,
         # Keep Podman from giving the container a host-wide /dev/shm or devices.
@@ -248,8 +295,13 @@ def session_spec(req: SessionRequest) -> dict:
         "hostadd": [f"{name}:{addr}" for name, addr in req.hosts],
         "stop_timeout": 1,
         "remove": False,
-        **_hardening(req.limits, req.resources, req.seccomp_profile),
+        **_hardening(req.limits, req.resources, req.seccomp_profile, req.engine),
     }
+    if req.engine.rootless:
+        # The cell (uid 1000) is the kernel's user on this machine: what it writes in the
+        # workspace and caches is theirs, and it is no one else's uid. PID 1 (1001) and
+        # everything else map to the user's subordinate range.
+        spec["userns"] = {"nsmode": "keep-id", "value": f"uid={CELL_UID},gid={CELL_UID}"}
     if req.no_dns:
         # The only nameserver is loopback, served by the firewall container's name server, which
         # answers nothing and remembers what was asked: names resolve from /etc/hosts, which
@@ -260,7 +312,8 @@ def session_spec(req: SessionRequest) -> dict:
 
 
 def firewall_spec(*, name: str, image: str, target_container: str, labels: Mapping[str, str],
-                  limits: HostLimits, command: Sequence[str], seccomp_profile: str | None = None) -> dict:
+                  limits: HostLimits, command: Sequence[str], seccomp_profile: str | None = None,
+                  engine: EngineFacts = ROOTFUL) -> dict:
     """A session's firewall container: joins the session's network namespace only.
 
     It holds NET_ADMIN (rules) and NET_BIND_SERVICE (the loopback name server of allowlist
@@ -285,17 +338,24 @@ def firewall_spec(*, name: str, image: str, target_container: str, labels: Mappi
                     "options": ["rw", "nosuid", "nodev", "noexec", "size=8m"]}],
         "stop_timeout": 1,
         "remove": False,
-        **_hardening(limits, HELPER_RESOURCES, seccomp_profile),
+        **_hardening(limits, HELPER_RESOURCES, seccomp_profile, engine, runs_cells=False),
     }
     spec["cap_add"] = ["NET_ADMIN", "NET_BIND_SERVICE"]
+    if engine.rootless:
+        # Pinned to the rootless user namespace, which owns the session's network namespace
+        # (a containers.conf `userns = "keep-id"` would otherwise give it one that cannot even
+        # mount its sysfs); never the session's own.
+        spec["userns"] = {"nsmode": "host"}
     return spec
 
 
-def inspection_spec(*, name: str, image: str, labels: Mapping[str, str], limits: HostLimits) -> dict:
+def inspection_spec(*, name: str, image: str, labels: Mapping[str, str], limits: HostLimits,
+                    engine: EngineFacts = ROOTFUL) -> dict:
     """A container that is created and never started: the engine reads the image's files
     through it (the home a session's overlay starts from). As the cell user, so the engine
     reports the files' real owners; nothing ever runs in it."""
-    spec = session_spec(SessionRequest(name=name, image=image, network="none", labels=labels, limits=limits))
+    spec = session_spec(SessionRequest(name=name, image=image, network="none", labels=labels, limits=limits,
+                                       engine=engine))
     spec["user"] = CELL_USER
     return spec
 
@@ -373,6 +433,7 @@ class HostFacts:
     project: str | None = None  # the project's key (its caches are its own)
     seccomp_profile: str | None = None
     kernel_id: str | None = None
+    engine: EngineFacts = ROOTFUL
 
 
 # The package caches of each toolchain: (cache name, path in the container).
@@ -421,5 +482,6 @@ def session_request(name: str, plan, settings: SessionSettings, facts: HostFacts
         resources=settings.resources,
         caches=caches,
         seccomp_profile=facts.seccomp_profile,
+        engine=facts.engine,
     )
     return SessionShape(request, labels("firewall", owner, identity))

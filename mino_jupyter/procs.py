@@ -80,14 +80,15 @@ def in_namespace(ns: str, proc: Path = PROC) -> dict[int, Proc]:
     return found
 
 
-def cell_processes(ns: str, leader_start: int, proc: Path = PROC) -> dict[int, Proc]:
-    """The live processes a cell started (see the module doc)."""
+def cell_processes(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID) -> dict[int, Proc]:
+    """The live processes a cell started (see the module doc). `uid`: the cell's uid as this
+    machine sees it (1000, or the kernel user's own under rootless ``keep-id``)."""
     everyone = in_namespace(ns, proc)
 
     def ours(p: Proc) -> bool:
         seen = 0
         while p is not None and seen < 4096:
-            if p.uid != CELL_UID:
+            if p.uid != uid:
                 return True  # reached the container's init: nothing older of the cell's uid above
             if p.start < leader_start:
                 return False  # an older process of the cell's uid: an earlier cell's
@@ -96,7 +97,7 @@ def cell_processes(ns: str, leader_start: int, proc: Path = PROC) -> dict[int, P
         return True
 
     return {pid: p for pid, p in everyone.items()
-            if p.uid == CELL_UID and p.start >= leader_start and p.state != "Z" and ours(p)}
+            if p.uid == uid and p.start >= leader_start and p.state != "Z" and ours(p)}
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,12 @@ def boottime_ticks() -> int:
 
 
 def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None, proc: Path = PROC,
-         grace: float = GRACE) -> Stopped:
+         grace: float = GRACE, uid: int = CELL_UID) -> Stopped:
     """Stop everything a cell started. `leader`: the host pid of the cell's shell (0: unknown or
     gone); `ns`: the container's PID namespace; `started`: :func:`boottime_ticks` taken before
     the cell started, used when the shell has already exited (its background processes are still
-    the cell's); `cgroup`: the container's cgroup path (its freezer)."""
+    the cell's); `cgroup`: the container's own cgroup path (its freezer), None when it has none;
+    `uid`: the cell's uid as seen here."""
     me = read(leader, proc) if leader else None
     if me is not None and (me.state == "Z" or (ns is not None and namespace(leader, proc) != ns)):
         me = None  # gone, or the pid now names something else: never signal it
@@ -139,7 +141,7 @@ def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None
     for name in ("INT", "TERM", "KILL"):
         if me is None:
             break
-        group = [p for p in cell_processes(ns, started, proc).values() if p.pgid == leader]
+        group = [p for p in cell_processes(ns, started, proc, uid).values() if p.pgid == leader]
         if not group:
             break
         try:
@@ -148,10 +150,10 @@ def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None
             break
         used = name
         end = time.monotonic() + grace
-        while time.monotonic() < end and any(p.pgid == leader for p in cell_processes(ns, started, proc).values()):
+        while time.monotonic() < end and any(p.pgid == leader for p in cell_processes(ns, started, proc, uid).values()):
             time.sleep(0.02)
     freezer = Freezer.of(cgroup)
-    return Stopped(used, freezer.sweep(ns, started, proc) if freezer else sweep(ns, started, proc))
+    return Stopped(used, freezer.sweep(ns, started, proc, uid) if freezer else sweep(ns, started, proc, uid))
 
 
 class Freezer:
@@ -183,17 +185,17 @@ class Freezer:
             return "frozen 1" in events
         return self.path.read_text().strip() == "FROZEN"
 
-    def sweep(self, ns: str, leader_start: int, proc: Path = PROC) -> tuple[Proc, ...]:
+    def sweep(self, ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID) -> tuple[Proc, ...]:
         """Freeze, kill what the cell started, thaw; then what is still alive."""
         try:
             self._set(True)
             end = time.monotonic() + 2.0
             while not self._frozen() and time.monotonic() < end:
                 time.sleep(0.005)
-            for pid in cell_processes(ns, leader_start, proc):
+            for pid in cell_processes(ns, leader_start, proc, uid):
                 _kill(pid, signal.SIGKILL)
         except OSError:
-            return sweep(ns, leader_start, proc)  # no freezer after all: the SIGSTOP way
+            return sweep(ns, leader_start, proc, uid)  # no freezer after all: the SIGSTOP way
         finally:
             try:
                 self._set(False)
@@ -201,18 +203,18 @@ class Freezer:
                 pass
         end = time.monotonic() + 2.0
         while time.monotonic() < end:
-            left = cell_processes(ns, leader_start, proc)
+            left = cell_processes(ns, leader_start, proc, uid)
             if not left:
                 return ()
             time.sleep(0.02)
-        return sweep(ns, leader_start, proc)
+        return sweep(ns, leader_start, proc, uid)
 
 
-def sweep(ns: str, leader_start: int, proc: Path = PROC) -> tuple[Proc, ...]:
+def sweep(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID) -> tuple[Proc, ...]:
     """Freeze every process the cell started (until no new one appears), then kill them all."""
     frozen: dict[int, Proc] = {}
     for _ in range(SWEEP_ROUNDS):
-        fresh = {pid: p for pid, p in cell_processes(ns, leader_start, proc).items()
+        fresh = {pid: p for pid, p in cell_processes(ns, leader_start, proc, uid).items()
                  if pid not in frozen or p.state not in ("T", "t")}
         if not fresh:
             break
@@ -223,10 +225,10 @@ def sweep(ns: str, leader_start: int, proc: Path = PROC) -> tuple[Proc, ...]:
         _kill(pid, signal.SIGKILL)
     end = time.monotonic() + 2.0
     while time.monotonic() < end:
-        left = cell_processes(ns, leader_start, proc)
+        left = cell_processes(ns, leader_start, proc, uid)
         if not left:
             return ()
         for pid in left:
             _kill(pid, signal.SIGKILL)
         time.sleep(0.02)
-    return tuple(cell_processes(ns, leader_start, proc).values())
+    return tuple(cell_processes(ns, leader_start, proc, uid).values())

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Mapping
 
 from .errors import ImageMissing, MinoError, PodmanUnavailable
 from .paths import state_dir
-from .policy import HostLimits
+from .policy import EngineFacts, HostLimits
 
 ROOTFUL_SOCKET = "/run/podman/podman.sock"
 SERVICE_START_TIMEOUT = 15.0
@@ -43,14 +43,61 @@ class Endpoint:
     source: str  # where it came from, for messages
     socket_path: str | None  # local unix socket we may start a service on, else None
     may_autostart: bool
+    problem: str | None = None  # why the default socket's directory cannot be used (one line)
+
+
+RUNTIME_DIR_HINT = ("unset XDG_RUNTIME_DIR (Podman then uses /run/user/$(id -u) or /tmp/podman-run-$(id -u)), "
+                    "or `sudo install -d -m 700 -o $USER /run/user/$(id -u)` and "
+                    "`export XDG_RUNTIME_DIR=/run/user/$(id -u)`; on systemd hosts `loginctl enable-linger $USER` "
+                    "keeps it between logins")
+
+
+def _private_dir_problem(path: str, uid: int, *, must_exist: bool) -> str | None:
+    """None when `path` is a directory of `uid` that nobody else may write (or may be made)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist" if must_exist else None
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    if st.st_uid != uid:
+        try:
+            import pwd
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"uid {st.st_uid}"
+        return f"{path} belongs to {owner}, not to you (uid {uid})"
+    if st.st_mode & 0o022:
+        return f"{path} may be written by others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def runtime_dir(env: Mapping[str, str], uid: int) -> tuple[str, str | None]:
+    """Podman's own rule for a rootless user's runtime directory (``GetRuntimeDir``):
+    ``$XDG_RUNTIME_DIR``; else ``/run/user/UID`` when it is the user's own; else
+    ``$TMPDIR/podman-run-UID``. Returns the directory and, when it cannot be used, why."""
+    given = env.get("XDG_RUNTIME_DIR", "").strip()
+    if given:
+        problem = _private_dir_problem(given, uid, must_exist=True)
+        return given, (f"XDG_RUNTIME_DIR={given} cannot hold the Podman socket: "
+                       f"{problem.removeprefix(given + ' ')}" if problem else None)
+    run_user = f"/run/user/{uid}"
+    if os.path.isdir(run_user) and _private_dir_problem(run_user, uid, must_exist=True) is None:
+        return run_user, None
+    fallback = os.path.join(env.get("TMPDIR") or "/tmp", f"podman-run-{uid}")
+    problem = _private_dir_problem(fallback, uid, must_exist=False)
+    return fallback, (f"no runtime directory for the Podman socket: XDG_RUNTIME_DIR is not set, "
+                      f"{run_user} is missing and {problem}" if problem else None)
 
 
 def discover(env: Mapping[str, str], uid: int) -> Endpoint:
-    """Which Podman API endpoint to use.
+    """Which Podman API endpoint to use, as Podman itself finds it.
 
     ``CONTAINER_HOST`` wins and is used as given (never auto-started: the user chose it). Else
-    the rootful socket for root, the rootless one (``$XDG_RUNTIME_DIR/podman/podman.sock``)
-    for everyone else; mino may start the service on those.
+    the rootful socket for root, the rootless one in the user's runtime directory
+    (:func:`runtime_dir`) for everyone else; mino may start the service on those.
     """
     explicit = env.get("CONTAINER_HOST", "").strip()
     if explicit:
@@ -58,13 +105,11 @@ def discover(env: Mapping[str, str], uid: int) -> Endpoint:
         path = parsed.path if parsed.scheme == "unix" else None
         return Endpoint(explicit, "CONTAINER_HOST", path, may_autostart=False)
     if uid == 0:
-        path = ROOTFUL_SOCKET
-        source = "rootful default"
-    else:
-        runtime_dir = env.get("XDG_RUNTIME_DIR") or f"/run/user/{uid}"
-        path = f"{runtime_dir}/podman/podman.sock"
-        source = "rootless default ($XDG_RUNTIME_DIR)"
-    return Endpoint(f"unix://{path}", source, path, may_autostart=True)
+        return Endpoint(f"unix://{ROOTFUL_SOCKET}", "rootful default", ROOTFUL_SOCKET, may_autostart=True)
+    directory, problem = runtime_dir(env, uid)
+    path = f"{directory}/podman/podman.sock"
+    return Endpoint(f"unix://{path}", "rootless default (the runtime directory)", path, may_autostart=True,
+                    problem=problem)
 
 
 def client_url(url: str) -> str:
@@ -128,6 +173,19 @@ def min_limits(a: HostLimits, b: HostLimits | None) -> HostLimits:
 
 
 # --------------------------------------------------------------------------- the engine
+
+CGROUP_CONTROLLERS = frozenset({"memory", "pids", "cpu"})
+
+
+def engine_facts(info: Mapping) -> EngineFacts:
+    """From the engine's ``/info``: rootless, and whether the memory, CPU and process limits are
+    applied (rootful always; rootless only on cgroup v2 with those controllers delegated)."""
+    host = info.get("host") or {}
+    rootless = bool((host.get("security") or {}).get("rootless"))
+    applies = (not rootless) or (host.get("cgroupVersion") == "v2"
+                                 and CGROUP_CONTROLLERS <= set(host.get("cgroupControllers") or ()))
+    return EngineFacts(rootless=rootless, cgroup_limits=applies, cgroup_version=str(host.get("cgroupVersion") or "?"))
+
 
 def frames(read: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
     """Podman's multiplexed stream: frames of an 8-byte header (stream, 3 bytes padding, length)
@@ -275,6 +333,8 @@ class Engine:
         self.api = client.api
         self.started_service = started_service
         self._limits: HostLimits | None = None
+        self._facts: EngineFacts | None = None
+        self.warnings: Callable[[str, list[str]], None] | None = None  # (container name, Podman's warnings)
 
     # ----------------------------------------------------------------- connecting
     @classmethod
@@ -289,6 +349,8 @@ class Engine:
                                     "pip install podman") from exc
         problem = _ping(endpoint)
         started = False
+        if problem is not None and endpoint.problem:
+            raise PodmanUnavailable(endpoint.problem, RUNTIME_DIR_HINT)
         if problem is not None:
             if not (autostart and endpoint.may_autostart):
                 raise PodmanUnavailable(
@@ -343,6 +405,17 @@ class Engine:
 
     def info(self) -> dict:
         return self.request("get", "/info", what="report host information").json()
+
+    def facts(self) -> EngineFacts:
+        """Rootless or not, and whether it applies cgroup limits: asked once per connection."""
+        if self._facts is None:
+            self._facts = engine_facts(self.info())
+        return self._facts
+
+    def service_pid(self) -> int | None:
+        """The API service's process on this machine (its namespaces are the containers'), or
+        None when the engine is not a local unix socket."""
+        return _socket_peer_pid(self.endpoint.socket_path) if self.endpoint.socket_path else None
 
     def host_limits(self) -> HostLimits:
         """Hard limits containers may ask for: the service's own (when local) and ours."""
@@ -423,7 +496,10 @@ class Engine:
         response = self.request("post", "/containers/create", data=json.dumps(spec),
                                  headers={"Content-Type": "application/json"},
                                  what=f"create container {spec.get('name')}")
-        return response.json()["Id"]
+        reply = response.json()
+        if reply.get("Warnings") and self.warnings:
+            self.warnings(str(spec.get("name")), [str(w) for w in reply["Warnings"]])
+        return reply["Id"]
 
     def start(self, cid: str) -> None:
         self.request("post", f"/containers/{cid}/start", what=f"start container {cid[:12]}")
@@ -601,13 +677,20 @@ def start_service(endpoint: Endpoint) -> Path:
     """Start `podman system service` on the endpoint's socket, detached from us."""
     binary = podman_binary()
     assert endpoint.socket_path
-    Path(endpoint.socket_path).parent.mkdir(parents=True, exist_ok=True)
-    if os.path.exists(endpoint.socket_path) and _ping(endpoint) is not None:
-        os.unlink(endpoint.socket_path)  # stale socket from a dead service
-    log_dir = state_dir()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / "podman-service.log"
-    with open(log, "ab") as out:
+    log = state_dir() / "podman-service.log"
+    try:
+        Path(endpoint.socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.path.exists(endpoint.socket_path) and _ping(endpoint) is not None:
+            os.unlink(endpoint.socket_path)  # stale socket from a dead service
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")
+    except OSError as exc:
+        raise PodmanUnavailable(f"cannot start the Podman API service at {endpoint.url}: "
+                                f"{exc.strerror or exc} ({exc.filename or endpoint.socket_path})",
+                                RUNTIME_DIR_HINT if os.geteuid() != 0 else
+                                "run `mino-jupyter doctor`, or start it yourself: "
+                                f"`podman system service --time=0 {endpoint.url} &`") from None
+    with out:
         # cwd "/": the service (and every conmon it starts) must not sit in the caller's
         # directory, which may be a notebook folder that is deleted later; conmon then fails
         # with "Failed to get working directory" and no container starts.

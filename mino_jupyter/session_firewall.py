@@ -67,12 +67,12 @@ class SessionFirewall:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, image: str, name: str, labels: dict, resolved: firewall.Resolved,
-              seccomp_profile: str | None = None) -> None:
+              seccomp_profile: str | None = None, engine: policy.EngineFacts = policy.ROOTFUL) -> None:
         """Start the firewall container in the session's namespace and install the rules."""
         self.container = self.engine.run(policy.firewall_spec(
             name=name, image=image, target_container=self.session_container, labels=labels,
             limits=self.engine.host_limits(), command=firewall.agent_command(self.mode),
-            seccomp_profile=seccomp_profile))
+            seccomp_profile=seccomp_profile, engine=engine))
         self.channel = self.engine.attach(self.container)
         self._install(resolved)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import changes, config, firewall, host, launch, policy, storage
+from . import changes, config, firewall, host, launch, mounts, policy, storage
 from .choices import Choices, size_text
 from .cell import CellResult, Sink, run_script
 from .cleanup import Cleanup, owned_by, prune, remove_containers, state_key
@@ -74,7 +74,8 @@ class Session:
     firewall: SessionFirewall | None = None
     storage: storage.SessionStorage | None = None
     namespace: str | None = None  # the container's PID namespace, as seen from here
-    cgroup: str | None = None
+    cgroup: str | None = None  # its own cgroup, when the engine gave it one
+    cell_uid: int = policy.CELL_UID  # the cell's uid as this machine sees it
     oom_kills: int = 0
     secrets: set[str] = field(default_factory=set, repr=False)  # every value passed in; memory only
     startup: dict[str, float] = field(default_factory=dict)  # seconds per phase of its start (benchmarks)
@@ -123,6 +124,7 @@ class SessionManager:
         self._engine: Engine | None = None
         self._lock = threading.RLock()
         self._fresh_count = 0
+        self._shown: set[str] = set()  # once-per-kernel notices (what this engine cannot apply)
         self._closed = False
         self.log_dir = logs_dir(env) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.owner.token}"
         self.listeners: list[Callable[[], None]] = []  # called when sessions change (the panel)
@@ -223,11 +225,12 @@ class SessionManager:
             owner={**self.owner.labels(), "io.mino.state": state_key(self.state)}, kernel_id=self.kernel_id,
             state=self.state, storage_dir=self.storage_dir,
             firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
-            before_container=self.cleanup.ensure_watchdog))
+            before_container=self.cleanup.ensure_watchdog, shown=self._shown))
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh, log_path=self.log_dir / f"{name}.log",
                           workspace=started.workspace, resources=resources, container_id=started.container,
                           storage=started.storage, firewall=started.firewall, namespace=started.namespace,
-                          cgroup=started.cgroup, oom_kills=started.oom_kills, startup=started.phases, state="idle")
+                          cgroup=started.cgroup, cell_uid=started.cell_uid, oom_kills=started.oom_kills,
+                          startup=started.phases, state="idle")
         self.sessions[name] = session
         if plan.mode == "host":
             self.notice(f"mino: session '{name}' uses the host network: cells reach everything this "
@@ -275,7 +278,7 @@ class SessionManager:
             try:
                 result = run_script(self.engine, session.container_id, script, env=env, sink=cell_sink,
                                     timeout=opts.timeout, control=session.storage, namespace=session.namespace,
-                                    cgroup=session.cgroup)
+                                    cgroup=session.cgroup, cell_uid=session.cell_uid)
             except MinoError:
                 session.state = "idle"
                 gone = self._container_gone(session)
@@ -360,7 +363,7 @@ class SessionManager:
 
     def changes(self, name: str = DEFAULT_SESSION) -> list[changes.Change]:
         store = self._storage_of(name)
-        return changes.list_changes(store.upper, store.notebook_dir)
+        return changes.list_changes(store.upper, store.notebook_dir, store.opaque_xattr)
 
     def diff(self, name: str, change: changes.Change) -> str | None:
         store = self._storage_of(name)
@@ -368,7 +371,8 @@ class SessionManager:
 
     def apply(self, name: str = DEFAULT_SESSION, paths: list[str] | None = None) -> list[changes.Outcome]:
         store = self._storage_of(name)
-        outcomes = changes.apply(store.upper, store.notebook_dir, paths or None, budget=self._budget(name))
+        outcomes = changes.apply(store.upper, store.notebook_dir, paths or None, budget=self._budget(name),
+                                 opaque_xattr=store.opaque_xattr)
         self._changed()
         return outcomes
 
@@ -381,8 +385,9 @@ class SessionManager:
     def _auto_apply(self, session: Session) -> None:
         if session.storage is None or session.storage.upper is None:
             return
-        done = [o.path for o in changes.apply(session.storage.upper, session.storage.notebook_dir, None,
-                                              budget=self._budget(session.name)) if o.applied]
+        store = session.storage
+        done = [o.path for o in changes.apply(store.upper, store.notebook_dir, None, budget=self._budget(session.name),
+                                              opaque_xattr=store.opaque_xattr) if o.applied]
         if done:
             self.notice(f"mino: applied {len(done)} data file(s) (auto_apply): " + ", ".join(done[:10])
                         + (" ..." if len(done) > 10 else ""))
@@ -473,7 +478,7 @@ class SessionManager:
                 if session.storage is not None:
                     session.storage.teardown()
         orphaned = prune(self.engine, state=self.state)
-        storage.reap(self.state / "sessions", owner_alive)
+        storage.reap(self.state / "sessions", owner_alive, mounts.for_cleanup(self.engine))
         self._changed()
         return gone, orphaned
 
@@ -488,7 +493,7 @@ class SessionManager:
             for s in self.sessions.values():
                 if s.state != "stopped":
                     self._mark_stopped(s)
-            storage.teardown_owner(self.storage_dir)
+            storage.teardown_owner(self.storage_dir, mounts.for_cleanup(self._engine) if self._engine else mounts.Local())
             if self._engine is not None:
                 self.cleanup.release_caches(self._engine)
 

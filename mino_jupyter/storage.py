@@ -22,15 +22,16 @@ reads without following anything the cell could have planted. The lower layers a
 and work directories are passed to the kernel as ``/proc/self/fd/N`` of directories mino opened
 with ``O_NOFOLLOW``, so no path a cell could influence is resolved when mounting.
 
-Mounting needs root on this machine (rootful Podman, the kernel running as root). Every
-helper program mino runs here is named by absolute path, with a fixed environment.
+Where the mounts are made, and whose uid the cell's files carry here, is the
+:mod:`mino_jupyter.mounts` mounter's: this machine as root (rootful Podman), or the rootless
+engine's own namespace (then there is no loop disk: sessions' files are plain directories in the
+state directory, without a size limit). Every helper program mino runs here is named by
+absolute path, with a fixed environment.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
 import hashlib
 import io
@@ -45,21 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import policy
-from .errors import MinoError
+from . import mounts, policy
+from .mounts import Local, StorageError
 
 HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 MOUNT = ("/usr/bin/mount", "/bin/mount")
 MKFS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
-OVERLAY_OPTIONS = "redirect_dir=off,metacopy=off,index=off"
-MS_NOSUID, MS_NODEV = 0x2, 0x4
-MNT_DETACH, UMOUNT_NOFOLLOW = 0x2, 0x8
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class StorageError(MinoError):
-    """A session's disk or overlays could not be set up; nothing was started."""
 
 
 def _helper(names: tuple[str, ...]) -> str:
@@ -77,19 +69,11 @@ def _run(cmd: list[str], what: str) -> None:
                            "`mino-jupyter doctor` checks what sessions need on this machine")
 
 
-# ---------------------------------------------------------------------------- mounts
-
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace")
-
+# ---------------------------------------------------------------------------- mounts (this machine's view)
 
 def mountpoints() -> list[str]:
-    """Mount points of this mount namespace (/proc/self/mountinfo, octal escapes decoded)."""
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return []
-    return [_unescape(line.split()[4]) for line in text.splitlines() if len(line.split()) > 4]
+    """Mount points of this process's mount namespace (/proc/self/mountinfo)."""
+    return mounts._mountpoints()
 
 
 def is_mounted(path: Path) -> bool:
@@ -103,33 +87,12 @@ def mounts_under(path: Path) -> list[str]:
 
 def _open_dir(path: Path) -> int:
     """A directory mino made or was given, opened without following a final symlink."""
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-
-
-def mount_overlay(target: Path, lower: Path, upper: Path, work: Path) -> None:
-    fds = [_open_dir(lower), _open_dir(upper), _open_dir(work)]
-    try:
-        data = (f"lowerdir=/proc/self/fd/{fds[0]},upperdir=/proc/self/fd/{fds[1]},"
-                f"workdir=/proc/self/fd/{fds[2]},{OVERLAY_OPTIONS}")
-        if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_NOSUID | MS_NODEV, data.encode()) != 0:
-            err = ctypes.get_errno()
-            raise StorageError(f"could not mount the overlay at {target}: {os.strerror(err)}",
-                               "mino needs root and a kernel with overlayfs; `mino-jupyter doctor` checks")
-    finally:
-        for fd in fds:
-            os.close(fd)
+    return mounts._open_dir(path)
 
 
 def unmount(path: Path) -> None:
-    """Unmount; a busy mount point is detached (it goes when its last user does)."""
-    if _libc.umount2(os.fsencode(path), UMOUNT_NOFOLLOW) == 0:
-        return
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
-        return  # not mounted (any more)
-    if err == errno.EBUSY and _libc.umount2(os.fsencode(path), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
-        return
-    raise StorageError(f"could not unmount {path}: {os.strerror(err)}")
+    """Unmount here (rootful); a busy mount point is detached (it goes when its last user does)."""
+    Local().unmount(path)
 
 
 def make_disk(image: Path, size: int) -> None:
@@ -219,16 +182,18 @@ def _mkdir(path: Path, mode: int, uid: int = 0) -> None:
 class SessionStorage:
     """A session's disk and mounts. :meth:`create` sets everything up or leaves nothing behind."""
 
-    def __init__(self, paths: SessionPaths, notebook_dir: Path, mode: str):
+    def __init__(self, paths: SessionPaths, notebook_dir: Path, mode: str, mounter: Local):
         self.paths = paths
         self.notebook_dir = notebook_dir
         self.mode = mode  # overlay | ro | rw
+        self.mounter = mounter
 
     @classmethod
-    def create(cls, root: Path, *, notebook_dir: Path, mode: str, home_lower: Path, disk_bytes: int) -> "SessionStorage":
+    def create(cls, root: Path, *, notebook_dir: Path, mode: str, home_lower: Path, disk_bytes: int,
+               mounter: Local) -> "SessionStorage":
         if mode not in policy.WORKSPACE_MODES:
             raise ValueError(f"workspace mode must be one of {policy.WORKSPACE_MODES}, not {mode!r}")
-        storage = cls(SessionPaths(root), notebook_dir, mode)
+        storage = cls(SessionPaths(root), notebook_dir, mode, mounter)
         try:
             storage._create(home_lower, disk_bytes)
         except BaseException:
@@ -241,22 +206,23 @@ class SessionStorage:
         p.root.mkdir(mode=0o700, parents=True)
         for directory in (p.disk, p.workspace, p.home):
             directory.mkdir(mode=0o700)
-        _mkdir(p.control, 0o755)
-        make_disk(p.image, disk_bytes)
-        mount_disk(p.image, p.disk)
+        _mkdir(p.control, 0o755, os.geteuid())
+        if self.mounter.loop_disks:
+            make_disk(p.image, disk_bytes)
+            mount_disk(p.image, p.disk)
         os.chmod(p.disk, 0o711)
-        cell = policy.CELL_UID
+        cell, me = self.mounter.cell_uid, os.geteuid()
         for parent in (p.disk / "workspace", p.disk / "home"):
-            _mkdir(parent, 0o711)
+            _mkdir(parent, 0o711, me)
         _mkdir(p.workspace_upper, 0o755, cell)
         _mkdir(p.home_upper, 0o755, cell)
-        _mkdir(p.workspace_work, 0o700)
-        _mkdir(p.home_work, 0o700)
-        _mkdir(p.tmp, 0o1777)
-        _mkdir(p.var_tmp, 0o1777)
+        _mkdir(p.workspace_work, 0o700, me)
+        _mkdir(p.home_work, 0o700, me)
+        _mkdir(p.tmp, 0o1777, me)
+        _mkdir(p.var_tmp, 0o1777, me)
         if self.mode == "overlay":
-            mount_overlay(p.workspace, self.notebook_dir, p.workspace_upper, p.workspace_work)
-        mount_overlay(p.home, home_lower, p.home_upper, p.home_work)
+            self.mounter.mount_overlay(p.workspace, self.notebook_dir, p.workspace_upper, p.workspace_work)
+        self.mounter.mount_overlay(p.home, home_lower, p.home_upper, p.home_work)
 
     # ------------------------------------------------------------------ what the container gets
     def mounts(self) -> policy.StorageMounts:
@@ -284,44 +250,56 @@ class SessionStorage:
     # ------------------------------------------------------------------ changes
     @property
     def upper(self) -> Path | None:
-        """The workspace's upper layer (what the cell changed), while the disk is mounted."""
-        if self.mode != "overlay" or not is_mounted(self.paths.disk):
+        """The workspace's upper layer (what the cell changed), while it exists (on the
+        session's disk, while that is mounted)."""
+        upper = self.paths.workspace_upper
+        if self.mode != "overlay" or not upper.is_dir() or upper.is_symlink():
             return None
-        return self.paths.workspace_upper
+        return upper
+
+    @property
+    def opaque_xattr(self) -> str:
+        """The xattr overlayfs marks a replaced directory with in this upper layer."""
+        return self.mounter.opaque_xattr
 
     # ------------------------------------------------------------------ going away
     def release(self) -> None:
         """The container is gone: unmount the overlays, keep the disk (its changes can still be
         listed and applied until the session is forgotten or the kernel ends)."""
         for mount in (self.paths.workspace, self.paths.home):
-            unmount(mount)
+            self.mounter.unmount(mount)
 
     def teardown(self) -> bool:
         """Unmount everything and delete the session's files. False when a mount stayed."""
         ok = True
-        for mount in (self.paths.workspace, self.paths.home, self.paths.disk):
+        for mount in (self.paths.workspace, self.paths.home):
             try:
-                unmount(mount)
+                self.mounter.unmount(mount)
+            except StorageError:
+                ok = False
+        if self.mounter.loop_disks:
+            try:
+                unmount(self.paths.disk)
             except StorageError:
                 ok = False
         return remove_tree(self.paths.root) and ok
 
 
 def prepare(storage_dir: Path, name: str, owner_labels: dict, *, notebook_dir: Path, mode: str,
-            home_lower: Path, disk_bytes: int) -> SessionStorage:
+            home_lower: Path, disk_bytes: int, mounter: Local) -> SessionStorage:
     """A new session's storage in its kernel's directory (claimed for the reaper); what a stopped
     session of the same name left there goes first."""
     claim(storage_dir, owner_labels)
     root = storage_dir / name
     if os.path.lexists(root):
-        SessionStorage(SessionPaths(root), notebook_dir, "ro").teardown()
+        SessionStorage(SessionPaths(root), notebook_dir, "ro", mounter).teardown()
     return SessionStorage.create(root, notebook_dir=notebook_dir, mode=mode, home_lower=home_lower,
-                                 disk_bytes=disk_bytes)
+                                 disk_bytes=disk_bytes, mounter=mounter)
 
 
 # ---------------------------------------------------------------------------- image homes
 
-def image_home(engine, image: str, cache: Path, owner_labels: dict) -> Path:
+def image_home(engine, image: str, cache: Path, owner_labels: dict, cell_uid: int = policy.CELL_UID) -> Path:
     """The image's /home/developer on this machine (the lower layer of every session's home),
     extracted once per image id through the engine's archive API; nothing runs to get it."""
     info = engine.image_inspect(image)
@@ -334,7 +312,7 @@ def image_home(engine, image: str, cache: Path, owner_labels: dict) -> Path:
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     cid = engine.create(policy.inspection_spec(
         name=f"mino-home-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=image,
-        labels=policy.labels("verify", owner_labels), limits=engine.host_limits()))
+        labels=policy.labels("verify", owner_labels), limits=engine.host_limits(), engine=engine.facts()))
     try:
         data = engine.get_archive(cid, policy.HOME)
     finally:
@@ -343,10 +321,16 @@ def image_home(engine, image: str, cache: Path, owner_labels: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o755)
     if data is None:  # an image without the sandbox user's home: an empty one
-        _mkdir(tmp / "developer", 0o755, policy.CELL_UID)
+        _mkdir(tmp / "developer", 0o755, cell_uid)
     else:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(tmp, numeric_owner=True, filter=_home_filter)
+            if hasattr(tarfile, "tar_filter"):
+                tar.extractall(tmp, numeric_owner=True, filter=_home_filter)
+            else:  # Python < 3.11.4 (e.g. Debian 12's 3.11.2): the same checks, by hand
+                for member in tar.getmembers():
+                    kept = _home_filter_fallback(member, str(tmp))
+                    if kept is not None:
+                        tar.extract(kept, tmp, numeric_owner=True)
         if not (tmp / "developer").is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
             raise StorageError(f"image {image}: {policy.HOME} is not a directory")
@@ -355,6 +339,27 @@ def image_home(engine, image: str, cache: Path, owner_labels: dict) -> Path:
     except OSError:  # another kernel extracted it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
     return home
+
+
+def _home_filter_fallback(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """`tarfile.tar_filter`'s refusals for Pythons that lack it: no absolute or escaping names,
+    no links that leave the tree, no device files, no setuid or setgid bits."""
+    if member.ischr() or member.isblk() or member.isfifo():
+        return None
+    root = os.path.realpath(dest)
+
+    def inside(name: str) -> bool:
+        return os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) == root
+
+    if os.path.isabs(member.name) or not inside(member.name):
+        return None
+    if member.issym() and (os.path.isabs(member.linkname)
+                           or not inside(os.path.join(os.path.dirname(member.name), member.linkname))):
+        return None
+    if member.islnk() and (os.path.isabs(member.linkname) or not inside(member.linkname)):
+        return None
+    member.mode &= ~(stat.S_ISUID | stat.S_ISGID)
+    return member
 
 
 def _home_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
@@ -377,17 +382,17 @@ def claim(directory: Path, owner_labels: dict) -> None:
     (directory / OWNER_FILE).write_text(json.dumps(owner_labels, sort_keys=True))
 
 
-def teardown_owner(directory: Path) -> bool:
+def teardown_owner(directory: Path, mounter: Local) -> bool:
     """Unmount and delete every session of one kernel (its sessions directory)."""
     ok = True
     if directory.is_dir():
         for child in directory.iterdir():
             if child.is_dir() and not child.is_symlink():
-                ok = SessionStorage(SessionPaths(child), Path("/"), "ro").teardown() and ok
+                ok = SessionStorage(SessionPaths(child), Path("/"), "ro", mounter).teardown() and ok
     return remove_tree(directory) and ok
 
 
-def reap(sessions_root: Path, alive: Callable[[dict], bool]) -> list[Path]:
+def reap(sessions_root: Path, alive: Callable[[dict], bool], mounter: Local) -> list[Path]:
     """Storage of kernels that died (their owner is gone): unmounted and deleted."""
     removed = []
     try:
@@ -399,7 +404,7 @@ def reap(sessions_root: Path, alive: Callable[[dict], bool]) -> list[Path]:
             labels = json.loads((directory / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if not alive(labels) and teardown_owner(directory):
+        if not alive(labels) and teardown_owner(directory, mounter):
             removed.append(directory)
     return removed
 
@@ -435,28 +440,53 @@ def project_key(notebook_dir: Path) -> str:
     return path_key(notebook_dir)
 
 
-def project_caches(caches_root: Path, notebook_dir: Path, names: tuple[str, ...], size: int) -> dict[str, str]:
-    """The project's cache directories, on its cache disk (made and mounted when needed).
+LEGACY_CACHE_USERNS = f"cell-uid={policy.CELL_UID} disk=1"  # caches made before the mode was recorded
+
+
+def project_caches(caches_root: Path, notebook_dir: Path, names: tuple[str, ...], size: int,
+                   mounter: Local) -> dict[str, str]:
+    """The project's cache directories, on its cache disk (made and mounted when needed; with a
+    rootless engine, plain directories).
 
     The directories exist only inside the mounted disk: were it ever unmounted, binding them
-    would fail instead of writing to this machine's disk without a limit."""
+    would fail instead of writing to this machine's disk without a limit. The caches record the
+    user-namespace mode they were made for (whose uid owns their files): made for another, they
+    are made again, since the cell could not write them."""
     if not names:
         return {}
     paths = CachePaths(caches_root / project_key(notebook_dir))
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    userns = f"cell-uid={mounter.cell_uid} disk={int(mounter.loop_disks)}"
     with open(paths.root / "lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_mounted(paths.mount):
+        marker = paths.root / "userns"
+        made_for = marker.read_text() if marker.is_file() else LEGACY_CACHE_USERNS
+        if made_for != userns and paths.mount.exists():
+            _drop_caches(paths)
+        if mounter.loop_disks and not is_mounted(paths.mount):
             if not paths.mount.is_dir():
                 paths.mount.mkdir(mode=0o000)
             if not paths.image.exists():
                 make_disk(paths.image, size)
             mount_disk(paths.image, paths.mount)
             os.chmod(paths.mount, 0o711)
+        elif not mounter.loop_disks and not paths.mount.is_dir():
+            paths.mount.mkdir(mode=0o711)
+        marker.write_text(userns)
         for name in names:
             if not paths.cache(name).is_dir():
-                _mkdir(paths.cache(name), 0o755, policy.CELL_UID)
+                _mkdir(paths.cache(name), 0o755, mounter.cell_uid)
     return {name: str(paths.cache(name)) for name in names}
+
+
+def _drop_caches(paths: CachePaths) -> None:
+    """A project's caches made for another user-namespace mode: gone (they are only caches)."""
+    if is_mounted(paths.mount):
+        with contextlib.suppress(StorageError):
+            unmount(paths.mount)
+    if remove_tree(paths.mount):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(paths.image)
 
 
 def release_caches(caches_root: Path, in_use: set[str]) -> None:

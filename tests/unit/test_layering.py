@@ -14,7 +14,7 @@ PURE = ("policy", "network", "firewall", "presets", "config", "paths", "errors",
 # What acts (engine, sessions, user interface) and outside libraries that act.
 ACTING = {"runtime", "sessions", "cell", "session_firewall", "cleanup", "magics", "widgets", "cli", "doctor",
           "image", "demo", "logs", "commands", "owner", "storage", "changes", "host", "procs", "choices",
-          "launch"}
+          "launch", "mounts"}
 FORBIDDEN_LIBS = {"IPython", "ipywidgets", "ipykernel", "podman", "traitlets", "requests"}
 # Downward only: who may import whom among the acting modules.
 LAYERS = {
@@ -25,6 +25,7 @@ LAYERS = {
     "logs": 25,
     "cleanup": 22,
     "session_firewall": 20, "cell": 20, "image": 20, "demo": 20, "storage": 20, "host": 20,
+    "mounts": 17,
     "procs": 15, "changes": 15,
     "runtime": 10, "commands": 10, "owner": 10,
 }
