@@ -1,4 +1,5 @@
-"""Building the mino base image, online (FROM a registry image) or offline (debootstrap).
+"""Building the mino base image, online (FROM a registry image) or offline (debootstrap as
+root, mmdebstrap in a user namespace otherwise).
 
 Both ways end in the same recipe (``image/Containerfile``) on top of a Debian bookworm base; the
 only difference is where that base comes from. A build is tagged under its final name only after
@@ -190,10 +191,10 @@ def _follow(items, progress: Progress, show: Callable[[str], str | None]) -> str
 
 
 def bootstrap(engine: Engine, *, mirror: str, progress: Progress, ref: str = BOOTSTRAP_REF) -> str:
-    """A minimal Debian rootfs from packages (debootstrap), imported as the build base `ref`."""
+    """A minimal Debian rootfs from packages, imported as the build base `ref`: debootstrap as
+    root, mmdebstrap in a user namespace (``--mode=unshare``) for everyone else."""
     if os.geteuid() != 0:
-        raise ImageBuildError("an offline build needs root (debootstrap creates device files)",
-                              "run `sudo mino-jupyter image build --offline`, or build --from an image you have")
+        return _bootstrap_unshare(engine, mirror=mirror, progress=progress, ref=ref)
     debootstrap = shutil.which("debootstrap") or ("/usr/sbin/debootstrap" if os.path.exists("/usr/sbin/debootstrap") else None)
     if not debootstrap:
         raise ImageBuildError("debootstrap is not installed",
@@ -217,12 +218,117 @@ def bootstrap(engine: Engine, *, mirror: str, progress: Progress, ref: str = BOO
     return ref
 
 
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
+SUBID_NEEDED = 65536  # a Debian rootfs uses IDs up to 65534 (nobody); fewer cannot hold it
+
+
+def _find_tool(name: str) -> str | None:
+    """`name` on PATH, else in the sbin/bin directories a normal user's PATH may lack."""
+    found = shutil.which(name)
+    if found:
+        return os.path.abspath(found)
+    return next((p for d in ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+                 if os.access(p := os.path.join(d, name), os.X_OK)), None)
+
+
+def subid_count(text: str, user: str, uid: int) -> int:
+    """How many subordinate IDs an /etc/subuid-style file grants `user` (by name or by uid)."""
+    total = 0
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if len(fields) != 3 or fields[0] not in (user, str(uid)):
+            continue
+        try:
+            total += max(int(fields[2]), 0)
+        except ValueError:
+            continue
+    return total
+
+
+def free_subid_start(texts, floor: int = 100000) -> int:
+    """The first subordinate ID above every range already granted (so ranges never overlap)."""
+    end = floor
+    for text in texts:
+        for line in text.splitlines():
+            fields = line.strip().split(":")
+            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                end = max(end, int(fields[1]) + int(fields[2]))
+    return end
+
+
+def check_subids(user: str, uid: int, files: tuple[str, ...] = SUBID_FILES,
+                 read: Callable[[str], str | None] | None = None) -> None:
+    """Rootless builds map the rootfs's users to the user's subordinate IDs; without a range
+    (or with too small a one) mmdebstrap and Podman fail later with obscure messages."""
+    def read_file(path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except FileNotFoundError:
+            return ""  # no file: nobody has a range
+        except OSError:
+            return None  # unreadable here: leave the judgement to newuidmap
+
+    read = read or read_file
+    texts = {path: text for path in files if (text := read(path)) is not None}
+    start = free_subid_start(texts.values())
+    span = f"{start}-{start + SUBID_NEEDED - 1}"
+    hint = (f"as root: usermod --add-subuids {span} --add-subgids {span} {user}, "
+            "then `podman system migrate` as that user")
+    for path, text in texts.items():
+        count = subid_count(text, user, uid)
+        if count == 0:
+            raise ImageBuildError(f"user {user} has no subordinate ID range in {path}: "
+                                  "a rootless offline build cannot map the image's users", hint)
+        if count < SUBID_NEEDED:
+            raise ImageBuildError(f"user {user} has only {count} subordinate IDs in {path}; "
+                                  f"a rootless offline build needs {SUBID_NEEDED}", hint)
+
+
+def mmdebstrap_command(mmdebstrap: str, mirror: str, out: str) -> list[str]:
+    """The rootfs as a tarball, built in a user namespace: no root, no device files on disk."""
+    return [mmdebstrap, "--mode=unshare", "--variant=minbase", SUITE, out, mirror]
+
+
+def _show_mmdebstrap(line: str) -> bool:
+    """Its steps, warnings and errors; not its bookkeeping (temporary directories and the like)."""
+    return line.startswith(("I: ", "W: ", "E: ")) and not line.startswith(
+        ("I: chroot architecture", "I: finding correct signed-by", "I: using ", "I: removing tempdir"))
+
+
+def _bootstrap_unshare(engine: Engine, *, mirror: str, progress: Progress, ref: str) -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    mmdebstrap = _find_tool("mmdebstrap")
+    if not mmdebstrap:
+        raise ImageBuildError("mmdebstrap is not installed (a rootless offline build needs it)",
+                              "apt-get install mmdebstrap uidmap")
+    if not (_find_tool("newuidmap") and _find_tool("newgidmap")):
+        raise ImageBuildError("newuidmap/newgidmap are not installed (a rootless offline build needs them)",
+                              "apt-get install mmdebstrap uidmap")
+    check_subids(user, uid)
+    with tempfile.TemporaryDirectory(prefix="mino-rootfs-") as tmp:
+        out = Path(tmp) / "rootfs.tar"
+        progress(f"mmdebstrap {SUITE} from {mirror} in a user namespace (about a minute) ...")
+        _stream_command(mmdebstrap_command(mmdebstrap, mirror, str(out)), progress,
+                        failure="mmdebstrap failed", show=_show_mmdebstrap)
+        progress(f"importing the rootfs as {ref} ...")
+        with open(out, "rb") as stream:
+            engine.import_image(ref, _chunks(stream))
+    return ref
+
+
 def _chunks(stream, size: int = 1 << 20):
     while chunk := stream.read(size):
         yield chunk
 
 
-def _stream_command(cmd: list[str], progress: Progress, *, failure: str) -> None:
+def _stream_command(cmd: list[str], progress: Progress, *, failure: str,
+                    show: Callable[[str], bool] | None = None) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
     tail: list[str] = []
@@ -230,8 +336,11 @@ def _stream_command(cmd: list[str], progress: Progress, *, failure: str) -> None
     for line in proc.stdout:
         line = line.rstrip()
         tail = (tail + [line])[-5:]
-        if line.startswith(("I: Retrieving", "I: Validating", "I: Extracting", "I: Unpacking",
-                            "I: Configuring", "I: Installing", "I: Base", "E:", "W:")):
+        if show is not None:
+            if show(line):
+                progress("  " + line)
+        elif line.startswith(("I: Retrieving", "I: Validating", "I: Extracting", "I: Unpacking",
+                              "I: Configuring", "I: Installing", "I: Base", "E:", "W:")):
             if not line.startswith(("I: Retrieving", "I: Validating", "I: Extracting")) or "Release" in line:
                 progress("  " + line)
     if proc.wait() != 0:
