@@ -4,8 +4,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+PYTEST_ROOTLESS_ARGS ?=
 
-.PHONY: setup demo test unit mutants notebooks bench lab clean-containers
+.PHONY: setup demo test test-rootless unit mutants notebooks bench lab clean-containers
 
 setup:
 	@scripts/setup-host.sh
@@ -20,6 +21,11 @@ test:
 	$(PY) scripts/notebooks.py --check
 	$(PY) scripts/notebooks.py --check-in-place
 	$(PY) tests/mutants/run.py
+	PYTEST_ROOTLESS_ARGS="$(PYTEST_ROOTLESS_ARGS)" scripts/rootless-test.sh
+
+# The integration suite again as a normal user (mino-ci) with rootless Podman; run as root.
+test-rootless:
+	PYTEST_ROOTLESS_ARGS="$(PYTEST_ROOTLESS_ARGS)" scripts/rootless-test.sh
 
 mutants: setup
 	$(PY) tests/mutants/run.py
