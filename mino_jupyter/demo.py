@@ -1,7 +1,8 @@
 """Local destinations for notebooks and tutorials: HTTP servers on this machine only.
 
-``LocalServer()`` listens on the Podman bridge gateway (e.g. 10.88.0.1), which bridge and
-allowlisted containers reach and nothing outside this machine does; ``LocalServer("127.0.0.1")``
+``LocalServer()`` listens where bridge sessions reach this machine: the Podman bridge gateway
+(e.g. 10.88.0.1) with rootful Podman, this machine's own address with rootless Podman (what
+``host.containers.internal`` names in a session); ``LocalServer("127.0.0.1")``
 listens on the host's loopback, which only host-mode containers reach. Each counts its hits, so
 a refused connection can be seen not to have arrived.
 """
@@ -11,13 +12,18 @@ from __future__ import annotations
 import http.server
 import threading
 
+from . import host
 from .errors import MinoError
 from .runtime import Engine
 
 
-def bridge_gateway(engine: Engine | None = None, network: str = "podman") -> str:
+def bridge_gateway(engine: Engine | None = None) -> str:
+    """This machine as bridge sessions reach it (see the module doc)."""
     engine = engine or Engine.connect()
-    return engine.network(network)["subnets"][0]["gateway"]
+    seen = host.seen_from_sessions(engine.facts(), engine.networks())
+    if not seen:
+        raise MinoError("no address where bridge sessions reach this machine", "`mino-jupyter doctor` checks the engine")
+    return seen[0]
 
 
 class LocalServer:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__, host as host_facts, policy, storage
+from . import __version__, host as host_facts, mounts, policy, storage
 from .errors import MinoError
 from .paths import state_dir
 from .image import base_image_ref, run_probe, verify_image
@@ -16,6 +16,7 @@ from .runtime import Engine, podman_binary
 PROBE = (
     "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; "
     "echo \"Pids: $(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max)\"; "
+    "echo \"Nproc: $(ulimit -u)\"; "
     "echo \"Uid: $(id -u)\"; "
     "unshare -r true 2>/dev/null && echo 'Userns: open' || echo 'Userns: refused'; "
     "touch /usr/.mino-probe 2>/dev/null && echo 'Root: writable' || echo 'Root: read-only'"
@@ -28,9 +29,10 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    note: bool = False  # passes, but names what this host cannot do and what follows
 
     def render(self) -> str:
-        mark = "ok  " if self.ok else "FAIL"
+        mark = "note" if self.note else "ok  " if self.ok else "FAIL"
         line = f"[{mark}] {self.name}: {self.detail}"
         if not self.ok and self.fix:
             line += f"\n       fix: {self.fix}"
@@ -46,16 +48,20 @@ def parse_probe(text: str) -> dict[str, str]:
     return values
 
 
-def judge_probe(values: dict[str, str]) -> list[str]:
-    """What is wrong with a hardened container's view of itself (empty = nothing)."""
+def judge_probe(values: dict[str, str], engine: policy.EngineFacts = policy.ROOTFUL) -> list[str]:
+    """What is wrong with a hardened container's view of itself (empty = nothing). Where the
+    engine applies no cgroup limits, the process limit is the nproc ulimit instead."""
     problems = []
     for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         if values.get(key) is None or int(values[key], 16) != 0:
             problems.append(f"{key}={values.get(key)}")
     if values.get("NoNewPrivs") != "1":
         problems.append(f"NoNewPrivs={values.get('NoNewPrivs')}")
-    if values.get("Pids") != str(policy.PIDS_LIMIT):
+    if engine.cgroup_limits and values.get("Pids") != str(policy.PIDS_LIMIT):
         problems.append(f"pids.max={values.get('Pids')}")
+    if not engine.cgroup_limits and values.get("Nproc") != str(policy.PIDS_LIMIT):
+        problems.append(f"no process limit: the engine applies no pids.max and the nproc ulimit is "
+                        f"{values.get('Nproc')}")
     if values.get("Uid") != str(policy.CELL_UID):
         problems.append(f"uid={values.get('Uid')}")
     if values.get("Seccomp") != "2":
@@ -105,6 +111,10 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
                   f"Podman {engine.version()}, {'rootless' if rootless else 'rootful'}, cgroup {cgroup}, "
                   f"runtime {runtime}, container ulimits nofile={policy.container_ulimits(limits)[0]['hard']} "
                   f"nproc={policy.container_ulimits(limits)[1]['hard']}"))
+        if rootless:
+            add(_subordinate_ids())
+        for gap in policy.unenforced(engine.facts()):
+            add(Check("limits", True, gap, note=True))
     except MinoError as exc:
         add(Check("engine", False, exc.message, exc.hint or ""))
 
@@ -124,20 +134,28 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
         add(_hardened_container(engine, image, profile))
     else:
         add(Check("hardened container", False, "skipped: no usable base image", "fix the base image first"))
-    add(_session_storage(env))
+    add(_session_storage(engine, env))
     engine.close()
     return all(c.ok for c in checks)
 
 
-def _session_storage(env) -> Check:
+def _subordinate_ids() -> Check:
+    """A rootless user needs subordinate uid and gid ranges (for the image's and PID 1's uids)."""
+    problem = host_facts.subordinate_ids_problem()
+    if problem:
+        return Check("subordinate ids", False, problem.message, problem.hint or "")
+    return Check("subordinate ids", True, "ranges in /etc/subuid and /etc/subgid")
+
+
+def _session_storage(engine: Engine, env) -> Check:
     """Can mino make a session's disk and overlay here? (a small one, made and removed)"""
-    import os
     import tempfile
     from pathlib import Path
 
-    if os.geteuid() != 0:
-        return Check("session storage", False, "the kernel is not root, so mino cannot mount a session's disk "
-                     "and workspace overlay", "run Jupyter as root with rootful Podman for now (`make lab` does)")
+    try:
+        mounter = mounts.for_engine(engine)
+    except MinoError as exc:
+        return Check("session storage", False, exc.message, exc.hint or "")
     root = state_dir(env) / "doctor"
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=root))
@@ -146,7 +164,7 @@ def _session_storage(env) -> Check:
     started = time.monotonic()
     try:
         store = storage.SessionStorage.create(scratch / "session", notebook_dir=lower, mode="overlay",
-                                              home_lower=lower, disk_bytes=64 << 20)
+                                              home_lower=lower, disk_bytes=64 << 20, mounter=mounter)
         ok = store.teardown()
     except MinoError as exc:
         return Check("session storage", False, exc.message, exc.hint or "")
@@ -154,6 +172,9 @@ def _session_storage(env) -> Check:
         storage.remove_tree(scratch)
     if not ok:
         return Check("session storage", False, "a test disk stayed mounted", "see `findmnt | grep mino`")
+    if not mounter.loop_disks:
+        return Check("session storage", True, f"an overlay mounted in the rootless engine's namespace and removed "
+                     f"in {time.monotonic() - started:.2f} s (overlayfs in a user namespace; no session disk)")
     return Check("session storage", True, f"a disk and an overlay mounted and removed in "
                  f"{time.monotonic() - started:.2f} s (loop devices, ext4, overlayfs)")
 
@@ -167,14 +188,16 @@ def _hardened_container(engine: Engine, image: str, profile: str | None) -> Chec
                      "run `scripts/setup-host.sh` (OCI runtime and ulimits), then `podman info`")
     gone = engine.inspect(probe.container) is None
     values = parse_probe(probe.out.decode(errors="replace"))
-    problems = judge_probe(values) if probe.code == 0 else [
+    kind = engine.facts()
+    problems = judge_probe(values, kind) if probe.code == 0 else [
         f"probe exit {probe.code}: {probe.err.decode(errors='replace').strip()}"]
     if not gone:
         problems.append("container was not removed")
     if problems:
         return Check("hardened container", False, "; ".join(problems),
                      f"mino {__version__} policy is not applied by this engine; please report it")
+    limit = f"pids.max={values['Pids']}" if kind.cgroup_limits else f"nproc ulimit={values['Nproc']}"
     return Check("hardened container", True,
                  f"started and removed in {time.monotonic() - started:.1f} s; inside: CapEff=CapBnd=0, "
-                 f"NoNewPrivs=1, seccomp on, no user namespaces, read-only root, pids.max={values['Pids']}, "
+                 f"NoNewPrivs=1, seccomp on, no user namespaces, read-only root, {limit}, "
                  f"uid={values['Uid']}")

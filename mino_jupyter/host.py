@@ -156,6 +156,17 @@ def nameservers(resolv_conf: str | None) -> list[str]:
     return found
 
 
+def seen_from_sessions(kind: policy.EngineFacts, networks: list[dict]) -> list[str]:
+    """This machine's address as a bridge session reaches it: the bridge gateway (rootful); with
+    a rootless engine the bridge lives in the user's own network namespace and this machine is
+    its first global address, through slirp4netns (what Podman writes for
+    `host.containers.internal`)."""
+    if kind.rootless:
+        return primary_address()
+    return [n["gateway"] for net in networks if net.get("name") == "podman"
+            for n in net.get("subnets", []) if n.get("gateway")]
+
+
 def primary_address() -> list[str]:
     """This machine's first global IPv4 address (what rootless Podman calls
     `host.containers.internal`), or nothing."""
@@ -166,3 +177,68 @@ def primary_address() -> list[str]:
         if ip.version == 4 and not (ip.is_loopback or ip.is_link_local):
             return [address]
     return []
+
+
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
+SUBID_NEEDED = 65536  # a Debian rootfs uses IDs up to 65534 (nobody); fewer cannot hold it
+
+
+def subid_count(text: str, user: str, uid: int) -> int:
+    """How many subordinate IDs an /etc/subuid-style file grants `user` (by name or by uid)."""
+    total = 0
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if len(fields) != 3 or fields[0] not in (user, str(uid)):
+            continue
+        try:
+            total += max(int(fields[2]), 0)
+        except ValueError:
+            continue
+    return total
+
+
+def free_subid_start(texts, floor: int = 100000) -> int:
+    """The first subordinate ID above every range already granted (so ranges never overlap)."""
+    end = floor
+    for text in texts:
+        for line in text.splitlines():
+            fields = line.strip().split(":")
+            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                end = max(end, int(fields[1]) + int(fields[2]))
+    return end
+
+
+def _read_or_none(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        return ""  # no file: nobody has a range
+    except OSError:
+        return None  # unreadable here: leave the judgement to newuidmap
+
+
+def subordinate_ids_problem(user: str | None = None, uid: int | None = None, files: tuple[str, ...] = SUBID_FILES,
+                            read=None, *, purpose: str = "rootless Podman") -> UsageError | None:
+    """None when the user has a full subordinate uid and gid range (rootless Podman maps the
+    image's users and the container's PID 1 into it), else the error to show, with a fix that
+    proposes a range above every one already granted."""
+    import pwd
+
+    uid = os.getuid() if uid is None else uid
+    if user is None:
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+    texts = {path: text for path in files if (text := (read or _read_or_none)(path)) is not None}
+    start = free_subid_start(texts.values())
+    span = f"{start}-{start + SUBID_NEEDED - 1}"
+    hint = f"as root: usermod --add-subuids {span} --add-subgids {span} {user}, then `podman system migrate` as that user"
+    for path, text in texts.items():
+        count = subid_count(text, user, uid)
+        if count == 0:
+            return UsageError(f"user {user} has no subordinate ID range in {path}, which {purpose} needs", hint)
+        if count < SUBID_NEEDED:
+            return UsageError(f"user {user} has only {count} subordinate IDs in {path}; {purpose} needs "
+                              f"{SUBID_NEEDED}", hint)
+    return None

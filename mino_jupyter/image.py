@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, policy
+from . import __version__, host, policy
 from .errors import ImageBuildError, MinoError, UsageError
 from .runtime import Engine
 
@@ -218,10 +218,6 @@ def bootstrap(engine: Engine, *, mirror: str, progress: Progress, ref: str = BOO
     return ref
 
 
-SUBID_FILES = ("/etc/subuid", "/etc/subgid")
-SUBID_NEEDED = 65536  # a Debian rootfs uses IDs up to 65534 (nobody); fewer cannot hold it
-
-
 def _find_tool(name: str) -> str | None:
     """`name` on PATH, else in the sbin/bin directories a normal user's PATH may lack."""
     found = shutil.which(name)
@@ -231,57 +227,13 @@ def _find_tool(name: str) -> str | None:
                  if os.access(p := os.path.join(d, name), os.X_OK)), None)
 
 
-def subid_count(text: str, user: str, uid: int) -> int:
-    """How many subordinate IDs an /etc/subuid-style file grants `user` (by name or by uid)."""
-    total = 0
-    for line in text.splitlines():
-        fields = line.strip().split(":")
-        if len(fields) != 3 or fields[0] not in (user, str(uid)):
-            continue
-        try:
-            total += max(int(fields[2]), 0)
-        except ValueError:
-            continue
-    return total
-
-
-def free_subid_start(texts, floor: int = 100000) -> int:
-    """The first subordinate ID above every range already granted (so ranges never overlap)."""
-    end = floor
-    for text in texts:
-        for line in text.splitlines():
-            fields = line.strip().split(":")
-            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
-                end = max(end, int(fields[1]) + int(fields[2]))
-    return end
-
-
-def check_subids(user: str, uid: int, files: tuple[str, ...] = SUBID_FILES,
+def check_subids(user: str, uid: int, files: tuple[str, ...] = host.SUBID_FILES,
                  read: Callable[[str], str | None] | None = None) -> None:
     """Rootless builds map the rootfs's users to the user's subordinate IDs; without a range
     (or with too small a one) mmdebstrap and Podman fail later with obscure messages."""
-    def read_file(path: str) -> str | None:
-        try:
-            return Path(path).read_text()
-        except FileNotFoundError:
-            return ""  # no file: nobody has a range
-        except OSError:
-            return None  # unreadable here: leave the judgement to newuidmap
-
-    read = read or read_file
-    texts = {path: text for path in files if (text := read(path)) is not None}
-    start = free_subid_start(texts.values())
-    span = f"{start}-{start + SUBID_NEEDED - 1}"
-    hint = (f"as root: usermod --add-subuids {span} --add-subgids {span} {user}, "
-            "then `podman system migrate` as that user")
-    for path, text in texts.items():
-        count = subid_count(text, user, uid)
-        if count == 0:
-            raise ImageBuildError(f"user {user} has no subordinate ID range in {path}: "
-                                  "a rootless offline build cannot map the image's users", hint)
-        if count < SUBID_NEEDED:
-            raise ImageBuildError(f"user {user} has only {count} subordinate IDs in {path}; "
-                                  f"a rootless offline build needs {SUBID_NEEDED}", hint)
+    problem = host.subordinate_ids_problem(user, uid, files, read, purpose="a rootless offline build")
+    if problem:
+        raise ImageBuildError(problem.message, problem.hint)
 
 
 def mmdebstrap_command(mmdebstrap: str, mirror: str, out: str) -> list[str]:
@@ -426,7 +378,7 @@ def run_probe(engine: Engine, ref: str, script: str, *, role: str, network: str,
     spec = policy.session_spec(policy.SessionRequest(
         name=f"mino-{role}-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=ref,
         network=network, labels=policy.labels(role, current_owner().labels()),
-        limits=engine.host_limits(), seccomp_profile=seccomp_profile))
+        limits=engine.host_limits(), seccomp_profile=seccomp_profile, engine=engine.facts()))
     cid = engine.run(spec)
     try:
         code, out, err = engine.exec_run(cid, policy.probe_exec(script))

@@ -73,6 +73,8 @@ class Started:
 def start(engine: Engine, req: Request, k: Kernel) -> Started:
     images.ensure(engine, req.image, k.notice)  # mino's own images are built on first use
     kind = engine.facts()
+    if kind.rootless and (problem := host.subordinate_ids_problem()):
+        raise problem
     mounter = mounts.for_engine(engine)  # where overlays are mounted: fails early, before anything is made
     for gap in policy.unenforced(kind):
         k.notice_once(f"mino: on this engine, {gap}")
@@ -88,7 +90,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     if guarded:
         engine.require_image(k.firewall_image)
         networks = engine.networks()  # the session's (gateway) and every other container's subnets
-        resolver = with_host_name(k.resolver, host_seen_from_sessions(kind, networks))
+        resolver = with_host_name(k.resolver, host.seen_from_sessions(kind, networks))
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
@@ -152,20 +154,9 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     return started
 
 
-def host_seen_from_sessions(kind: policy.EngineFacts, networks: list[dict]) -> list[str]:
-    """This machine's address as a bridge session reaches it: the bridge gateway (rootful); with
-    a rootless engine the bridge lives in the user's own network namespace and the host is its
-    first global address, through slirp4netns (Podman writes the same for
-    `host.containers.internal`)."""
-    if kind.rootless:
-        return host.primary_address()
-    return [n["gateway"] for net in networks if net.get("name") == "podman"
-            for n in net.get("subnets", []) if n.get("gateway")]
-
-
 def with_host_name(resolver: firewall.Resolver, gateways: list[str]) -> firewall.Resolver:
     """Names resolve on this machine; `host.containers.internal` is this machine as the session
-    sees it (:func:`host_seen_from_sessions`), for allow entries that open a local service."""
+    sees it (:func:`mino_jupyter.host.seen_from_sessions`), for allow entries that open a local service."""
     def resolve_name(name: str) -> list[str]:
         return list(gateways) if name == "host.containers.internal" else resolver(name)
     return resolve_name

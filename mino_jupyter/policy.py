@@ -101,7 +101,7 @@ def unenforced(engine: EngineFacts) -> tuple[str, ...]:
                     f"the {PIDS_LIMIT}-process limit holds through the nproc ulimit")
     if engine.rootless:
         gaps.append("the disk limit is not applied: without root mino cannot mount a session disk, so "
-                    "what a cell writes goes to your state directory (~/.local/state/mino) without a cap")
+                    "what a cell writes goes to mino's state directory (~/.local/state/mino by default) without a cap")
     return tuple(gaps)
 
 

@@ -116,8 +116,29 @@ def remove_tree(path: Path) -> bool:
     let the deletion reach what is mounted there). False when something is still mounted."""
     if mounts_under(path):
         return False
+    if os.geteuid() != 0:
+        _make_traversable(path)
     shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+def _make_traversable(path: Path) -> None:
+    """Without root, directories a cell (or overlayfs: its work directory is mode 000) left
+    unreadable stop a deletion: give every directory back to its owner first. Each is opened
+    with O_PATH and O_NOFOLLOW and changed through that descriptor, so a link is never followed
+    and nothing outside the tree is ever changed."""
+    for parent, dirs, _files in os.walk(path):
+        for name in dirs:
+            try:
+                fd = os.open(os.path.join(parent, name), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.chmod(f"/proc/self/fd/{fd}", 0o700)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 # ---------------------------------------------------------------------------- one session

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import give_to_cell
 from tests.kernel import Kernel
 
 pytestmark = pytest.mark.podman
@@ -20,7 +21,7 @@ NOTICE = "mino: no network chosen yet"
 def home(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    os.chown(project, 1000, 1000)
+    give_to_cell(project)
     env = {"MINO_CONFIG": str(tmp_path / "global.toml"), "XDG_STATE_HOME": str(tmp_path / "state"),
            "XDG_CONFIG_HOME": str(tmp_path / "config")}
     return project, env

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import give_to_cell
 from tests.kernel import Kernel, isolated_env
 
 pytestmark = pytest.mark.podman
@@ -44,7 +45,7 @@ def _tree(root: Path) -> dict:
 def notebook(tmp_path):
     nb = tmp_path / "notebooks"
     nb.mkdir()
-    os.chown(nb, 1000, 1000)  # the sandbox user could write here, were it shared read-write
+    give_to_cell(nb)  # the sandbox user could write here, were it shared read-write
     (nb / "data.csv").write_text("a,b\n1,2\n")
     return nb
 
@@ -113,7 +114,7 @@ def test_control_the_same_cell_with_a_read_write_workspace_runs_on_the_host(engi
     """Shows the attack is real (and the test above able to fail): rw is the old default."""
     directory = tmp_path / "rw-notebooks"
     directory.mkdir()
-    os.chown(directory, 1000, 1000)
+    give_to_cell(directory)
     marker = tmp_path / "marker"
     k = _kernel(directory, tmp_path / "mino-home")
     try:
@@ -199,7 +200,7 @@ def test_project_files_a_cell_could_plant_change_nothing(engine, base_image, tmp
     project = tmp_path / "project"
     notebooks = project / "notebooks"
     notebooks.mkdir(parents=True)
-    os.chown(notebooks, 1000, 1000)
+    give_to_cell(notebooks)
     env = isolated_env(home, network=None)  # no global network choice: the project decides
     _trusted(home, project / ".mino.toml", '[container]\nnetwork = "none"\n')
     other = tmp_path / "other"

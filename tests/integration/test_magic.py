@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.conftest import give_to_cell
 from tests.kernel import Kernel, isolated_env
 
 pytestmark = pytest.mark.podman
@@ -46,7 +47,7 @@ def _wait_until(predicate, timeout=30.0, step=0.2):
 def workspace(tmp_path):
     ws = tmp_path / "notebook-dir"
     ws.mkdir()
-    os.chown(ws, 1000, 1000)  # the sandbox user may write next to the "notebook"
+    give_to_cell(ws)  # the sandbox user may write next to the "notebook"
     return ws
 
 
@@ -402,7 +403,7 @@ def test_a_home_directory_is_never_written(engine, base_image, tmp_path):
 
     home = tmp_path / "home"
     home.mkdir()
-    os.chown(home, 1000, 1000)
+    give_to_cell(home)
     notices = []
     m = SessionManager(cwd=lambda: home, notice=notices.append, watchdog=False,
                        env={**os.environ, **isolated_env(tmp_path / "mino-home"), "HOME": str(home)})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mino_jupyter import image
+from mino_jupyter import host, image
 from mino_jupyter.errors import ImageBuildError
 
 SUBUID = "alice:100000:65536\n# comment\n1002:165536:65536\n"
@@ -15,11 +15,11 @@ def test_mmdebstrap_command_is_unshare_minbase_to_a_tarball():
 
 
 def test_subids_are_found_by_name_or_by_uid():
-    assert image.subid_count(SUBUID, "alice", 1001) == 65536
-    assert image.subid_count(SUBUID, "bob", 1002) == 65536  # by uid
-    assert image.subid_count(SUBUID, "carol", 1003) == 0
-    assert image.subid_count("alice:1:2:3\nalice:x:y\n", "alice", 1001) == 0  # malformed lines ignored
-    assert image.subid_count("alice:100000:1000\nalice:200000:64536\n", "alice", 1001) == 65536  # ranges add up
+    assert host.subid_count(SUBUID, "alice", 1001) == 65536
+    assert host.subid_count(SUBUID, "bob", 1002) == 65536  # by uid
+    assert host.subid_count(SUBUID, "carol", 1003) == 0
+    assert host.subid_count("alice:1:2:3\nalice:x:y\n", "alice", 1001) == 0  # malformed lines ignored
+    assert host.subid_count("alice:100000:1000\nalice:200000:64536\n", "alice", 1001) == 65536  # ranges add up
 
 
 def test_check_subids_passes_with_a_full_range_in_both_files():
@@ -46,8 +46,8 @@ def test_check_subids_leaves_unreadable_files_to_newuidmap():
 
 
 def test_free_subid_start_is_above_every_range():
-    assert image.free_subid_start([""]) == 100000
-    assert image.free_subid_start([SUBUID, "x:300000:10\n"]) == 300010
+    assert host.free_subid_start([""]) == 100000
+    assert host.free_subid_start([SUBUID, "x:300000:10\n"]) == 300010
 
 
 def test_bootstrap_as_a_normal_user_runs_mmdebstrap_and_imports_its_tarball(monkeypatch, tmp_path):

@@ -24,7 +24,7 @@ LAYERS = {
     "choices": 25, "launch": 27,
     "logs": 25,
     "cleanup": 22,
-    "session_firewall": 20, "cell": 20, "image": 20, "demo": 20, "storage": 20, "host": 20,
+    "session_firewall": 20, "cell": 20, "image": 21, "demo": 21, "storage": 20, "host": 20,
     "mounts": 17,
     "procs": 15, "changes": 15,
     "runtime": 10, "commands": 10, "owner": 10,

@@ -61,6 +61,19 @@ def test_probe_judgement():
     assert "CapEff=None" in doctor.judge_probe({})
 
 
+def test_probe_judgement_where_the_engine_applies_no_cgroup_limits():
+    """Rootless on cgroup v1: pids.max is not the container's; the nproc ulimit must be 4096."""
+    from mino_jupyter import policy
+
+    v1 = policy.EngineFacts(rootless=True, cgroup_limits=False)
+    base = {"CapInh": "0", "CapPrm": "0", "CapEff": "0", "CapBnd": "0", "CapAmb": "0", "NoNewPrivs": "1",
+            "Seccomp": "2", "Uid": "1000", "Userns": "refused", "Root": "read-only", "Pids": "max"}
+    assert doctor.judge_probe({**base, "Nproc": "4096"}, v1) == []
+    assert doctor.judge_probe({**base, "Nproc": "32768"}, v1) == [
+        "no process limit: the engine applies no pids.max and the nproc ulimit is 32768"]
+    assert doctor.judge_probe({**base, "Nproc": "4096"}) == ["pids.max=max"]  # rootful: the cgroup must hold
+
+
 def test_base_plan():
     have_none = lambda ref: False
     assert image.plan_base(offline=True, from_image=None, have=have_none).source == "debootstrap"
@@ -75,3 +88,16 @@ def test_base_image_ref_names_the_version():
     from mino_jupyter import __version__
 
     assert image.base_image_ref() == f"localhost/mino-base:{__version__}"
+
+
+def test_missing_subordinate_ids_are_one_line_with_the_fix(tmp_path):
+    from mino_jupyter import host
+
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text("alice:100000:65536\n")
+    subgid.write_text("someone:165536:65536\n")
+    problem = host.subordinate_ids_problem("alice", 4242, (str(subuid), str(subgid)))
+    assert problem.message == f"user alice has no subordinate ID range in {subgid}, which rootless Podman needs"
+    assert problem.hint.startswith("as root: usermod --add-subuids 231072-296607 --add-subgids 231072-296607 alice")
+    subgid.write_text("4242:100000:65536\n")  # by uid works too
+    assert host.subordinate_ids_problem("alice", 4242, (str(subuid), str(subgid))) is None

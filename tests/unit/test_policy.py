@@ -183,3 +183,79 @@ def test_session_request_fresh_role_and_no_cache():
 def test_labels_refuse_unknown_roles():
     with pytest.raises(ValueError):
         policy.labels("admin", OWNER)
+
+
+# ---------------------------------------------------------------------------- rootless engines
+
+ROOTLESS_V1 = policy.EngineFacts(rootless=True, cgroup_limits=False, cgroup_version="v1")
+ROOTLESS_V2 = policy.EngineFacts(rootless=True, cgroup_limits=True, cgroup_version="v2")
+
+
+def test_rootful_specs_have_no_user_namespace_and_the_usual_nproc():
+    spec = _spec()
+    assert "userns" not in spec
+    assert {r["type"]: r["hard"] for r in spec["r_limits"]}["nproc"] == 32768
+
+
+def test_rootless_session_maps_the_cell_to_the_kernel_user_and_nothing_else_changes():
+    rootful, rootless = _spec(), _spec(engine=ROOTLESS_V2)
+    assert rootless.pop("userns") == {"nsmode": "keep-id", "value": "uid=1000,gid=1000"}
+    assert rootless == rootful  # same hardening; v2 applies the cgroup limits, so nproc stays
+
+
+def test_where_the_engine_ignores_cgroup_limits_the_nproc_ulimit_is_the_process_limit():
+    spec = _spec(engine=ROOTLESS_V1, resources=Resources(pids=300))
+    assert {r["type"]: (r["soft"], r["hard"]) for r in spec["r_limits"]}["nproc"] == (300, 300)
+    assert spec["resource_limits"]["pids"] == {"limit": 300}  # still asked for: an engine that can, applies it
+    # never above the engine's own hard limit
+    low = policy.session_spec(SessionRequest(name="n", image="i", network="none", labels={},
+                                             limits=HostLimits(1024, 200), engine=ROOTLESS_V1))
+    assert {r["type"]: r["hard"] for r in low["r_limits"]}["nproc"] == 200
+
+
+def test_rootless_firewall_is_pinned_to_the_rootless_namespace_without_the_cells_nproc():
+    spec = policy.firewall_spec(name="fw", image="img", target_container="abc", labels={},
+                                limits=HostLimits(20000, 96364), command=("/usr/bin/perl",), engine=ROOTLESS_V1)
+    assert spec["userns"] == {"nsmode": "host"}
+    # it runs as the rootless namespace's root: an nproc of 64 would count all of the user's processes there
+    assert {r["type"]: r["hard"] for r in spec["r_limits"]}["nproc"] == 32768
+    assert "userns" not in policy.firewall_spec(name="fw", image="img", target_container="abc", labels={},
+                                                limits=HostLimits(1, 1), command=("x",))
+
+
+def test_the_inspection_container_uses_the_engines_mapping():
+    spec = policy.inspection_spec(name="i", image="img", labels={}, limits=HostLimits(10, 10), engine=ROOTLESS_V1)
+    assert spec["userns"]["nsmode"] == "keep-id" and spec["user"] == "1000:1000"
+
+
+def test_what_an_engine_cannot_apply_is_named_with_what_holds_instead():
+    assert policy.unenforced(policy.ROOTFUL) == ()
+    v1 = policy.unenforced(ROOTLESS_V1)
+    assert len(v1) == 2
+    assert v1[0].startswith("memory and CPU limits are not applied: rootless Podman on cgroup v1")
+    assert "the 4096-process limit holds through the nproc ulimit" in v1[0]
+    assert v1[1].startswith("the disk limit is not applied")
+    assert policy.unenforced(ROOTLESS_V2) == (v1[1],)
+
+
+def test_no_podman_warning_is_dropped_unless_a_notice_already_names_it():
+    ignored = "Resource limits are not supported and ignored on cgroups V1 rootless systems"
+    other = "Path /x does not exist, cannot mount it"
+    assert policy.unexplained_warnings([ignored, other], ROOTLESS_V1) == [other]
+    # an engine that claims to apply limits but warns: the warning is shown
+    assert policy.unexplained_warnings([ignored], policy.ROOTFUL) == [ignored]
+
+
+@pytest.mark.parametrize("host,expected", [
+    ({"security": {"rootless": False}, "cgroupVersion": "v1"}, policy.ROOTFUL),
+    ({"security": {"rootless": True}, "cgroupVersion": "v1"}, ROOTLESS_V1),
+    ({"security": {"rootless": True}, "cgroupVersion": "v2", "cgroupControllers": ["cpu", "memory", "pids"]},
+     ROOTLESS_V2),
+    ({"security": {"rootless": True}, "cgroupVersion": "v2", "cgroupControllers": ["memory", "pids"]},
+     policy.EngineFacts(rootless=True, cgroup_limits=False, cgroup_version="v2")),
+])
+def test_engine_facts_come_from_its_info(host, expected):
+    from mino_jupyter.runtime import engine_facts
+
+    facts = engine_facts({"host": host})
+    assert (facts.rootless, facts.cgroup_limits) == (expected.rootless, expected.cgroup_limits)
