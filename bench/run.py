@@ -355,6 +355,54 @@ Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on
   is the result, so it stays (twice, briefly, while the pieces are joined).
 """
 
+    # ---------------------------------------------------------------- 9. rootless next to rootful
+    def rootless(self) -> None:
+        """The same cells through a kernel of the rootless test user (scripts/rootless-test.sh
+        prepares it), alternating with this (rootful) kernel."""
+        subprocess.run([str(ROOT / "scripts" / "rootless-test.sh"), "--setup-only"], check=True,
+                       stdout=subprocess.DEVNULL)
+        user = os.environ.get("MINO_ROOTLESS_USER", "mino-ci")
+        home = subprocess.run(["getent", "passwd", user], capture_output=True, text=True, check=True).stdout.split(":")[5]
+        uid = subprocess.run(["id", "-u", user], capture_output=True, text=True, check=True).stdout.strip()
+        worker = subprocess.Popen(
+            ["runuser", "-u", user, "--", "env", "-i", f"HOME={home}", f"USER={user}", "PATH=/usr/local/bin:/usr/bin:/bin",
+             "LANG=C.UTF-8", f"XDG_RUNTIME_DIR=/run/user/{uid}", f"{home}/.mino-venv/bin/python",
+             f"{home}/mino/bench/rootless_worker.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+
+        def ask(line: str) -> float:
+            worker.stdin.write(line + "\n")
+            worker.stdin.flush()
+            return float(worker.stdout.readline())
+
+        k = self.kernel()
+        warm_root, warm_less, start_root, start_less = [], [], [], []
+        try:
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError("the rootless worker did not start; run `make test-rootless` to see why")
+            for _ in range(4):
+                k.ok("%%mino\ntrue")
+            for _ in range(self.pairs):
+                warm_root.append(timed(lambda: k.ok("%%mino\ntrue")))
+                warm_less.append(ask("warm"))
+            for i in range(max(3, self.pairs // 2)):
+                start_root.append(timed(lambda: k.ok(f"%%mino --session s{i}\ntrue")))
+                k.ok(f"%mino stop s{i}")
+                start_less.append(ask(f"start {i}"))
+        finally:
+            if worker.poll() is None:
+                worker.stdin.write("quit\n")
+                worker.stdin.flush()
+                worker.wait(timeout=60)
+            k.shutdown()
+        wr, wl, sr, sl = stats(warm_root), stats(warm_less), stats(start_root), stats(start_less)
+        self.section("9. Rootless next to rootful (same run, alternating)", [
+            "| | rootful (root, this kernel) | rootless (user mino-ci, its own Podman) | ratio |", "|---|---|---|---|",
+            f"| warm cell `%%mino true` | {fmt_ms(wr)} | {fmt_ms(wl)} | {wl['median'] / wr['median']:.2f}× |",
+            f"| session start (first cell, bridge + firewall) | {fmt_ms(sr)} | {fmt_ms(sl)} | "
+            f"{sl['median'] / sr['median']:.2f}× |",
+            "", "Rootless sessions mount their overlays through a helper that joins the engine's namespaces "
+                "(two short processes per start) and have no loop disk to make."])
+
     def write(self, selected: list[str]) -> None:
         podman = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -371,7 +419,7 @@ Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
-ALL = ["warm", "fresh", "allowlist", "latency", "throughput", "shutdown", "concurrent", "containment"]
+ALL = ["warm", "fresh", "allowlist", "latency", "throughput", "shutdown", "concurrent", "containment", "rootless"]
 
 
 def main(argv: list[str]) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
 from . import policy, procs
+from .errors import MinoError
 from .runtime import STDERR, STDOUT, Engine, ExecStream
 
 MAX_ARGV_SCRIPT = 100_000  # bytes; larger scripts are handed over as a file (argv limit is 128 KiB)
@@ -52,6 +53,7 @@ class CellResult:
     timed_out: bool = False
     timeout: float | None = None
     survivors: tuple[procs.Proc, ...] = ()  # what could not be stopped (normally nothing)
+    stopped_everything: bool = False  # the last resort ended earlier cells' processes too
 
 
 def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str, str],
@@ -80,13 +82,13 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
     started = time.monotonic()
     clock = procs.boottime_ticks()
     exec_id = engine.exec_create(container, body)
-    stop = _stopper(engine, exec_id, namespace, cgroup, clock, cell_uid)
+    stop = _stopper(engine, container, exec_id, namespace, cgroup, clock, cell_uid)
     try:
         stream = engine.exec_attach(exec_id)
     except KeyboardInterrupt:  # the process may have started before we saw its stream
         stopped = _guarded(stop)
         return CellResult(exit_code=130, duration=time.monotonic() - started, interrupted=stopped.how,
-                          survivors=stopped.survivors)
+                          survivors=stopped.survivors, stopped_everything=stopped.everything)
     decoders = {STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
                 STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
     deadline = started + timeout if timeout else None
@@ -114,7 +116,8 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
                     pending = 0
                 if deadline is not None and time.monotonic() >= deadline:
                     result.timed_out = True
-                    result.survivors = _guarded(stop).survivors
+                    stopped = _guarded(stop)
+                    result.survivors, result.stopped_everything = stopped.survivors, stopped.everything
                     break
                 continue
             if item is None:
@@ -126,6 +129,7 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
     except KeyboardInterrupt:
         stopped = _guarded(stop)
         result.interrupted, result.survivors = stopped.how, stopped.survivors
+        result.stopped_everything = stopped.everything
     # Whatever was printed before the group died still belongs to this cell.
     _drain(stream, emit)
     for kind, decoder in decoders.items():
@@ -143,12 +147,26 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
     return result
 
 
-def _stopper(engine: Engine, exec_id: str, namespace: str | None, cgroup: str | None,
+def _stopper(engine: Engine, container: str, exec_id: str, namespace: str | None, cgroup: str | None,
              clock: int, cell_uid: int) -> Callable[[], procs.Stopped]:
     def stop() -> procs.Stopped:
         info = engine.exec_inspect(exec_id)
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
-        return procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid)
+        stopped = procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid)
+        if stopped.survivors and cgroup is None and namespace:
+            # No freezer (rootless on cgroup v1) and something kept escaping the sweep: the
+            # kernel's all-at-once kill of the cell's uid, from inside (policy.kill_all_exec).
+            try:
+                engine.exec_run(container, policy.kill_all_exec())
+            except MinoError:
+                return stopped
+            end = time.monotonic() + 2.0
+            left = procs.cell_processes(namespace, clock, uid=cell_uid)
+            while left and time.monotonic() < end:
+                time.sleep(0.02)
+                left = procs.cell_processes(namespace, clock, uid=cell_uid)
+            return procs.Stopped(stopped.signal, tuple(left.values()), everything=True)
+        return stopped
     return stop
 
 

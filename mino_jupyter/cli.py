@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("names", nargs="*", metavar="NAME", help="base, python, node (default: base)")
     how = build.add_mutually_exclusive_group()
     how.add_argument("--offline", action="store_true",
-                     help="build from Debian packages (debootstrap), no container registry needed")
+                     help="build from Debian packages (debootstrap as root, mmdebstrap --mode=unshare "
+                          "without root), no container registry needed")
     how.add_argument("--from", dest="from_image", metavar="IMAGE",
                      help="build on IMAGE (a Debian bookworm image) instead of debian:bookworm-slim")
     build.add_argument("--mirror", default=None, metavar="URL", help="Debian mirror for --offline")

@@ -138,7 +138,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                 host.nameservers(info.get("ResolvConfPath")) if req.plan.mode == "bridge" else ())
             started.firewall = session_firewall.SessionFirewall(
                 engine, session_container=container, plan=req.plan, resolver=resolver, notice=k.notice,
-                hosts_path=info.get("HostsPath"), local=local)
+                hosts_path=info.get("HostsPath"), local=local, files=mounter)
             started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
                                    labels=dict(shape.network_labels), resolved=resolved,
                                    seccomp_profile=facts.seccomp_profile, engine=kind)

@@ -156,6 +156,10 @@ class MinoMagics(Magics):
             shown = ", ".join(f"{p.pid} ({p.command})" for p in result.survivors[:5])
             print(f"mino: {len(result.survivors)} process(es) the cell started could not be stopped: {shown}; "
                   f"`%mino stop {session.name}` removes the container", file=sys.stderr)
+        if result.stopped_everything:
+            print(f"mino: some processes kept changing pid to escape; with no freezer on this engine, every process "
+                  f"of the cell's user in session '{session.name}' was ended, earlier cells' background "
+                  "processes too", file=sys.stderr)
         if result.timed_out:
             stopped = "its processes were stopped" if not result.survivors else "the rest of its processes were stopped"
             print(f"mino: cell timed out after {result.timeout:g} s; {stopped} (exit 124)", file=sys.stderr)

@@ -4,7 +4,8 @@
   this machine's mount namespace, where the rootful engine makes its containers. The cell's uid
   (1000) is uid 1000 here too. Sessions get a size-limited loop disk.
 * :class:`Namespaced` (rootless Podman): the engine makes containers inside the user's rootless
-  user and mount namespaces, so a mount made out here would never reach them. A short helper
+  user and mount namespaces, so a mount made out here would never reach them (and the files it
+  keeps for a container, such as its /etc/hosts, belong to the container's subordinate uids). A short helper
   process (``python -I -m mino_jupyter.mounts``) joins the namespaces of the engine's own API
   service (found through its socket's peer credentials, never through a path a cell could
   write) and mounts there. The cell's uid is the kernel user's own (``keep-id``). There is no
@@ -76,6 +77,22 @@ def _mount_overlay(target: str, lower: str, upper: str, work: str, options: str)
             os.close(fd)
 
 
+def _write_in_place(path: str, text: str) -> str | None:
+    """Replace a file's content without replacing the file (a bind mount follows the inode);
+    never through a link. None on success, else the reason."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.truncate()
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    return None
+
+
 def _unmount(path: str) -> str | None:
     """None when unmounted (or not mounted); a busy mount is detached."""
     if _libc.umount2(os.fsencode(path), UMOUNT_NOFOLLOW) == 0:
@@ -110,6 +127,12 @@ class Local:
 
     def mountpoints(self) -> list[str]:
         return _mountpoints()
+
+    def write_in_place(self, path: str, text: str) -> None:
+        """Rewrite one of the engine's files for a container (its /etc/hosts)."""
+        problem = _write_in_place(path, text)
+        if problem:
+            raise StorageError(f"could not write {problem}")
 
 
 class Namespaced(Local):
@@ -147,6 +170,13 @@ class Namespaced(Local):
 
     def mountpoints(self) -> list[str]:
         return list(self._call("mountpoints").get("mountpoints") or [])
+
+    def write_in_place(self, path: str, text: str) -> None:
+        """The engine's files for a container belong to the container's uids (subordinate ones):
+        written from its user namespace, as the engine itself writes them."""
+        reply = self._call("write", path, text)
+        if reply.get("error"):
+            raise StorageError(f"could not write {reply['error']} in {self.where}")
 
 
 def for_engine(engine) -> Local:
@@ -202,6 +232,8 @@ def _serve(pid: int, op: list[str]) -> dict:
         return {"error": _unmount(args[0])}
     if kind == "mountpoints":
         return {"mountpoints": _mountpoints()}
+    if kind == "write":
+        return {"error": _write_in_place(args[0], args[1])}
     return {"error": f"unknown operation {kind!r}"}
 
 

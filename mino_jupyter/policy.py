@@ -389,6 +389,14 @@ def cell_exec(script: str, *, env: Mapping[str, str], from_file: bool = False) -
     return exec_body(argv, env={**env, "BASH_ENV": ""})
 
 
+def kill_all_exec() -> dict:
+    """The last resort where no freezer stops a cell that keeps changing pid (rootless on cgroup
+    v1): kill(-1) as the cell's uid, which the kernel delivers to every process of that uid in
+    the container's PID namespace at once (a process in the middle of a fork dies with its
+    child). It ends what earlier cells left running too; mino says so."""
+    return exec_body(["/bin/kill", "-KILL", "-1"])  # procps kill: no "--" before -1
+
+
 def probe_exec(script: str) -> dict:
     """A check mino runs in a container of its own (image verification, doctor)."""
     return exec_body([BASH, "--noprofile", "--norc", "-c", script], env={"BASH_ENV": ""})

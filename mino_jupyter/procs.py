@@ -104,6 +104,7 @@ def cell_processes(ns: str, leader_start: int, proc: Path = PROC, uid: int = CEL
 class Stopped:
     signal: str | None  # the strongest signal the group needed: INT, TERM, KILL (None: it was gone)
     survivors: tuple[Proc, ...] = ()
+    everything: bool = False  # every process of the cell's uid was killed (earlier cells' too)
 
     @property
     def how(self) -> str:

@@ -24,7 +24,7 @@ import os
 import time
 from typing import Callable
 
-from . import firewall, policy
+from . import firewall, mounts, policy
 from .errors import FirewallError, MinoError
 from .network import NetworkPlan
 from .runtime import Attached, Engine
@@ -47,12 +47,14 @@ def resolve(plan: NetworkPlan, resolver: firewall.Resolver, notice: Notice,
 class SessionFirewall:
     def __init__(self, engine: Engine, *, session_container: str, plan: NetworkPlan,
                  resolver: firewall.Resolver, notice: Notice, hosts_path: str | None,
-                 local: firewall.LocalNetworks, clock: Callable[[], float] = time.monotonic):
+                 local: firewall.LocalNetworks, clock: Callable[[], float] = time.monotonic,
+                 files: mounts.Local | None = None):
         self.engine = engine
         self.mode = "allowlist" if plan.mode == "allowlist" else "bridge"
         self.local = local
         self.session_container = session_container
         self.hosts_path = hosts_path  # the session's /etc/hosts on this machine (Podman's HostsPath)
+        self.files = files or mounts.Local()  # who may write the engine's files (rootless: in its namespace)
         self.plan = plan
         self.resolver = resolver
         self.notice = notice
@@ -148,16 +150,18 @@ class SessionFirewall:
         if not self.hosts_path:
             raise FirewallError("the engine did not say where the session's /etc/hosts is")
         try:
-            fd = os.open(self.hosts_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.hosts_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+                current = f.read()
         except OSError as exc:
-            raise FirewallError(f"could not open the session's hosts file {self.hosts_path}: {exc.strerror}") from None
-        with os.fdopen(fd, "r+", encoding="utf-8", errors="replace") as f:
-            names = {e.host for e in self.plan.allow if not e.is_ip} | \
-                {n for n, _ in (self.resolved or firewall.Resolved()).hosts}
-            text = firewall.rewrite_hosts(f.read(), names, resolved.hosts)
-            f.seek(0)
-            f.write(text)  # in place: the container's bind mount follows this inode, not the name
-            f.truncate()
+            raise FirewallError(f"could not read the session's hosts file {self.hosts_path}: {exc.strerror}") from None
+        names = {e.host for e in self.plan.allow if not e.is_ip} | \
+            {n for n, _ in (self.resolved or firewall.Resolved()).hosts}
+        try:
+            # in place: the container's bind mount follows this inode, not the name
+            self.files.write_in_place(self.hosts_path, firewall.rewrite_hosts(current, names, resolved.hosts))
+        except MinoError as exc:
+            raise FirewallError(f"could not write the session's hosts file: {exc.message}") from None
 
     def _apply(self, resolved: firewall.Resolved) -> None:
         self._install(resolved)

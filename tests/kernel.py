@@ -20,6 +20,12 @@ class Reply:
     displays: list = field(default_factory=list)
 
     @property
+    def cell_stderr(self) -> str:
+        """stderr without the once-per-kernel notice of what this engine cannot apply (rootless)."""
+        return "".join(line for line in self.stderr.splitlines(keepends=True)
+                       if not line.startswith("mino: on this engine, "))
+
+    @property
     def error_text(self) -> str:
         if not self.error:
             return ""

@@ -170,7 +170,8 @@ def test_removing_an_entry_cuts_a_flow_that_is_already_open(manager, gateway):
         a, b, c = (int(x) for x in out.split())
         assert b == c, f"the session still receives the removed destination's stream: {a} {b} {c}"
         assert stream.sent > sent_before  # the listener kept sending ...
-        assert stream.unacknowledged() >= 5 * 20, stream.unacknowledged()  # ... nothing of the last seconds arrived
+        if not manager.engine.facts().rootless:  # through slirp4netns the listener's peer is slirp4netns
+            assert stream.unacknowledged() >= 5 * 20, stream.unacknowledged()  # ... nothing of the last seconds arrived
     finally:
         stream.close(), spare.close()
 

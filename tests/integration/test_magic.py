@@ -61,15 +61,32 @@ def kernel(engine, base_image, workspace):
     assert _wait_until(lambda: not _containers(engine, **{"io.mino.owner": token}), 15)
 
 
-def test_hardening_seen_from_the_cell(kernel):
-    r = kernel.ok("%%mino\ngrep -E '^(Cap|NoNewPrivs)' /proc/self/status\n"
-                  "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max\nid -u\npwd\n")
+def test_hardening_seen_from_the_cell(kernel, engine):
+    """The process limit is the cgroup's pids.max, or where the engine applies no cgroup limits
+    (rootless on cgroup v1) the nproc ulimit."""
+    limit = ("cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max"
+             if engine.facts().cgroup_limits else "ulimit -u")
+    r = kernel.ok(f"%%mino\ngrep -E '^(Cap|NoNewPrivs)' /proc/self/status\n{limit}\nid -u\npwd\n")
     lines = r.stdout.splitlines()
     fields = dict(line.split(":\t") for line in lines if ":\t" in line)
     for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[cap], 16) == 0, (cap, fields[cap])
     assert fields["NoNewPrivs"] == "1"
     assert lines[-3:] == ["4096", "1000", "/workspace"]
+
+
+FORK_LOOP = ("perl -e 'my @kids; while (1) { my $p = fork; last unless defined $p; "
+             "if (!$p) { sleep 60; exit 0 } push @kids, $p; last if @kids >= 5000 } "
+             "print scalar(@kids), \"\\n\"; kill 9, @kids; 1 while wait != -1'")
+
+
+def test_a_fork_loop_stops_at_the_process_limit(kernel):
+    """A bounded fork loop (it stops by itself at 5,000) hits the 4,096-process limit, whichever
+    way this engine applies it, and the session stays usable."""
+    r = kernel.ok("%%mino --timeout 120\n" + FORK_LOOP)
+    forked = int(r.stdout.split()[-1])
+    assert 4000 <= forked < 4096, r.stdout + r.stderr
+    assert kernel.ok("%%mino\necho still here").stdout.strip() == "still here"
 
 
 def test_container_labels_name_the_owner(kernel, engine):
@@ -88,7 +105,7 @@ def test_container_labels_name_the_owner(kernel, engine):
 def test_stdout_and_stderr_stay_apart(kernel):
     r = kernel.ok("%%mino\necho out-1\necho err-1 >&2\necho out-2\n")
     assert r.stdout == "out-1\nout-2\n"
-    assert r.stderr == "err-1\n"
+    assert r.cell_stderr == "err-1\n"
 
 
 def test_output_streams_while_the_cell_runs(kernel, workspace):
@@ -150,7 +167,7 @@ def test_exit_code_raises_called_process_error(kernel):
 
 def test_out_and_err_capture(kernel):
     r = kernel.ok("%%mino --out o --err e\necho to-out; echo to-err >&2")
-    assert r.stdout == "" and r.stderr == ""
+    assert r.stdout == "" and r.cell_stderr == ""
     r = kernel.ok("print(repr(o), repr(e))")
     assert r.stdout.strip() == "'to-out\\n' 'to-err\\n'"
 
