@@ -176,6 +176,26 @@ def test_opaque_directory_hides_lower_entries(layers):
                                     "d/gone": ("deleted", "dir"), "d/sub/c.csv": ("deleted", "file")}
 
 
+def test_a_rootless_overlay_marks_opaque_directories_in_user_xattrs_and_only_those_count(layers):
+    """Rootless overlays (userxattr) mark a replaced directory with user.overlay.opaque, which
+    only overlayfs can set there. Each kind of overlay is read with its own mark: a rootful
+    upper layer's user.overlay.opaque is something a cell could have set, and means nothing."""
+    from mino_jupyter import mounts
+
+    upper, lower = layers
+    put(lower, "d/kept.csv")
+    put(lower, "e/kept.csv")
+    for name in ("d", "e"):
+        (upper / name).mkdir()
+        os.setxattr(upper / name, "user.overlay.opaque", b"y")
+    put(upper, "e/new.csv")
+    rootless = {c.path: (c.status, c.kind) for c in list_changes(upper, lower, mounts.Namespaced.opaque_xattr)}
+    assert rootless == {"d/kept.csv": ("deleted", "file"), "e/kept.csv": ("deleted", "file"),
+                        "e/new.csv": ("added", "file")}
+    rootful = {c.path: (c.status, c.kind) for c in list_changes(upper, lower, mounts.Local.opaque_xattr)}
+    assert rootful == {"e/new.csv": ("added", "file")}
+
+
 @needs_root
 def test_opaque_directory_without_lower_counterpart(layers):
     upper, lower = layers
