@@ -774,3 +774,4 @@ def test_render():
 ])
 def test_display_path(path, shown):
     assert display_path(path) == shown
+

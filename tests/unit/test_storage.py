@@ -1,0 +1,45 @@
+"""Session storage decisions that need no engine: caches and deletion."""
+
+import os
+from pathlib import Path
+
+
+def test_project_caches_made_for_another_user_namespace_mode_are_made_again(tmp_path):
+    """A cache written under one uid mapping cannot be written under the other (rootful uid
+    1000 vs rootless keep-id): each records the mode it was made for and is remade when it
+    differs, never shared across modes."""
+    from mino_jupyter import storage
+
+    class Rootless:  # the rootless mounter's facts, without an engine
+        loop_disks = False
+        cell_uid = os.geteuid()
+
+    caches, project = tmp_path / "caches", tmp_path / "project"
+    project.mkdir()
+    made = storage.project_caches(caches, project, ("pip",), 1 << 20, Rootless())
+    Path(made["pip"], "wheel.whl").write_text("cached")
+    again = storage.project_caches(caches, project, ("pip",), 1 << 20, Rootless())
+    assert again == made and Path(made["pip"], "wheel.whl").exists()  # same mode: kept
+    root = caches / storage.project_key(project)
+    assert (root / "userns").read_text() == f"cell-uid={os.geteuid()} disk=0"
+    (root / "userns").write_text(storage.LEGACY_CACHE_USERNS)  # as if made rootful
+    remade = storage.project_caches(caches, project, ("pip",), 1 << 20, Rootless())
+    assert remade == made and not Path(made["pip"], "wheel.whl").exists()
+    assert (root / "userns").read_text() == f"cell-uid={os.geteuid()} disk=0"
+
+
+def test_deleting_a_tree_a_cell_made_unreadable_never_follows_its_links(tmp_path):
+    """Without root, rmtree stops at a mode-000 directory; mino makes directories traversable
+    through O_PATH descriptors first, and a link in the tree is never followed."""
+    from mino_jupyter import storage
+
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o500)
+    tree = tmp_path / "tree"
+    (tree / "a" / "locked" / "deep").mkdir(parents=True)
+    (tree / "a" / "locked" / "deep" / "f").write_text("x")
+    os.symlink(outside, tree / "a" / "link")
+    os.chmod(tree / "a" / "locked", 0)
+    storage._make_traversable(tree)
+    assert (outside.stat().st_mode & 0o777) == 0o500  # the link's target is untouched
+    assert storage.remove_tree(tree) and not tree.exists() and outside.is_dir()
