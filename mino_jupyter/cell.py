@@ -153,9 +153,9 @@ def _stopper(engine: Engine, container: str, exec_id: str, namespace: str | None
         info = engine.exec_inspect(exec_id)
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
         stopped = procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid)
-        if stopped.survivors and cgroup is None and namespace:
-            # No freezer (rootless on cgroup v1) and something kept escaping the sweep: the
-            # kernel's all-at-once kill of the cell's uid, from inside (policy.kill_all_exec).
+        if cgroup is None and namespace and (stopped.survivors or procs.still_running(namespace, clock, uid=cell_uid)):
+            # No freezer (rootless on cgroup v1) and something escaped the sweep: the kernel's
+            # all-at-once kill of the cell's uid, from inside (policy.kill_all_exec).
             try:
                 engine.exec_run(container, policy.kill_all_exec())
             except MinoError:
@@ -165,7 +165,7 @@ def _stopper(engine: Engine, container: str, exec_id: str, namespace: str | None
             while left and time.monotonic() < end:
                 time.sleep(0.02)
                 left = procs.cell_processes(namespace, clock, uid=cell_uid)
-            return procs.Stopped(stopped.signal, tuple(left.values()), everything=True)
+            return procs.Stopped(stopped.signal, tuple(left.values()), everything=not left)
         return stopped
     return stop
 

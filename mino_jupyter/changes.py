@@ -174,11 +174,14 @@ def _lstat(dir_fd: int | None, name: str) -> os.stat_result | None:
         return None
 
 
-def _walk_dirs(root: int, parts: Sequence[str], where: str, made: list | None = None) -> int | None:
+def _walk_dirs(root: int, parts: Sequence[str], where: str, made: list | None = None,
+               protected: frozenset = frozenset()) -> int | None:
     """A new fd for the directory `parts` under `root`, one component at a time, never following
-    a symlink. A missing component: created when `made` is a list (and recorded), else None."""
+    a symlink. A missing component: created when `made` is a list (and recorded), else None.
+    `protected`: (device, inode) of directories that are never entered (mino's own)."""
     fd = os.dup(root)
     try:
+        _refuse_protected(fd, protected, [], where)
         for i, name in enumerate(parts):
             try:
                 step = os.open(name, _DIR, dir_fd=fd)
@@ -196,10 +199,19 @@ def _walk_dirs(root: int, parts: Sequence[str], where: str, made: list | None = 
                 raise _Refused(f"{shown} {where} {what}") from None
             os.close(fd)
             fd = step
+            _refuse_protected(fd, protected, parts[:i + 1], where)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _refuse_protected(fd: int, protected: frozenset, parts: Sequence[str], where: str) -> None:
+    if protected:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in protected:
+            raise _Refused(f"{display_path('/'.join(parts)) if parts else 'the directory'} {where} is mino's own "
+                           "state or configuration: nothing a cell wrote is ever applied there")
 
 
 def _open_file(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
@@ -423,7 +435,7 @@ def _read_text(root: Path, path: str, limit: int) -> str | None:
 # ---------------------------------------------------------------------------- applying
 
 def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
-          budget: int | None = None, opaque_xattr: str = OPAQUE_XATTR) -> list[Outcome]:
+          budget: int | None = None, opaque_xattr: str = OPAQUE_XATTR, protected: Sequence[Path] = ()) -> list[Outcome]:
     """Apply changes to the notebook's directory: by default every plain added or modified file;
     with `paths`, the named changes (a directory name: the plain ones under it). Every change
     considered gets one Outcome; one path failing never stops the others.
@@ -431,10 +443,14 @@ def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
     `budget`: at most this many bytes of disk written in the notebook's directory by this call
     (holes in sparse files cost nothing, and stay holes); a file that would go over it is not
     applied, so a cell cannot turn its disk limit into a full disk here (sparse files, hard
-    links to one big file)."""
+    links to one big file).
+
+    `protected`: directories nothing is ever written or deleted in, wherever they sit under the
+    notebook's directory (mino's state and configuration: a notebook opened from the home
+    directory has them below it)."""
     found = list_changes(upper, lower, opaque_xattr)
     chosen = {c.path: "default" for c in found} if paths is None else _select(found, paths)
-    spend = _Budget(budget)
+    spend = _Budget(budget, _identities(protected))
     up = _open_root(upper, "the workspace's upper layer")
     try:
         low = _open_root(lower, "the notebook's directory")
@@ -446,10 +462,22 @@ def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
         os.close(up)
 
 
+def _identities(paths: Sequence[Path]) -> frozenset:
+    found = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return frozenset(found)
+
+
 class _Budget:
-    def __init__(self, limit: int | None):
+    def __init__(self, limit: int | None, protected: frozenset = frozenset()):
         self.limit = limit
         self.spent = 0
+        self.protected = protected  # what apply never enters (see `apply`)
 
     def take(self, size: int, path: str) -> None:
         if self.limit is not None and self.spent + size > self.limit:
@@ -503,7 +531,7 @@ def _apply_one(up: int, low: int, change: Change, how: str, spend: _Budget) -> O
         return Outcome(change.path, False, f"not applied: {reason}")
     try:
         if change.status == "deleted":
-            return Outcome(change.path, True, _delete(low, change.path))
+            return Outcome(change.path, True, _delete(low, change.path, spend.protected))
         return Outcome(change.path, True, _write(up, low, change, how, spend))
     except _Refused as exc:
         return Outcome(change.path, False, f"not applied: {exc}")
@@ -511,9 +539,9 @@ def _apply_one(up: int, low: int, change: Change, how: str, spend: _Budget) -> O
         return Outcome(change.path, False, f"not applied: {exc.strerror or exc}")
 
 
-def _delete(low: int, path: str) -> str:
+def _delete(low: int, path: str, protected: frozenset) -> str:
     parts = path.split("/")
-    parent = _walk_dirs(low, parts[:-1], "in the notebook's directory")
+    parent = _walk_dirs(low, parts[:-1], "in the notebook's directory", protected=protected)
     if parent is None:
         return "already gone from the notebook's directory"
     try:
@@ -549,11 +577,11 @@ def _write(up: int, low: int, change: Change, how: str, spend: _Budget) -> str:
         raise _Refused(f"{risk}; name it to apply it: %mino apply {display_path(change.path)}")
     try:
         spend.take(min(st.st_size, st.st_blocks * 512), change.path)
-        _check_target(low, parts)
+        _check_target(low, parts, spend.protected)
         keep_x = how == "exact" and executable
         made: list = []
         try:
-            parent = _walk_dirs(low, parts[:-1], "in the notebook's directory", made)
+            parent = _walk_dirs(low, parts[:-1], "in the notebook's directory", made, spend.protected)
             try:
                 _replace(parent, parts[-1], src, st.st_size, 0o755 if keep_x else 0o644)
             finally:
@@ -589,10 +617,10 @@ def _open_source(up: int, parts: list[str]) -> tuple[int, os.stat_result]:
     return opened
 
 
-def _check_target(low: int, parts: list[str]) -> None:
-    """Refuse before writing anything: a parent that is a symlink or not a directory, or a
-    target that exists and is not a regular file."""
-    parent = _walk_dirs(low, parts[:-1], "in the notebook's directory")
+def _check_target(low: int, parts: list[str], protected: frozenset = frozenset()) -> None:
+    """Refuse before writing anything: a parent that is a symlink or not a directory (or mino's
+    own), or a target that exists and is not a regular file."""
+    parent = _walk_dirs(low, parts[:-1], "in the notebook's directory", protected=protected)
     if parent is None:
         return
     try:

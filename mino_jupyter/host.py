@@ -79,7 +79,7 @@ def seccomp_profile(state: Path) -> str | None:
         except (OSError, ValueError):
             continue
         target = state / "seccomp" / f"mino-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-        if not target.exists():
+        if _read_no_follow(target) != text:  # made now, or changed since (never trusted by its name)
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = target.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(text)
@@ -87,6 +87,15 @@ def seccomp_profile(state: Path) -> str | None:
             os.replace(tmp, target)
         return str(target)
     return None
+
+
+def _read_no_follow(path: Path) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 @functools.lru_cache(maxsize=4)

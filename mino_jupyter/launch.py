@@ -9,6 +9,7 @@ this machine and the engine, in order, and times each phase (benchmarks read the
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,11 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     workspace, note = policy.workspace_mode(req.workspace, str(req.notebook_dir), req.home)
     if note:
         k.notice(f"mino: {note}")
+    if kind.cell_uid_mapped and _inside(k.state, req.notebook_dir):
+        k.notice_once(f"mino: mino's state directory {k.state} is inside this notebook's directory, and under "
+                      "rootless Podman the cell is you: cells can read it (other sessions' files and logs); "
+                      "`%mino apply` never writes there. Set XDG_STATE_HOME outside the notebooks, or open "
+                      "them from a folder of their own")
     variant = images.variant_of(req.image)
     settings = policy.SessionSettings(image=req.image, workspace=workspace, resources=req.resources,
                                       package_cache=config.merged(req.loaded, "package_cache", True)[0],
@@ -152,6 +158,11 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                 "the image (nft) and the engine") from None
         timer.done("firewall")
     return started
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return real == top or real.startswith(top.rstrip("/") + "/")
 
 
 def with_host_name(resolver: firewall.Resolver, gateways: list[str]) -> firewall.Resolver:

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import policy
 from .errors import MinoError
@@ -136,20 +137,24 @@ class Local:
 
 
 class Namespaced(Local):
-    """Mounts in the rootless engine's user and mount namespaces (those of its API service)."""
+    """Mounts in the rootless engine's user and mount namespaces. `find_pid` names a process in
+    them (asked at every operation: the API service may have restarted since)."""
 
     loop_disks = False
     opaque_xattr = "user.overlay.opaque"  # overlayfs refuses to let anyone set it through the overlay
     overlay_options = USERNS_OVERLAY_OPTIONS
     where = "the rootless engine's namespace"
 
-    def __init__(self, service_pid: int):
-        self.pid = service_pid
+    def __init__(self, find_pid: Callable[[], int | None]):
+        self.find_pid = find_pid
         self.cell_uid = os.geteuid()  # keep-id: the cell's uid 1000 is the kernel's user here
 
     def _call(self, *op: str) -> dict:
+        pid = self.find_pid()
+        if pid is None:
+            return {"error": "no process of the rootless engine found (is its API service running?)"}
         try:
-            done = subprocess.run([sys.executable, "-I", "-m", "mino_jupyter.mounts", str(self.pid)],
+            done = subprocess.run([sys.executable, "-I", "-m", "mino_jupyter.mounts", str(pid)],
                                   input=json.dumps(list(op)), env=HELPER_ENV, capture_output=True, text=True,
                                   cwd="/", timeout=60)
             return json.loads(done.stdout or "{}") or {"error": (done.stderr or "no answer").strip()[-300:]}
@@ -188,12 +193,65 @@ def for_engine(engine) -> Local:
                                "run the kernel as root, or use your own rootless Podman: unset CONTAINER_HOST "
                                "(the README's rootless section)")
         return Local()
-    pid = engine.service_pid()
-    if pid is None:
+    if engine.service_pid() is None:
         raise StorageError(f"the rootless engine at {engine.endpoint.url} is not a local socket: mino mounts "
                            "each session's workspace in the engine's own namespace",
                            "use the local rootless socket (unset CONTAINER_HOST)")
-    return Namespaced(pid)
+    return Namespaced(lambda: engine_namespace_pid(engine))
+
+
+def engine_namespace_pid(engine) -> int | None:
+    """A process in the rootless engine's user and mount namespaces: its API service (the
+    socket's peer), or, when a socket-activating service manager holds the socket, Podman's
+    pause process (its pid file in the runtime directory, which only this user can write)."""
+    pid = engine.service_pid()
+    if pid is not None and _in_child_userns(pid):
+        return pid
+    from .runtime import runtime_dir
+
+    directory, _problem = runtime_dir(os.environ, os.geteuid())
+    try:
+        pause = int(Path(directory, "libpod", "tmp", "pause.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pause if _in_child_userns(pause) else None
+
+
+NS_GET_PARENT, NS_GET_OWNER_UID = 0xB702, 0xB704
+
+
+def _userns_problem(fd: int) -> str | None:
+    """None when the user namespace behind `fd` is the rootless engine's: a child of this
+    machine's initial namespace (ours), owned by us. A container's (keep-id) namespace is a
+    grandchild, so a cell's process can never stand in for the engine."""
+    import array
+    import fcntl as _fcntl
+
+    owner = array.array("I", [0])
+    try:
+        _fcntl.ioctl(fd, NS_GET_OWNER_UID, owner, True)
+        parent = _fcntl.ioctl(fd, NS_GET_PARENT)
+    except OSError as exc:
+        return f"cannot inspect its user namespace: {exc.strerror}"
+    try:
+        if os.fstat(parent).st_ino != os.stat("/proc/self/ns/user").st_ino:
+            return "its user namespace is not a child of this machine's"
+    finally:
+        os.close(parent)
+    if owner[0] != os.getuid():
+        return f"its user namespace belongs to uid {owner[0]}"
+    return None
+
+
+def _in_child_userns(pid: int) -> bool:
+    try:
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return _userns_problem(fd) is None
+    finally:
+        os.close(fd)
 
 
 def for_cleanup(engine) -> Local:
@@ -208,19 +266,21 @@ def for_cleanup(engine) -> Local:
 # ---------------------------------------------------------------------------- the helper
 
 def _join(pid: int) -> None:
-    for name, flag in (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS)):
-        fd = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.setns(fd, flag) != 0:
+    fds = {name: os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in ("user", "mnt")}
+    try:
+        problem = _userns_problem(fds["user"])  # checked on the descriptor that is joined
+        if problem:
+            raise OSError(0, f"process {pid} is not the rootless engine's: {problem}")
+        for name, flag in (("user", CLONE_NEWUSER), ("mnt", CLONE_NEWNS)):
+            if _libc.setns(fds[name], flag) != 0:
                 raise OSError(ctypes.get_errno(), f"cannot join the engine's {name} namespace: "
                                                   f"{os.strerror(ctypes.get_errno())}")
-        finally:
+    finally:
+        for fd in fds.values():
             os.close(fd)
 
 
 def _serve(pid: int, op: list[str]) -> dict:
-    if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-        return {"error": f"process {pid} is not this user's Podman service"}
     try:
         _join(pid)
     except OSError as exc:

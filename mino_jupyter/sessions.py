@@ -32,7 +32,7 @@ from .logs import CellSink, SessionLog
 from .redact import mask
 from .network import NetworkChoice, NetworkPlan, Resolution
 from .owner import Owner, current_owner, owner_alive
-from .paths import logs_dir, state_dir
+from .paths import config_dir, logs_dir, state_dir
 from .runtime import Engine
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
@@ -372,9 +372,13 @@ class SessionManager:
     def apply(self, name: str = DEFAULT_SESSION, paths: list[str] | None = None) -> list[changes.Outcome]:
         store = self._storage_of(name)
         outcomes = changes.apply(store.upper, store.notebook_dir, paths or None, budget=self._budget(name),
-                                 opaque_xattr=store.opaque_xattr)
+                                 opaque_xattr=store.opaque_xattr, protected=self._own_dirs())
         self._changed()
         return outcomes
+
+    def _own_dirs(self) -> list[Path]:
+        """mino's state and configuration: never written by an apply, wherever they sit."""
+        return [self.state, config_dir(self.env)]
 
     def _budget(self, name: str) -> int:
         """What one apply may write next to the notebook: no more than the session's disk could
@@ -387,7 +391,8 @@ class SessionManager:
             return
         store = session.storage
         done = [o.path for o in changes.apply(store.upper, store.notebook_dir, None, budget=self._budget(session.name),
-                                              opaque_xattr=store.opaque_xattr) if o.applied]
+                                              opaque_xattr=store.opaque_xattr, protected=self._own_dirs())
+                if o.applied]
         if done:
             self.notice(f"mino: applied {len(done)} data file(s) (auto_apply): " + ", ".join(done[:10])
                         + (" ..." if len(done) > 10 else ""))

@@ -124,13 +124,14 @@ def remove_tree(path: Path) -> bool:
 
 def _make_traversable(path: Path) -> None:
     """Without root, directories a cell (or overlayfs: its work directory is mode 000) left
-    unreadable stop a deletion: give every directory back to its owner first. Each is opened
-    with O_PATH and O_NOFOLLOW and changed through that descriptor, so a link is never followed
-    and nothing outside the tree is ever changed."""
-    for parent, dirs, _files in os.walk(path):
+    unreadable stop a deletion: give every directory back to its owner first. The tree is walked
+    by descriptor and each directory opened with O_PATH and O_NOFOLLOW relative to its parent's,
+    then changed through that descriptor: no link is ever followed, nothing outside the tree is
+    ever changed."""
+    for _parent, dirs, _files, parent_fd in os.fwalk(path, follow_symlinks=False):
         for name in dirs:
             try:
-                fd = os.open(os.path.join(parent, name), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
             except OSError:
                 continue
             try:
@@ -364,7 +365,10 @@ def image_home(engine, image: str, cache: Path, owner_labels: dict, cell_uid: in
 
 def _home_filter_fallback(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     """`tarfile.tar_filter`'s refusals for Pythons that lack it: no absolute or escaping names,
-    no links that leave the tree, no device files, no setuid or setgid bits."""
+    no hard links to files outside the tree, no device files, no setuid or setgid bits. Symbolic
+    links are kept as they are, as tar_filter keeps them (a venv's `bin/python ->
+    /usr/bin/python3`): they are resolved only inside the container, and mino never follows a
+    link in this tree here."""
     if member.ischr() or member.isblk() or member.isfifo():
         return None
     root = os.path.realpath(dest)
@@ -373,9 +377,6 @@ def _home_filter_fallback(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo
         return os.path.commonpath([root, os.path.realpath(os.path.join(root, name))]) == root
 
     if os.path.isabs(member.name) or not inside(member.name):
-        return None
-    if member.issym() and (os.path.isabs(member.linkname)
-                           or not inside(os.path.join(os.path.dirname(member.name), member.linkname))):
         return None
     if member.islnk() and (os.path.isabs(member.linkname) or not inside(member.linkname)):
         return None

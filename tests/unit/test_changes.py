@@ -775,3 +775,22 @@ def test_render():
 def test_display_path(path, shown):
     assert display_path(path) == shown
 
+
+
+def test_apply_never_writes_into_minos_own_directories(layers):
+    """A notebook opened from the home directory has mino's state below it: a cell that rewrites
+    mino's seccomp profile (plain data by its name) must not get it applied, by default or named."""
+    upper, lower = layers
+    put(lower, "state/mino/seccomp/mino-1.json", '{"defaultAction": "SCMP_ACT_ERRNO"}')
+    put(upper, "state/mino/seccomp/mino-1.json", '{"defaultAction": "SCMP_ACT_ALLOW"}')
+    put(upper, "state/mino/new.csv")
+    put(upper, "results.csv")
+    protected = [lower / "state" / "mino"]
+    for paths in (None, ["state/mino/seccomp/mino-1.json", "state/mino/new.csv"]):
+        outcomes = {o.path: (o.applied, o.message) for o in apply(upper, lower, paths, protected=protected)}
+        assert not outcomes["state/mino/seccomp/mino-1.json"][0]
+        assert "is mino's own state or configuration" in outcomes["state/mino/seccomp/mino-1.json"][1]
+        assert not outcomes["state/mino/new.csv"][0]
+    assert (lower / "state/mino/seccomp/mino-1.json").read_text() == '{"defaultAction": "SCMP_ACT_ERRNO"}'
+    assert not (lower / "state/mino/new.csv").exists()
+    assert (lower / "results.csv").exists()  # everything else applies as before

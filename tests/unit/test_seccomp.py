@@ -246,3 +246,17 @@ def test_not_a_profile_raises_value_error(bad):
 
 def test_default_profile_paths():
     assert seccomp.DEFAULT_PROFILE_PATHS == ("/usr/share/containers/seccomp.json", "/etc/containers/seccomp.json")
+
+
+def test_the_profile_file_is_checked_at_every_use_not_trusted_by_its_name(tmp_path):
+    """A file already at the profile's name is what mino wrote only if its content says so (a cell
+    could have rewritten it, were the state directory ever reachable)."""
+    from mino_jupyter import host
+
+    path = host.seccomp_profile(tmp_path)
+    if path is None:
+        import pytest
+        pytest.skip("no engine default profile on this machine")
+    good = open(path).read()
+    open(path, "w").write(good.replace("SCMP_ACT_ERRNO", "SCMP_ACT_ALLOW"))
+    assert host.seccomp_profile(tmp_path) == path and open(path).read() == good

@@ -43,3 +43,27 @@ def test_deleting_a_tree_a_cell_made_unreadable_never_follows_its_links(tmp_path
     storage._make_traversable(tree)
     assert (outside.stat().st_mode & 0o777) == 0o500  # the link's target is untouched
     assert storage.remove_tree(tree) and not tree.exists() and outside.is_dir()
+
+
+def test_image_home_fallback_filter_keeps_links_and_refuses_what_tar_filter_refuses(tmp_path):
+    """Pythons before 3.11.4 (Debian 12's 3.11.2) have no tarfile filters: mino's own check
+    keeps symbolic links as tar_filter does (a venv's bin/python -> /usr/bin/python3 is resolved
+    only in the container) and refuses devices, escaping names and setuid bits."""
+    import stat
+    import tarfile
+
+    from mino_jupyter import storage
+
+    def member(name, kind=tarfile.REGTYPE, linkname="", mode=0o644):
+        m = tarfile.TarInfo(name)
+        m.type, m.linkname, m.mode = kind, linkname, mode
+        return m
+
+    keep = storage._home_filter_fallback
+    assert keep(member("developer/.venv/bin/python", tarfile.SYMTYPE, "/usr/bin/python3"), str(tmp_path))
+    assert keep(member("developer/x", tarfile.SYMTYPE, "../../etc"), str(tmp_path))
+    assert keep(member("developer/dev", tarfile.CHRTYPE), str(tmp_path)) is None
+    assert keep(member("../escape"), str(tmp_path)) is None
+    assert keep(member("/abs"), str(tmp_path)) is None
+    assert keep(member("developer/h", tarfile.LNKTYPE, "../../etc/shadow"), str(tmp_path)) is None
+    assert keep(member("developer/s", mode=0o4755), str(tmp_path)).mode & stat.S_ISUID == 0
