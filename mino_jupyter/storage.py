@@ -116,7 +116,7 @@ def remove_tree(path: Path) -> bool:
     let the deletion reach what is mounted there). False when something is still mounted."""
     if mounts_under(path):
         return False
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and os.path.isdir(path) and not os.path.islink(path):
         _make_traversable(path)
     shutil.rmtree(path, ignore_errors=True)
     return True

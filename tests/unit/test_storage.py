@@ -67,3 +67,10 @@ def test_image_home_fallback_filter_keeps_links_and_refuses_what_tar_filter_refu
     assert keep(member("/abs"), str(tmp_path)) is None
     assert keep(member("developer/h", tarfile.LNKTYPE, "../../etc/shadow"), str(tmp_path)) is None
     assert keep(member("developer/s", mode=0o4755), str(tmp_path)).mode & stat.S_ISUID == 0
+
+
+def test_deleting_what_is_already_gone_is_fine(tmp_path, monkeypatch):
+    from mino_jupyter import storage
+
+    monkeypatch.setattr(storage.os, "geteuid", lambda: 1000)  # the rootless path, which walks first
+    assert storage.remove_tree(tmp_path / "never-made")
