@@ -166,12 +166,14 @@ def _session_storage(engine: Engine, env) -> Check:
         store = storage.SessionStorage.create(scratch / "session", notebook_dir=lower, mode="overlay",
                                               home_lower=lower, disk_bytes=64 << 20, mounter=mounter)
         ok = store.teardown()
+        left = [m for m in mounter.mountpoints() if m.startswith(str(scratch) + "/")]  # where the engine sees
     except MinoError as exc:
         return Check("session storage", False, exc.message, exc.hint or "")
     finally:
         storage.remove_tree(scratch)
-    if not ok:
-        return Check("session storage", False, "a test disk stayed mounted", "see `findmnt | grep mino`")
+    if not ok or left:
+        return Check("session storage", False, f"a test mount stayed ({', '.join(left) or 'the disk'})",
+                     "see `findmnt | grep mino` (rootless: `podman unshare findmnt | grep mino`)")
     if not mounter.loop_disks:
         return Check("session storage", True, f"an overlay mounted in the rootless engine's namespace and removed "
                      f"in {time.monotonic() - started:.2f} s (overlayfs in a user namespace; no session disk)")

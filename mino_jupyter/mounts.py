@@ -28,6 +28,7 @@ from typing import Callable
 
 from . import policy
 from .errors import MinoError
+from .runtime import runtime_dir
 
 OVERLAY_OPTIONS = "redirect_dir=off,metacopy=off,index=off"
 # Inside a user namespace overlayfs keeps its marks in user.* xattrs (`userxattr`) and refuses
@@ -127,6 +128,7 @@ class Local:
             raise StorageError(f"could not unmount {path}: {problem}")
 
     def mountpoints(self) -> list[str]:
+        """Mount points where the engine makes containers."""
         return _mountpoints()
 
     def write_in_place(self, path: str, text: str) -> None:
@@ -207,8 +209,6 @@ def engine_namespace_pid(engine) -> int | None:
     pid = engine.service_pid()
     if pid is not None and _in_child_userns(pid):
         return pid
-    from .runtime import runtime_dir
-
     directory, _problem = runtime_dir(os.environ, os.geteuid())
     try:
         pause = int(Path(directory, "libpod", "tmp", "pause.pid").read_text().split()[0])
