@@ -33,13 +33,17 @@ class Owner:
 
 
 def process_start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """Field 22 of /proc/<pid>/stat, or None when the process does not exist."""
+    """Field 22 of /proc/<pid>/stat, or None when the process does not exist or has ended: a
+    zombie (state Z, e.g. a SIGKILLed kernel whose parent has not reaped it yet) is dead, though
+    its entry keeps the old start time until the parent waits for it."""
     try:
         raw = (proc / str(pid) / "stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = raw[raw.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[19])
 
 

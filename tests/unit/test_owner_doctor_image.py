@@ -23,6 +23,31 @@ def test_a_live_process_is_alive_until_it_ends():
     assert not owner_alive(labels)
 
 
+def test_a_killed_owner_that_is_still_a_zombie_is_dead():
+    """SIGKILLed, not yet reaped by its parent (a bare KernelManager never waits): /proc still
+    shows the old start time, state Z. The watchdog and the reaper must call it dead."""
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "30"])
+    stat = open(f"/proc/{child.pid}/stat").read()
+    start = stat[stat.rindex(")") + 2:].split()[19]
+    labels = current_owner().labels() | {"io.mino.owner-pid": str(child.pid), "io.mino.owner-start": start}
+    try:
+        assert owner_alive(labels)
+        child.send_signal(signal.SIGKILL)
+        for _ in range(100):  # until the kernel has made it a zombie (we do not wait for it yet)
+            stat = open(f"/proc/{child.pid}/stat").read()
+            if stat[stat.rindex(")") + 2:].split()[0] == "Z":
+                break
+            time.sleep(0.01)
+        assert stat[stat.rindex(")") + 2:].split()[19] == start  # the entry still looks like the owner
+        assert not owner_alive(labels)
+    finally:
+        child.wait()
+
+
 def test_owner_with_reused_pid_is_dead():
     labels = current_owner().labels()
     labels["io.mino.owner-start"] = str(int(labels["io.mino.owner-start"]) + 1)
