@@ -20,6 +20,9 @@ class Parser(argparse.ArgumentParser):
     """argparse that raises a :class:`UsageError` (one line and a hint) instead of exiting."""
 
     def error(self, message: str):
+        suggestion = self._nearest(message)
+        if suggestion:
+            message += f" (did you mean {suggestion}?)"
         if self.prog.startswith("%%"):
             hint = f"`{self.prog}?` shows the options"
         elif self.prog.startswith("%"):
@@ -27,6 +30,24 @@ class Parser(argparse.ArgumentParser):
         else:  # the same parsers serve the mino-jupyter command line
             hint = f"`{self.prog} --help` lists the valid arguments"
         raise UsageError(message, hint)
+
+    def _nearest(self, message: str) -> str | None:
+        """The option or command closest to what was mistyped (`--netwrok` -> `--network`)."""
+        import difflib
+        import re
+
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown and unknown.group(1).startswith("-"):
+            word = unknown.group(1).split("=", 1)[0]
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+            return close[0] if close else None
+        choice = re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            names = [c.strip().strip("'") for c in choice.group(2).split(",")]
+            close = difflib.get_close_matches(choice.group(1), names, n=1, cutoff=0.6)
+            return f"'{close[0]}'" if close else None
+        return None
 
     def exit(self, status=0, message=None):  # --help inside a kernel must not exit it
         if message:
@@ -74,13 +95,13 @@ def cell_parser() -> argparse.ArgumentParser:
 def line_parser() -> argparse.ArgumentParser:
     p = Parser(prog="%mino", add_help=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    sub.add_parser("help", help="this list")
+    sub.add_parser("help", help="the %%mino options and every command")
     sub.add_parser("sessions", help="this kernel's sessions")
     stop = sub.add_parser("stop", help="stop a session (remove its container); its log stays")
-    stop.add_argument("name", nargs="?")
+    stop.add_argument("name", nargs="?", metavar="NAME")
     stop.add_argument("--all", action="store_true")
     logs = sub.add_parser("logs", help="a session's output log")
-    logs.add_argument("name", nargs="?", default=DEFAULT_SESSION)
+    logs.add_argument("name", nargs="?", default=DEFAULT_SESSION, metavar="NAME")
     logs.add_argument("--tail", type=int, metavar="N")
     changes = sub.add_parser("changes", help="what cells wrote in /workspace, not applied yet")
     changes.add_argument("name", nargs="?", default=DEFAULT_SESSION, metavar="SESSION")
@@ -93,7 +114,7 @@ def line_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="show, get, set or unset settings")
     add_config_arguments(cfg)
     trust = sub.add_parser("trust", help="trust the project .mino.toml's current content")
-    trust.add_argument("path", nargs="?")
+    trust.add_argument("path", nargs="?", metavar="PATH")
     sub.add_parser("panel", help="the panel: network picker, sessions, logs")
     return p
 
@@ -103,17 +124,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     sub.add_parser("show", help="every setting, its value and the file it comes from")
     get = sub.add_parser("get", help="one setting")
-    get.add_argument("key")
+    get.add_argument("key", metavar="KEY")
     set_ = sub.add_parser("set", help="set a value (global config; --local: this project)")
-    set_.add_argument("key")
-    set_.add_argument("value")
+    set_.add_argument("key", metavar="KEY")
+    set_.add_argument("value", metavar="VALUE")
     set_.add_argument("--local", action="store_true", help="edit the project .mino.toml")
     unset = sub.add_parser("unset", help="remove a value")
-    unset.add_argument("key")
+    unset.add_argument("key", metavar="KEY")
     unset.add_argument("--local", action="store_true", help="edit the project .mino.toml")
 
 
-def run_config_command(args, *, cwd, env, presets, out=print) -> None:
+def run_config_command(args, *, cwd, env, presets, out=print, kernel=None) -> None:
     """The config commands, for %mino config and mino-jupyter config alike."""
     from . import config
 
@@ -122,6 +143,8 @@ def run_config_command(args, *, cwd, env, presets, out=print) -> None:
         loaded = config.load(cwd, env, presets)
         for warning in loaded.warnings:
             out(warning)
+        for error in loaded.errors:
+            out(f"mino: error: {error.message}\n  fix: {error.hint}")
         rows = config.describe(loaded)
         width = max(len(k) for k, _, _ in rows)
         vwidth = max(len(v) for _, v, _ in rows)
@@ -131,6 +154,10 @@ def run_config_command(args, *, cwd, env, presets, out=print) -> None:
         else:
             out("project file: none applies" + (" (not trusted, no effect: " + ", ".join(map(str, loaded.untrusted))
                                                 + "; `%mino trust PATH` after review)" if loaded.untrusted else ""))
+        if kernel is not None and not kernel.silent:
+            said = ", ".join(f"{k} {v}" for k, v in (("network", kernel.network), ("preset", kernel.preset),
+                                                    ("allow", ",".join(kernel.allow or ()) or None)) if v)
+            out(f"this kernel:  {said} (from {kernel.source}; above both files until the kernel ends)")
         for key, value, source in rows:
             out(f"{key.ljust(width)}  {value.ljust(vwidth)}  {source}")
     elif action == "get":
@@ -164,18 +191,32 @@ def render_sessions(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
-COMMANDS_HELP = """%mino COMMAND
-  sessions                  this kernel's sessions (stopped ones too, until pruned)
-  changes [SESSION]         what cells wrote in /workspace that is not in the notebook's directory yet
-  apply [SESSION] [PATH...] copy it there: plain data by default; code, dotfiles, executables
-                            and deletions only when named
-  stop NAME | --all         stop a session: its container is removed, its log kept
-  logs [NAME] [--tail N]    a session's output (secrets masked); default session: default
-  prune                     forget stopped sessions (and changes not applied); remove what dead kernels left
-  doctor                    check Podman, the API service, the base image and the hardening
-  presets                   network presets: names, descriptions, entries
-  config show | get KEY | set KEY VALUE [--local] | unset KEY [--local]
-                            settings (global file; --local: the project's .mino.toml)
-  trust [PATH]              apply the project .mino.toml's values after reviewing them
-  panel                     network picker, live sessions and logs (widgets)
-%%mino [options]            run the cell in a container; `%%mino --help` lists the options"""
+def _usage_of(parser: argparse.ArgumentParser) -> str:
+    """`NAME ARGS` as a command's own parser spells them (positionals and options)."""
+    usage = " ".join(parser.format_usage().split())  # "usage: PROG ARGS", however it wrapped
+    args = usage[len("usage: ") + len(parser.prog):]
+    return args.replace("[-h]", "").strip()
+
+
+def commands_help() -> str:
+    """Every `%mino` command with its arguments and help, read from the parsers themselves (so
+    it cannot drift from what they accept)."""
+    lines = ["%mino COMMAND"]
+    sub = next(a for a in line_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    for name, parser in sub.choices.items():
+        usage = f"{name} {_usage_of(parser)}".strip()
+        if name == "config":
+            actions = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            usage = "config " + " | ".join(f"{a} {_usage_of(p)}".strip() for a, p in actions.choices.items())
+        text = (helps.get(name) or "").replace("%%", "%")  # argparse help is %-formatted
+        if len(usage) > 26:
+            lines += [f"  {usage}", f"  {'':26}{text}"]
+        else:
+            lines.append(f"  {usage:<26}{text}")
+    return "\n".join(lines)
+
+
+def magic_help() -> str:
+    """What `%%mino?` and `%mino help` show: the cell's options and every command."""
+    return cell_parser().format_help().rstrip() + "\n\n" + commands_help()

@@ -2,8 +2,11 @@
 
 Global: ``$MINO_CONFIG``, else ``$XDG_CONFIG_HOME/mino/config.toml``, else
 ``~/.config/mino/config.toml``. Project: the nearest *trusted* ``.mino.toml`` walking up from the
-notebook's directory. Keys live under ``[container]``. A file that does not parse is reported
-(path, line, column) and ignored, never overwritten.
+notebook's directory. Keys live under ``[container]``. A file that applies but cannot be used as
+written (it does not parse, a key or section is unknown, a value is not valid) is an error that
+names the file and line and what is valid, and no cell runs until it is fixed: running on
+defaults instead would quietly give a cell more than the user wrote down. Such a file is never
+overwritten by mino (values can be fixed with ``config set``; a file that does not parse, by hand).
 
 Edits go through tomlkit and touch only the edited key (comments and formatting elsewhere stay
 byte for byte), under an exclusive lock, written to a temporary file and renamed into place.
@@ -213,54 +216,87 @@ class Loaded:
     project: FileConfig | None  # the nearest trusted project file (None: none applies)
     warnings: tuple[str, ...] = field(default_factory=tuple)
     untrusted: tuple[Path, ...] = ()  # project files found that have no effect until trusted
+    errors: tuple[UsageError, ...] = ()  # what a file that applies says but cannot mean: nothing runs
+
+    def require_usable(self) -> None:
+        """Raise the first error (naming how many more there are): no cell runs on a config file
+        that cannot be used as written."""
+        if self.errors:
+            first = self.errors[0]
+            more = len(self.errors) - 1
+            raise UsageError(first.message + (f" (and {more} more problem(s): `%mino config show` lists them)"
+                                               if more else ""), first.hint)
 
     def explicit_network(self) -> bool:
         """Has the user chosen a network in a file that applies (whatever the value)?"""
         return any(fc is not None and set(fc.values) & NETWORK_KEYS for fc in (self.global_, self.project))
 
 
-def read_file(path: Path) -> tuple[FileConfig | None, list[str]]:
-    """Parse and validate one file. Problems become warnings; the file counts as empty."""
+def read_file(path: Path) -> tuple[FileConfig | None, list[str], list[UsageError]]:
+    """Parse and validate one file: (the file, warnings, errors)."""
     text, problem = _read_regular(path)
     if problem == "missing":
-        return None, []
+        return None, [], []
     if problem:
-        return None, [f"mino: {path} is {problem}; using defaults for it"]
+        return None, [f"mino: {path} is {problem}; using defaults for it"], []
     return parse_text(path, text)
 
 
-def parse_text(path: Path, text: str) -> tuple[FileConfig | None, list[str]]:
-    fc, warnings = _parse_cached(str(path), text)  # every cell reads the files: parse once
-    return fc, list(warnings)
+def parse_text(path: Path, text: str) -> tuple[FileConfig | None, list[str], list[UsageError]]:
+    fc, warnings, errors = _parse_cached(str(path), text)  # every cell reads the files: parse once
+    return fc, list(warnings), list(errors)
 
 
 @functools.lru_cache(maxsize=64)
 def _parse_cached(path_text: str, text: str) -> tuple[FileConfig | None, tuple[str, ...]]:
-    fc, warnings = _parse(Path(path_text), text)
-    return fc, tuple(warnings)
+    fc, warnings, errors = _parse(Path(path_text), text)
+    return fc, tuple(warnings), tuple(errors)
 
 
-def _parse(path: Path, text: str) -> tuple[FileConfig | None, list[str]]:
+SET_HINT = "fix it with `%mino config set KEY VALUE` or `%mino config unset KEY` (--local for the project file)"
+
+
+def _line_of(text: str, key: str, section: str | None) -> int:
+    """The line a key (or, with section None, a table header) is written on; 0 when unsure."""
+    current = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            current = stripped.strip("[] ").strip('"')
+            if section is None and current == key:
+                return number
+            continue
+        name = stripped.split("=", 1)[0].strip().strip('"').strip("'")
+        if "=" in stripped and name == key and current == section:
+            return number
+    return 0
+
+
+def _parse(path: Path, text: str) -> tuple[FileConfig | None, list[str], list[UsageError]]:
     try:
         doc = tomlkit.parse(text).unwrap()
     except ParseError as exc:
         reason = parse_error_text(exc)
-        return None, [f"mino: {path}:{exc.line}:{exc.col}: not valid TOML ({reason}); this file is ignored "
-                      f"and left untouched"]
-    warnings: list[str] = []
+        return None, [], [UsageError(f"{path}:{exc.line}:{exc.col}: not valid TOML ({reason}), so no cell runs "
+                                     "until it is fixed", "edit the file by hand: mino never rewrites a file it "
+                                     "cannot parse")]
+    errors: list[UsageError] = []
     values: dict = {}
     for top in doc:
         if top != SECTION:
-            warnings.append(f'mino: {path}: unknown section or key "{top}" ignored (settings go under [{SECTION}])')
+            line = _line_of(text, top, None) or _line_of(text, top, "")
+            errors.append(UsageError(f'{path}:{line}: unknown section or key "{top}" (settings go under '
+                                     f"[{SECTION}])", f"valid keys: {', '.join(f'{SECTION}.{k}' for k in KEYS)}"))
     section = doc.get(SECTION, {})
     if not isinstance(section, dict):
-        return None, [f"mino: {path}: [{SECTION}] must be a table; this file is ignored"]
+        return None, [], [UsageError(f"{path}: [{SECTION}] must be a table", "edit the file by hand")]
     for key, value in section.items():
         try:
-            values[key] = validate_value(key, value, where=str(path))
+            values[key] = validate_value(key, value)
         except UsageError as exc:
-            warnings.append(f"mino: {exc.message}; ignored")
-    return FileConfig(path, values, text), warnings
+            errors.append(UsageError(f"{path}:{_line_of(text, key, SECTION)}: {exc.message}",
+                                     f"{exc.hint}; {SET_HINT}" if exc.hint else SET_HINT))
+    return FileConfig(path, values, text), [], errors
 
 
 def load(cwd: Path, env: Mapping[str, str] | None = None,
@@ -268,7 +304,7 @@ def load(cwd: Path, env: Mapping[str, str] | None = None,
     """The global file and the nearest trusted project file, validated (see the module doc).
     `presets` is accepted for the callers' convenience; validation needs no presets."""
     warnings: list[str] = []
-    g, w = read_file(global_path(env))
+    g, w, errors = read_file(global_path(env))
     warnings += w
     project, untrusted = None, []
     for pf in project_files(cwd):
@@ -277,15 +313,16 @@ def load(cwd: Path, env: Mapping[str, str] | None = None,
                             "regular files); remove it or replace it with the file itself")
             continue
         if is_trusted(pf.path, pf.text, env):
-            project, w = parse_text(pf.path, pf.text)
+            project, w, e = parse_text(pf.path, pf.text)
             warnings += w
+            errors += e
             break
-        fc, _ = parse_text(pf.path, pf.text)
+        fc, _, _ = parse_text(pf.path, pf.text)
         if fc is None or fc.values:  # an empty file would change nothing anyway
             untrusted.append(pf.path)
             warnings.append(f"mino: {pf.path} is not trusted, so it has no effect; review it, then "
                             f"`%mino trust {pf.path}` (or `mino-jupyter trust {pf.path}`)")
-    return Loaded(g, project, tuple(warnings), untrusted=tuple(untrusted))
+    return Loaded(g, project, tuple(warnings), untrusted=tuple(untrusted), errors=tuple(errors))
 
 
 def network_choice(fc: FileConfig | None, label: str) -> NetworkChoice | None:

@@ -10,12 +10,12 @@ import sys
 from subprocess import CalledProcessError
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from traitlets import Bool, Unicode
+from traitlets import Bool, TraitError, Unicode, observe, validate
 
-from .commands import (COMMANDS_HELP, DEFAULT_SESSION, HelpShown, cell_parser, line_parser, render_sessions,
+from .commands import (DEFAULT_SESSION, HelpShown, cell_parser, line_parser, render_sessions, magic_help,
                        run_config_command)
 from .errors import MinoError, UsageError
-from .network import NetworkChoice
+from .network import MODES, NetworkChoice
 from .runtime import STDERR
 from .sessions import CellOptions, SessionManager
 
@@ -77,19 +77,45 @@ class MinoMagics(Magics):
     workspace_readonly = Bool(False, help="mount the notebook's directory read-only by default").tag(config=True)
 
     def __init__(self, shell, manager: SessionManager | None = None):
+        self.manager = manager or SessionManager()  # before the traits: @observe writes into it
         super().__init__(shell)
-        self.manager = manager or SessionManager()
         self.manager.first_run_hook = self._first_run
+        self._apply_traits(None)
 
-    def _apply_traits(self) -> None:
+    # `%config MinoMagics.network='bogus'` fails when it is set, not at the next cell.
+    @validate("network")
+    def _valid_network(self, proposal):
+        value = proposal["value"]
+        if value and value not in MODES:
+            raise TraitError(f'mino: unknown network mode "{value}" for MinoMagics.network; '
+                             f"valid modes: {', '.join(MODES)} (or '' for none chosen here)")
+        return value
+
+    @validate("network_preset")
+    def _valid_preset(self, proposal):
+        value = proposal["value"]
+        known = self.manager.choices.presets()
+        if value and value not in known:
+            raise TraitError(f'mino: unknown network preset "{value}" for MinoMagics.network_preset; '
+                             f"known presets: {', '.join(sorted(known))}")
+        return value
+
+    # One writer for the kernel-level choice: a trait writes it when it changes (never again at
+    # every cell, which silently undid a later choice made in the panel).
+    @observe("image", "network", "network_preset", "workspace_readonly")
+    def _apply_traits(self, change) -> None:
         choices = self.manager.choices
         choices.image = self.image or None
         choices.workspace = "ro" if self.workspace_readonly else None
+        if change is not None and change["name"] not in ("network", "network_preset"):
+            return
         if self.network or self.network_preset:
             choices.network = NetworkChoice("%config MinoMagics", self.network or None,
-                                                        self.network_preset or None)
+                                            self.network_preset or None)
         elif choices.network is not None and choices.network.source == "%config MinoMagics":
             choices.network = None
+        if change is not None:
+            self.manager.kernel_choice_changed()
 
     def _first_run(self) -> None:
         """No network chosen anywhere yet: offer the picker (interactive) or say so (headless)."""
@@ -107,17 +133,7 @@ class MinoMagics(Magics):
     # -------------------------------------------------------------- the magic
     @line_cell_magic
     def mino(self, line: str, cell: str | None = None):
-        """Run a cell in a hardened container (``%%mino [options]``) or manage sessions (``%mino COMMAND``).
-
-        Cell options: --session NAME, --fresh, --image IMAGE, --timeout SECONDS, -e NAME=VALUE,
-        --secret NAME, --out VAR, --err VAR, --no-raise-error, --network MODE,
-        --network-preset NAME, --network-allow HOST:PORT[,...], --workspace overlay|ro|rw,
-        --readonly-workspace, --memory SIZE, --cpus N, --disk SIZE.
-        ``%%mino --help`` explains each.
-
-        Commands: sessions, changes [SESSION], apply [SESSION] [PATH...], stop NAME|--all,
-        logs [NAME] [--tail N], prune, doctor, presets, config, trust, panel, help.
-        """
+        # The docstring (what `%%mino?` shows) is generated from the parsers: see the end of the class.
         __tracebackhide__ = True
         try:
             if cell is None:
@@ -143,7 +159,6 @@ class MinoMagics(Magics):
         for var in (args.out, args.err):
             if var is not None and not var.isidentifier():
                 raise UsageError(f'--out/--err need a Python variable name, not "{var}"', "e.g. --out result")
-        self._apply_traits()
         sink = _DisplaySink(args.out is not None, args.err is not None)
         try:
             result, session = self.manager.run_cell(cell, opts, sink)
@@ -224,7 +239,7 @@ class MinoMagics(Magics):
         args = line_parser().parse_args(shlex.split(line) or ["help"])
         m = self.manager
         if args.command == "help":
-            print(COMMANDS_HELP)
+            print(magic_help())
         elif args.command == "sessions":
             print(render_sessions(m.rows()))
         elif args.command == "stop":
@@ -261,7 +276,8 @@ class MinoMagics(Magics):
 
             print(presets.render(presets.load(env=m.env)))
         elif args.command == "config":
-            run_config_command(args, cwd=m.cwd(), env=m.env, presets=m.choices.presets())
+            run_config_command(args, cwd=m.cwd(), env=m.env, presets=m.choices.presets(),
+                               kernel=m.choices.network)
         elif args.command == "trust":
             print(m.trust_project(Path(args.path) if args.path else None))
         elif args.command == "panel":
@@ -281,14 +297,51 @@ def interactive_frontend(shell) -> bool:
     return bool(kernel is not None and getattr(kernel, "_allow_stdin", False))
 
 
+# `%%mino?` and `%mino?` show this: the options and every command, from the parsers themselves.
+MinoMagics.mino.__doc__ = magic_help()
+
+
 def _show_mino_error(shell, etype, value, tb, tb_offset=None):
-    """Expected failures: the message and its hint, no traceback (the cell still counts as failed)."""
+    """Expected failures: the message and its hint, no traceback (the cell still counts as failed).
+    A failed cell shows as the CalledProcessError it is (what `%%bash` raises), not as a trace
+    through mino's own code."""
+    if isinstance(value, CellFailed):
+        stb = [f"CalledProcessError: {value}"]
+        shell._showtraceback(CalledProcessError, value, stb)
+        return stb
     stb = [value.render()]
     shell._showtraceback(etype, value, stb)
     return stb
 
 
 _loaded: dict[int, MinoMagics] = {}
+_previous_exc: dict[int, tuple] = {}  # the custom exception display that was there before mino
+
+
+def _install_exception_display(ipython) -> None:
+    """IPython keeps one custom exception display per shell: mino's handles its own errors and
+    hands every other listed exception to the display that was there before it."""
+    before_types, before_handler = tuple(ipython.custom_exceptions), getattr(ipython, "CustomTB", None)
+    _previous_exc[id(ipython)] = (before_types, before_handler)
+    mine = (MinoError, CellFailed)
+
+    def show(shell, etype, value, tb, tb_offset=None):
+        if isinstance(value, mine):
+            return _show_mino_error(shell, etype, value, tb, tb_offset)
+        return before_handler(etype, value, tb, tb_offset=tb_offset)  # IPython bound it to the shell
+
+    ipython.set_custom_exc(tuple(dict.fromkeys(before_types + mine)), show)
+    _previous_exc[id(ipython)] += (ipython.CustomTB,)  # what IPython installed for us: recognised on unload
+
+
+def _remove_exception_display(ipython) -> None:
+    """Put back what was there before, only if mino's display is still the one installed."""
+    before_types, before_handler, ours = _previous_exc.pop(id(ipython), ((), None, None))
+    if ours is not None and getattr(ipython, "CustomTB", None) is ours:
+        if before_types and before_handler is not None:
+            ipython.custom_exceptions, ipython.CustomTB = before_types, before_handler
+        else:
+            ipython.set_custom_exc((), None)
 
 
 def load_ipython_extension(ipython) -> None:
@@ -296,7 +349,7 @@ def load_ipython_extension(ipython) -> None:
         return
     magics = MinoMagics(ipython)
     ipython.register_magics(magics)
-    ipython.set_custom_exc((MinoError,), _show_mino_error)
+    _install_exception_display(ipython)
     _loaded[id(ipython)] = magics
     magics.manager.start_background_reap()
 
@@ -306,7 +359,7 @@ def unload_ipython_extension(ipython) -> None:
     if magics is None:
         return
     magics.manager.shutdown()
-    ipython.set_custom_exc((), None)
+    _remove_exception_display(ipython)
     del ipython.magics_manager.magics["line"]["mino"]
     del ipython.magics_manager.magics["cell"]["mino"]
 

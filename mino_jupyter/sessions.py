@@ -167,6 +167,7 @@ class SessionManager:
         presets = choices.presets()  # read once per cell, for the files and the plan
         loaded = choices.settings(presets)
         choices.warn_once(loaded)
+        loaded.require_usable()  # a config file that cannot be used as written: nothing runs
         first_run = (not choices.first_run_done and opts.network.silent and choices.network is None
                      and not loaded.explicit_network() and opts.session not in self.sessions)
         with self._lock:
@@ -402,14 +403,27 @@ class SessionManager:
         """Save a network choice (scope "session": this kernel, "project" or "global"). The
         default session restarts at its next cell when its network differs from the new choice."""
         message = self.choices.remember_network(mode, preset, scope, allow)
-        current = self.sessions.get(DEFAULT_SESSION)
-        if current is not None and current.state != "stopped":
-            wanted = self.choices.plan(NetworkChoice("cell flags"), None, self.choices.settings()).plan
-            if wanted != current.plan:
-                self.stop(DEFAULT_SESSION)
-                message += "; the default session restarts with it at the next cell"
+        if self._follow_kernel_choice():
+            message += "; the default session restarts with it at the next cell"
         self._changed()
         return message
+
+    def kernel_choice_changed(self) -> None:
+        """The kernel-level choice changed outside the panel (`%config MinoMagics.network`)."""
+        if self._follow_kernel_choice():
+            self.notice("mino: the default session restarts with the new network at the next cell")
+        self._changed()
+
+    def _follow_kernel_choice(self) -> bool:
+        """Stop the default session when its network is not what a new cell would now get."""
+        current = self.sessions.get(DEFAULT_SESSION)
+        if current is None or current.state == "stopped":
+            return False
+        wanted = self.choices.plan(NetworkChoice("cell flags"), None, self.choices.settings()).plan
+        if wanted == current.plan:
+            return False
+        self.stop(DEFAULT_SESSION)
+        return True
 
     def trust_project(self, path: Path | None = None) -> str:
         message = self.choices.trust_project(path)

@@ -241,7 +241,7 @@ class Panel:
             from .config import read_file, toml_value
 
             path = loaded.untrusted[0]
-            fc, _ = read_file(path)
+            fc, _, _ = read_file(path)
             values = ", ".join(f"{k} = {toml_value(v)}" for k, v in (fc.values if fc else {}).items())
             button = w.Button(description="trust", button_style="warning")
             button.on_click(lambda _b: self._guard(lambda: self.m.trust_project(path)))

@@ -77,15 +77,52 @@ def test_broken_toml_is_reported_with_its_line_and_left_alone(kernel, home):
     broken = '[container]\nnetwork = "none\n'
     (project / ".mino.toml").write_text(broken)
     kernel.ok(f"%mino trust {project / '.mino.toml'}")  # trusted, then read: its errors are shown
-    r = kernel.ok("%%mino\necho ran")
-    assert r.stdout == "ran\n"
+    r = kernel.execute("%%mino\necho ran")
+    assert r.error and r.stdout == ""  # nothing ran: not on defaults either
     assert f"mino: {project / '.mino.toml'}:2:" in r.stderr and "not valid TOML" in r.stderr
     r = kernel.execute("%mino config set network host --local")
     assert r.error and "mino will not rewrite it" in r.error_text
     assert (project / ".mino.toml").read_text() == broken
 
 
+def test_a_config_value_that_cannot_be_used_runs_nothing_until_fixed(kernel, home, engine):
+    """The seed's strictness: `network = "nnone"` is an error naming the file, line and valid
+    values; no container starts; `config set` fixes it and the next cell runs with it."""
+    project, env = home
+    path = Path(env["MINO_CONFIG"])
+    path.write_text('[container]\nnetwork = "nnone"\n')
+    before = {c["Id"] for c in engine.list({"io.mino.managed": "true"})}
+    r = kernel.execute("%%mino\necho ran")
+    assert r.error and r.stdout == ""
+    assert f'mino: {path}:2: unknown network mode "nnone"' in r.stderr
+    assert "valid modes: bridge, host, none, allowlist" in r.stderr
+    assert {c["Id"] for c in engine.list({"io.mino.managed": "true"})} == before  # nothing started
+    assert path.read_text() == '[container]\nnetwork = "nnone"\n'  # and nothing rewritten
+    shown = kernel.ok("%mino config show").stdout
+    assert f'mino: error: {path}:2: unknown network mode "nnone"' in shown
+    kernel.ok("%mino config set network none")
+    r = kernel.ok(f"%%mino\n{NETNS}; ip -o link | grep -c -v ' lo:' || true")
+    assert r.stdout.split()[-1] == "0"  # none: no interface but loopback
+
+
 NETNS = "readlink /proc/self/ns/net"  # the network namespace's identity
+
+
+def test_percent_config_is_checked_when_set_and_has_one_writer(kernel, home):
+    """`%config MinoMagics.network='bogus'` fails at once; a valid value shows in `config show`;
+    a later choice made for this kernel (the panel's "apply to this session") is not silently
+    replaced by the %config value at the next cell."""
+    r = kernel.execute("%config MinoMagics.network = 'bogus'")
+    assert r.error and 'unknown network mode "bogus" for MinoMagics.network' in r.error_text
+    assert "valid modes: bridge, host, none, allowlist" in r.error_text
+    r = kernel.execute("%config MinoMagics.network_preset = 'nope'")
+    assert r.error and 'unknown network preset "nope"' in r.error_text
+    kernel.ok("%config MinoMagics.network = 'host'")
+    assert "this kernel:  network host (from %config MinoMagics" in kernel.ok("%mino config show").stdout
+    kernel.ok("from mino_jupyter.magics import current_manager as _cm\n"
+              "print(_cm(get_ipython()).remember_network('none', None, 'session'))")  # what the panel does
+    r = kernel.ok("%%mino\nip -o link | grep -c -v ' lo:' || true")
+    assert r.stdout.split()[-1] == "0"  # none, as chosen last: not host again
 
 
 def _in_host_namespace(reply) -> bool:
@@ -147,5 +184,6 @@ def test_traitlets_defaults(kernel):
     r = kernel.ok("%%mino\nip -o -4 addr show | wc -l")
     assert r.stdout.strip() == "1"
     r = kernel.execute('%config MinoMagics.network = "sideways"\n')
-    r = kernel.execute("%%mino --session s2\ntrue")
-    assert r.error and 'unknown network mode "sideways" (%config MinoMagics)' in r.error_text
+    assert r.error and 'unknown network mode "sideways" for MinoMagics.network' in r.error_text  # at once
+    r = kernel.ok("%%mino --session s2\nip -o -4 addr show | wc -l")
+    assert r.stdout.strip() == "1"  # the last valid value still holds

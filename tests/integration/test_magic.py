@@ -154,11 +154,29 @@ def test_decoding_is_incremental_and_forgiving(kernel):
     assert lines[4] == "no newline"
 
 
+def test_unloading_keeps_other_extensions_exception_display(engine, base_image, workspace):
+    """IPython keeps one custom exception display per shell: mino's must hand others' exceptions
+    to the display that was there before it, and put that one back when unloaded."""
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
+    try:
+        k.ok("class Other(Exception):\n    pass\n"
+             "get_ipython().set_custom_exc((Other,), lambda shell, et, ev, tb, tb_offset=None: "
+             "print('other display') or ['shown by the other display'])")
+        k.ok("%load_ext mino_jupyter")
+        assert "other display" in k.execute("raise Other()").stdout  # while mino is loaded
+        assert "mino: unrecognized arguments: --bogus" in k.execute("%%mino --bogus\ntrue").error_text
+        k.ok("%unload_ext mino_jupyter")
+        assert "other display" in k.execute("raise Other()").stdout  # and after
+    finally:
+        k.shutdown()
+
+
 def test_exit_code_raises_called_process_error(kernel):
     r = kernel.execute("%%mino\necho before; exit 42")
     assert r.stdout == "before\n"
-    assert r.error["ename"] == "CellFailed"
+    assert r.error["ename"] == "CalledProcessError"
     assert "exit status 42" in r.error["evalue"]
+    assert "magics.py" not in r.error_text and "Traceback" not in r.error_text  # no trace through mino
     r = kernel.ok("import subprocess\ntry:\n    get_ipython().run_cell_magic('mino', '', 'exit 42')\n"
                   "except subprocess.CalledProcessError as e:\n    print('caught', e.returncode)")
     assert r.stdout.strip() == "caught 42"
@@ -187,7 +205,7 @@ def test_interrupt_stops_the_whole_process_group(kernel, workspace):
     # Background jobs of a non-interactive shell ignore SIGINT: TERM had to follow.
     assert "Process was terminated." in r.stdout
     assert "never" not in r.stdout
-    assert r.error and r.error["ename"] == "CellFailed" and "terminated" in r.error["evalue"]
+    assert r.error and r.error["ename"] == "CalledProcessError" and "terminated" in r.error["evalue"]
     size = ticks.stat().st_size
     time.sleep(0.6)
     assert ticks.stat().st_size == size, "the background ticker is still running"
@@ -203,14 +221,14 @@ def test_interrupt_of_a_plain_foreground_command(kernel):
 
     r = kernel.execute("%%mino\necho started; sleep 100; echo never\n", on_stream=on_stream, timeout=60)
     assert r.stdout == "started\nProcess was interrupted.\n"
-    assert r.error["ename"] == "CellFailed" and "exit status 130 (interrupted)" in r.error["evalue"]
+    assert r.error["ename"] == "CalledProcessError" and "exit status 130 (interrupted)" in r.error["evalue"]
 
 
 def test_timeout_kills_the_group_and_says_so(kernel):
     r = kernel.execute("%%mino --timeout 1\n(sleep 50; echo bg) & echo started; sleep 60; echo never")
     assert r.stdout.startswith("started\n") and "never" not in r.stdout
     assert "timed out after 1 s" in r.stderr
-    assert r.error["ename"] == "CellFailed" and "124" in r.error["evalue"] and "timed out after 1 s" in r.error["evalue"]
+    assert r.error["ename"] == "CalledProcessError" and "124" in r.error["evalue"] and "timed out after 1 s" in r.error["evalue"]
     r = kernel.ok("%%mino\nps -eo args | grep -c '^sleep [56]0' || true")
     assert r.stdout.strip() == "0"
 

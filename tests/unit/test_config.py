@@ -95,22 +95,51 @@ def test_broken_toml_is_reported_with_line_and_never_rewritten(tmp_path, env):
     path.parent.mkdir(parents=True)
     path.write_text('[container]\nnetwork = "none"\nimage = \n')
     loaded = config.load(tmp_path, env)
-    assert loaded.global_ is None  # falls back to defaults for that file
-    assert loaded.warnings[0].startswith(f"mino: {path}:3:")
-    assert "not valid TOML" in loaded.warnings[0] and "left untouched" in loaded.warnings[0]
+    assert loaded.global_ is None
+    (error,) = loaded.errors  # nothing runs on it: not on defaults either
+    assert error.message.startswith(f"{path}:3:") and "not valid TOML" in error.message
+    assert "no cell runs until it is fixed" in error.message and "never rewrites" in error.hint
+    with pytest.raises(UsageError):
+        loaded.require_usable()
     with pytest.raises(UsageError) as e:
         config.set_key("network", "bridge", local=False, cwd=tmp_path, env=env)
     assert "mino will not rewrite it" in e.value.message
     assert path.read_text() == '[container]\nnetwork = "none"\nimage = \n'
 
 
-def test_unknown_keys_are_reported(tmp_path, env):
+def test_unknown_keys_are_errors_with_their_lines(tmp_path, env):
+    """A typo'd key would otherwise run cells on the default network instead of the one written."""
     path = Path(config.global_path(env))
     path.parent.mkdir(parents=True)
-    path.write_text('[container]\nnetwrk = "none"\n[extra]\n')
-    warnings = config.load(tmp_path, env).warnings
-    assert any('unknown section or key "extra"' in w for w in warnings)
-    assert any('unknown config key "netwrk"' in w for w in warnings)
+    path.write_text('# mine\n[container]\nnetwrk = "none"\n[extra]\n')
+    loaded = config.load(tmp_path, env)
+    messages = [e.message for e in loaded.errors]
+    assert f'{path}:4: unknown section or key "extra" (settings go under [container])' in messages
+    assert f'{path}:3: unknown config key "netwrk"' in messages
+    with pytest.raises(UsageError) as e:
+        loaded.require_usable()
+    assert "and 1 more problem(s): `%mino config show` lists them" in e.value.message
+
+
+@pytest.mark.parametrize("line,message,valid", [
+    ('network = "nnone"', 'unknown network mode "nnone"', "valid modes: bridge, host, none, allowlist"),
+    ('pids_limit = 0', "container.pids_limit must be between 1 and 4096, not 0", ""),
+    ('memory = "lots"', 'container.memory must be a size like "4g" or "512m", not "lots"', ""),
+    ('workspace = "shared"', 'unknown workspace mode "shared"', "valid modes: overlay, ro, rw"),
+])
+def test_a_value_that_cannot_be_used_stops_everything_and_names_file_line_and_valid_values(
+        tmp_path, env, line, message, valid):
+    """The seed refuses to run on `network = "nnone"`; dropping the value with a warning would run
+    the cell on bridge, more than the user wrote down."""
+    path = Path(config.global_path(env))
+    path.parent.mkdir(parents=True)
+    path.write_text(f'[container]\nimage = "base"\n{line}\n')
+    loaded = config.load(tmp_path, env)
+    with pytest.raises(UsageError) as e:
+        loaded.require_usable()
+    assert e.value.message == f"{path}:3: {message}"
+    assert valid in e.value.hint and "%mino config set KEY VALUE" in e.value.hint
+    assert loaded.global_.values == {"image": "base"}  # the usable rest is still read (config show)
 
 
 def _writer(args):
