@@ -77,6 +77,81 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
             control.remove_control(file_name)
 
 
+class Lines:
+    """Keeps lines whole and in the order they were begun, across stdout and stderr.
+
+    The engine delivers each stream as it reads it, in chunks: a line written in two pieces to
+    stderr can arrive split around a whole line of stdout (`ls /nonexistent || echo after` showed
+    `ls:`, `after`, `cannot access ...`). Here a line is shown once it is complete, and a complete
+    line waits while a line of the other stream that began before it is still incomplete. A
+    piece without its end (a prompt, a progress bar) is shown after HOLD seconds without more, so
+    nothing waits for long. Pure: the caller passes the time.
+    """
+
+    HOLD = 0.1
+    LONGEST = 64 * 1024
+
+    def __init__(self):
+        self.partial: dict[int, tuple[float, float, str]] = {}  # stream -> (began, last byte, text)
+        self.complete: list[tuple[float, int, int, str]] = []  # (began, order, stream, text)
+        self.order = 0
+
+    def feed(self, stream: int, text: str, now: float) -> list[tuple[int, str]]:
+        began, _last, buffered = self.partial.pop(stream, (now, now, ""))
+        text = buffered + text
+        cut = max(text.rfind("\n"), text.rfind("\r"))  # \r ends a progress bar's line
+        if cut >= 0:  # whole lines, up to the last end: one piece (output can be large)
+            self.complete.append((began, self.order, stream, text[:cut + 1]))
+            self.order += 1
+            text, began = text[cut + 1:], now
+        if len(text) >= self.LONGEST:  # a line that never ends is shown in pieces, not kept
+            self.complete.append((began, self.order, stream, text))
+            self.order += 1
+        elif text:
+            self.partial[stream] = (began, now, text)
+        return self._release()
+
+    def due(self, now: float) -> list[tuple[int, str]]:
+        """Pieces that waited HOLD seconds for their end: shown as they are."""
+        for stream, (began, last, text) in list(self.partial.items()):
+            if now - last >= self.HOLD:
+                del self.partial[stream]
+                self.complete.append((began, self.order, stream, text))
+                self.order += 1
+        return self._release()
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until `due` has something to show (None: nothing is held)."""
+        if not self.partial:
+            return None
+        return max(0.0, min(last for _b, last, _t in self.partial.values()) + self.HOLD - now)
+
+    def flush(self) -> list[tuple[int, str]]:
+        for stream, (began, _last, text) in list(self.partial.items()):
+            self.complete.append((began, self.order, stream, text))
+            self.order += 1
+        self.partial.clear()
+        return self._release()
+
+    def _release(self) -> list[tuple[int, str]]:
+        self.complete.sort()
+        blocker = min((began for began, _l, _t in self.partial.values()), default=None)
+        out, keep = [], []
+        for item in self.complete:
+            if blocker is None or item[0] < blocker:
+                out.append((item[2], item[3]))
+            else:
+                keep.append(item)
+        self.complete = keep
+        merged: list[tuple[int, str]] = []
+        for stream, text in out:  # one write per run of the same stream
+            if merged and merged[-1][0] == stream:
+                merged[-1] = (stream, merged[-1][1] + text)
+            else:
+                merged.append((stream, text))
+        return merged
+
+
 def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float | None,
          namespace: str | None, cgroup: str | None, cell_uid: int) -> CellResult:
     started = time.monotonic()
@@ -94,23 +169,33 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
     deadline = started + timeout if timeout else None
     result = CellResult(exit_code=-1, duration=0.0, timeout=timeout)
     pending = 0
+    lines = Lines()
 
-    def emit(kind: int, payload: bytes) -> None:
+    def show(parts: list[tuple[int, str]]) -> None:
         nonlocal pending
-        text = decoders[kind].decode(payload)
-        if text:
+        for kind, text in parts:
             sink.write(kind, text)
             pending += len(text)
             if pending >= FLUSH_BYTES:
                 sink.flush()
                 pending = 0
 
+    def emit(kind: int, payload: bytes) -> None:
+        text = decoders[kind].decode(payload)
+        if text:
+            show(lines.feed(kind, text, time.monotonic()))
+
     try:
         while True:
-            wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+            now = time.monotonic()
+            held = lines.wait(now)
+            wait = 0.25 if held is None else min(0.25, held)
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - now))
             try:
                 item = stream.get(timeout=wait)
             except queue.Empty:
+                show(lines.due(time.monotonic()))
                 if pending:
                     sink.flush()
                     pending = 0
@@ -123,6 +208,7 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
             if item is None:
                 break
             emit(*item)
+            show(lines.due(time.monotonic()))
             if pending and stream.idle():  # nothing more right now: show it
                 sink.flush()
                 pending = 0
@@ -135,7 +221,8 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
     for kind, decoder in decoders.items():
         tail = decoder.decode(b"", final=True)
         if tail:
-            sink.write(kind, tail)
+            show(lines.feed(kind, tail, time.monotonic()))
+    show(lines.flush())
     sink.flush()
     code = stream.exit_code(wait=2.0)
     stream.close()

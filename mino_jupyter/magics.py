@@ -49,12 +49,16 @@ class _DisplaySink:
     def __init__(self, capture_out: bool, capture_err: bool):
         self.captured = {1: [] if capture_out else None, 2: [] if capture_err else None}
         self.recorded = {1: 0, 2: 0}
+        self.last: int | None = None
 
     def write(self, stream: int, text: str) -> None:
         target = self.captured[stream]
         if target is not None:
             target.append(text)
             return
+        if self.last is not None and self.last != stream:  # the kernel sends each stream on its own
+            (sys.stderr if self.last == STDERR else sys.stdout).flush()  # timer: keep their order
+        self.last = stream
         out = sys.stderr if stream == STDERR else sys.stdout
         if self.recorded[stream] < self.HISTORY_LIMIT:
             self.recorded[stream] += len(text)

@@ -108,6 +108,22 @@ def test_stdout_and_stderr_stay_apart(kernel):
     assert r.cell_stderr == "err-1\n"
 
 
+def test_lines_stay_whole_and_in_the_order_they_were_written(kernel):
+    """ls writes its error in two pieces; the engine reads stdout and stderr apart. What `%%bash`
+    shows, mino shows: the whole error line, then `after`; and many interleaved writers never
+    split a line."""
+    for _ in range(5):
+        r = kernel.execute("%%mino --no-raise-error\nls /nonexistent || echo after")
+        shown = [(name, text) for _t, name, text in r.streams if not text.startswith("mino: ")]
+        assert [(n, t) for n, t in shown] == [
+            ("stderr", "ls: cannot access '/nonexistent': No such file or directory\n"), ("stdout", "after\n")], shown
+    r = kernel.ok("%%mino\nfor i in $(seq 200); do printf 'out-%s-' $i; echo tail; printf 'err-%s-' $i >&2; "
+                  "echo tail >&2; done")
+    assert r.stdout.splitlines() == [f"out-{i}-tail" for i in range(1, 201)]
+    assert [line for line in r.stderr.splitlines() if not line.startswith("mino: ")] == [
+        f"err-{i}-tail" for i in range(1, 201)]
+
+
 def test_output_streams_while_the_cell_runs(kernel, workspace):
     """The cell waits for a file the test creates only after it has seen the first line."""
     kernel.ok("%%mino\ntrue")
