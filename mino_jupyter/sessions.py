@@ -66,7 +66,8 @@ class Session:
     resources: policy.Resources = policy.Resources()
     container_id: str | None = None
     state: str = "starting"  # starting | idle | running | stopped
-    cells_run: int = 0
+    cells_run: int = 0  # in this container
+    cell_base: int = 0  # cells of this name's earlier containers: the log's numbers go on from there
     last_exit: int | None = None
     started_at: float = field(default_factory=time.time)
     stopped_at: float | None = None
@@ -227,11 +228,13 @@ class SessionManager:
             state=self.state, storage_dir=self.storage_dir,
             firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
             before_container=self.cleanup.ensure_watchdog, shown=self._shown))
+        previous = self.sessions.get(name)  # a restarted session goes on in the same log: so do its numbers
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh, log_path=self.log_dir / f"{name}.log",
                           workspace=started.workspace, resources=resources, container_id=started.container,
                           storage=started.storage, firewall=started.firewall, namespace=started.namespace,
                           cgroup=started.cgroup, cell_uid=started.cell_uid, oom_kills=started.oom_kills,
-                          startup=started.phases, state="idle")
+                          startup=started.phases, state="idle",
+                          cell_base=previous.cell_base + previous.cells_run if previous is not None else 0)
         self.sessions[name] = session
         if plan.mode == "host":
             self.notice(f"mino: session '{name}' uses the host network: cells reach everything this "
@@ -271,7 +274,7 @@ class SessionManager:
         env = {**opts.env, **opts.secrets}
         log = SessionLog(session.log_path)
         session.cells_run += 1
-        log.cell_start(session.cells_run, script, secrets)
+        log.cell_start(session.cell_base + session.cells_run, script, secrets)
         cell_sink = CellSink(sink, log, secrets)
         session.state = "running"
         self._changed()

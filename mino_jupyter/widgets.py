@@ -286,10 +286,11 @@ class Panel:
         return f"applied {applied} of {len(paths)} to the notebook's directory"
 
     def show_logs(self, name: str) -> str:
+        """The log below the table; the status line only says so (not the log again, run together)."""
         text = self.m.logs(name, tail=40)
         self.logs.value = (f"<b>logs of {_text(name)}</b> (last 40 lines)"
                            f"<pre style='max-height:20em;overflow:auto'>{_text(text)}</pre>")
-        return text
+        return f"the last 40 lines of session '{name}' are shown above"
 
     def _stop(self, name: str) -> str:
         self.m.stop(name)

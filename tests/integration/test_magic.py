@@ -124,6 +124,14 @@ def test_lines_stay_whole_and_in_the_order_they_were_written(kernel):
         f"err-{i}-tail" for i in range(1, 201)]
 
 
+def test_a_restarted_session_numbers_its_cells_on_in_the_same_log(kernel):
+    kernel.ok("%%mino\necho one")
+    kernel.ok("%mino stop default")
+    kernel.ok("%%mino\necho two")
+    log = kernel.ok("%mino logs default").stdout
+    assert log.count("=== cell 1") == 1 and "=== cell 2" in log, log
+
+
 def test_output_streams_while_the_cell_runs(kernel, workspace):
     """The cell waits for a file the test creates only after it has seen the first line."""
     kernel.ok("%%mino\ntrue")

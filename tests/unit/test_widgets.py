@@ -137,6 +137,7 @@ def test_panel_sessions_table_logs_and_summary(manager):
     assert not buttons[5].disabled  # its changes can still be applied
     buttons[0].click()
     assert "hello from default" in p.logs.value
+    assert "hello from default" not in p.status.value  # shown once, not again in the status line
     assert p.summary() == ("mino panel: next cell network bridge; sessions: default (idle, bridge, 2 cells); "
                            "old (stopped, bridge, 2 cells)")
     assert p._repr_mimebundle_()["text/plain"] == p.summary()
