@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -59,10 +60,11 @@ class CellResult:
 def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str, str],
                sink: Sink, timeout: float | None = None, control: ControlFiles | None = None,
                namespace: str | None = None, cgroup: str | None = None,
-               cell_uid: int = policy.CELL_UID) -> CellResult:
+               cell_uid: int = policy.CELL_UID, cancel: threading.Event | None = None) -> CellResult:
     """Run `script` with bash in `container`; stream output to `sink` as it arrives.
     `namespace`, `cgroup`, `cell_uid`: the container's PID namespace, its own cgroup and the
-    cell's uid as seen from here (for stopping)."""
+    cell's uid as seen from here (for stopping). `cancel`: set from another thread, it stops the
+    cell as an interrupt does (`%mino kill` of a background cell)."""
     data = script.encode("utf-8", "surrogateescape")
     file_name = None
     if len(data) > MAX_ARGV_SCRIPT and control is not None:
@@ -71,7 +73,7 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
     else:
         body = policy.cell_exec(script, env=env)
     try:
-        return _run(engine, container, body, sink, timeout, namespace, cgroup, cell_uid)
+        return _run(engine, container, body, sink, timeout, namespace, cgroup, cell_uid, cancel)
     finally:
         if file_name:
             control.remove_control(file_name)
@@ -153,7 +155,8 @@ class Lines:
 
 
 def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float | None,
-         namespace: str | None, cgroup: str | None, cell_uid: int) -> CellResult:
+         namespace: str | None, cgroup: str | None, cell_uid: int,
+         cancel: threading.Event | None = None) -> CellResult:
     started = time.monotonic()
     clock = procs.boottime_ticks()
     exec_id = engine.exec_create(container, body)
@@ -187,6 +190,8 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
 
     try:
         while True:
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt  # `%mino kill`: stopped as an interrupt stops a cell
             now = time.monotonic()
             held = lines.wait(now)
             wait = 0.25 if held is None else min(0.25, held)

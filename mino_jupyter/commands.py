@@ -65,6 +65,10 @@ def cell_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", default=DEFAULT_SESSION, metavar="NAME",
                    help="session (container) to run in; created on first use (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="a one-shot container, removed right after the cell")
+    p.add_argument("--bg", action="store_true",
+                   help="run the cell in the background: the kernel goes on at once; --out/--err VAR fill in when "
+                        "it ends (otherwise its output goes to the session's log); %%mino jobs lists, "
+                        "%%mino kill stops")
     p.add_argument("--image", metavar="IMAGE", help="image for a new session (default: the mino base image)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="kill the cell's processes after SECONDS (exit 124)")
@@ -108,6 +112,10 @@ def line_parser() -> argparse.ArgumentParser:
     apply = sub.add_parser("apply", help="copy what cells wrote into the notebook's directory")
     apply.add_argument("items", nargs="*", metavar="[SESSION] PATH")
     apply.add_argument("--session", metavar="NAME", help="the session (default: default)")
+    sub.add_parser("jobs", help="background cells (%%%%mino --bg): running and finished")
+    kill = sub.add_parser("kill", help="stop background cells")
+    kill.add_argument("jobs", nargs="*", type=int, metavar="JOB")
+    kill.add_argument("--all", action="store_true")
     sub.add_parser("prune", help="forget stopped sessions; remove containers of dead kernels")
     sub.add_parser("doctor", help="check Podman, the service, the image, the hardening")
     sub.add_parser("presets", help="network presets: names, descriptions, entries")
@@ -187,6 +195,17 @@ def render_sessions(rows: list[dict]) -> str:
     table = [headers] + [(r["name"], r["container"] or "-", r["image"], r["network"], str(r["cells"]),
                           r["state"], "-" if r["last_exit"] is None else str(r["last_exit"]),
                           _fmt_time(r["started"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+def render_jobs(jobs: list) -> str:
+    """`%mino jobs`: the kernel's background cells (`mino_jupyter.sessions.Job`)."""
+    if not jobs:
+        return "no background jobs in this kernel (`%%mino --bg` starts one)"
+    headers = ("job", "session", "state", "started", "command")
+    table = [headers] + [(str(j.number), j.session, j.state + (f": {j.error}" if j.error else ""),
+                          _fmt_time(j.started_at), j.command) for j in jobs]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 

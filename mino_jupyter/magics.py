@@ -12,7 +12,7 @@ from subprocess import CalledProcessError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import Bool, TraitError, Unicode, observe, validate
 
-from .commands import (DEFAULT_SESSION, HelpShown, cell_parser, line_parser, render_sessions, magic_help,
+from .commands import (DEFAULT_SESSION, HelpShown, cell_parser, line_parser, magic_help, render_jobs, render_sessions,
                        run_config_command)
 from .errors import MinoError, UsageError
 from .network import MODES, NetworkChoice
@@ -69,6 +69,21 @@ class _DisplaySink:
     def flush(self) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+class _BackgroundSink:
+    """A background cell's output: kept for its --out/--err variables, otherwise dropped here
+    (the session's log has it; shown, it would land in whatever cell runs at that moment)."""
+
+    def __init__(self, capture_out: bool, capture_err: bool):
+        self.captured = {1: [] if capture_out else None, 2: [] if capture_err else None}
+
+    def write(self, stream: int, text: str) -> None:
+        if self.captured[stream] is not None:
+            self.captured[stream].append(text)
+
+    def flush(self) -> None:
+        pass
 
 
 @magics_class
@@ -163,6 +178,8 @@ class MinoMagics(Magics):
         for var in (args.out, args.err):
             if var is not None and not var.isidentifier():
                 raise UsageError(f'--out/--err need a Python variable name, not "{var}"', "e.g. --out result")
+        if args.bg:
+            return self._background(cell, opts, args.out, args.err)
         sink = _DisplaySink(args.out is not None, args.err is not None)
         try:
             result, session = self.manager.run_cell(cell, opts, sink)
@@ -191,6 +208,25 @@ class MinoMagics(Magics):
         elif result.exit_code != 0 and args.raise_error:
             raise CellFailed(result.exit_code, cell)
         return None
+
+    def _background(self, cell: str, opts: CellOptions, out: str | None, err: str | None) -> None:
+        """`%%mino --bg`: IPython's `--bg` habit. Nothing is shown from a background cell (it
+        would land in whatever cell runs then): --out/--err VAR fill in when it ends; otherwise
+        its output is in the session's log."""
+        sink = _BackgroundSink(out is not None, err is not None)
+        user_ns = self.shell.user_ns
+
+        def done(job) -> None:
+            if out is not None:
+                user_ns[out] = "".join(sink.captured[1])
+            if err is not None:
+                user_ns[err] = "".join(sink.captured[2])
+
+        job = self.manager.start_background(cell, opts, sink, done)
+        where = " and ".join(f"--{name} {var}" for name, var in (("out", out), ("err", err)) if var)
+        print(f"mino: background job {job.number} started in session '{job.session}'; its output "
+              + (f"fills {where} when it ends" if where else f"goes to `%mino logs {job.session}`")
+              + f"; `%mino jobs` lists it, `%mino kill {job.number}` stops it")
 
     def _show_changes(self, name: str) -> None:
         from .changes import render
@@ -246,6 +282,14 @@ class MinoMagics(Magics):
             print(magic_help())
         elif args.command == "sessions":
             print(render_sessions(m.rows()))
+        elif args.command == "jobs":
+            print(render_jobs(list(m.jobs.values())))
+        elif args.command == "kill":
+            if args.all == bool(args.jobs):
+                raise UsageError("say which background jobs to stop, or --all", "e.g. %mino kill 1; `%mino jobs` lists them")
+            killed = m.kill_jobs(None if args.all else args.jobs)
+            print(f"stopped {len(killed)} background job(s)" + (": " + ", ".join(str(j.number) for j in killed)
+                                                                 if killed else ""))
         elif args.command == "stop":
             if args.all == bool(args.name):
                 raise UsageError("say which session to stop, or --all", "e.g. %mino stop default")

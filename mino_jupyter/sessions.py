@@ -11,6 +11,7 @@ output.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import re
 import sys
@@ -53,6 +54,31 @@ class CellOptions:
     memory: str | None = None  # limits for a new session, e.g. "4g"
     cpus: str | None = None
     disk: str | None = None
+    cancel: threading.Event | None = None  # set: the cell stops as if interrupted (`%mino kill`)
+
+
+@dataclass
+class Job:
+    """A background cell (`%%mino --bg`): it runs on in its session while the kernel goes on."""
+
+    number: int
+    session: str
+    command: str  # the cell's first line, for `%mino jobs`
+    started_at: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    result: CellResult | None = None
+    error: str | None = None  # what stopped it before it ran, or the engine's failure
+
+    @property
+    def state(self) -> str:
+        if self.error is not None:
+            return "failed"
+        if self.result is None:
+            return "running"
+        if self.result.interrupted:
+            return "killed"
+        return "timed out" if self.result.timed_out else f"exit {self.result.exit_code}"
 
 
 @dataclass
@@ -126,6 +152,8 @@ class SessionManager:
         self._lock = threading.RLock()
         self._fresh_count = 0
         self._shown: set[str] = set()  # once-per-kernel notices (what this engine cannot apply)
+        self.jobs: dict[int, Job] = {}  # background cells (`%%mino --bg`), by number
+        self._job_count = 0
         self._closed = False
         self.log_dir = logs_dir(env) / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.owner.token}"
         self.listeners: list[Callable[[], None]] = []  # called when sessions change (the panel)
@@ -153,6 +181,61 @@ class SessionManager:
 
     # ------------------------------------------------------------------ cells
     def run_cell(self, script: str, opts: CellOptions, sink: Sink) -> tuple[CellResult, Session]:
+        session, loaded = self._prepare(opts)
+        result = self._run_in(session, script, opts, sink)
+        if session.storage is not None and config.merged(loaded, "auto_apply", False)[0]:
+            self._auto_apply(session)
+        return result, session
+
+    def start_background(self, script: str, opts: CellOptions, sink: Sink,
+                         done: Callable[[Job], None] | None = None) -> Job:
+        """Start a cell that runs on in its session (`%%mino --bg`): the session is made (or
+        checked) now, so a bad option fails here; the cell then runs on a thread of its own, is
+        logged like any cell and ends with its session (or `kill_jobs`)."""
+        job = Job(number=self._job_count + 1, session=opts.session, command=(script.strip().splitlines() or [""])[0][:60],
+                  started_at=time.time())
+        opts = dataclasses.replace(opts, cancel=job.cancel)
+        session, loaded = self._prepare(opts)
+        self._job_count += 1
+        job.session = session.name
+
+        def run() -> None:
+            try:
+                job.result = self._run_in(session, script, opts, sink)
+                if session.storage is not None and config.merged(loaded, "auto_apply", False)[0]:
+                    self._auto_apply(session)
+            except Exception as exc:  # noqa: BLE001 - a thread's failure is the job's state
+                job.error = getattr(exc, "message", None) or str(exc)
+            finally:
+                if done is not None:
+                    done(job)
+                self._changed()
+
+        job.thread = threading.Thread(target=run, name=f"mino-job-{job.number}", daemon=True)
+        self.jobs[job.number] = job
+        job.thread.start()
+        return job
+
+    def kill_jobs(self, numbers: list[int] | None = None, wait: float = 10.0) -> list[Job]:
+        """Stop background cells (all running ones when `numbers` is None); they end as an
+        interrupted cell does. Returns the jobs that were running."""
+        if numbers is not None:
+            unknown = [n for n in numbers if n not in self.jobs]
+            if unknown:
+                raise UsageError(f"no background job {unknown[0]} in this kernel",
+                                 "`%mino jobs` lists them" + (f": {', '.join(map(str, self.jobs))}" if self.jobs else ""))
+        chosen = [j for n, j in self.jobs.items() if (numbers is None or n in numbers) and j.state == "running"]
+        for job in chosen:
+            job.cancel.set()
+        end = time.monotonic() + wait
+        for job in chosen:
+            if job.thread is not None:
+                job.thread.join(max(0.0, end - time.monotonic()))
+        return chosen
+
+    def _prepare(self, opts: CellOptions) -> tuple[Session, config.Loaded]:
+        """Everything before a cell runs: its options checked, its network decided, its session
+        found or started."""
         if self._closed:
             raise MinoError("mino has been unloaded in this kernel", "%load_ext mino_jupyter again")
         if not opts.fresh and not SESSION_NAME.match(opts.session):
@@ -196,10 +279,7 @@ class SessionManager:
                     self.first_run_hook()
             if session.firewall is not None and session.firewall.due():
                 self._guard_firewall(session, session.firewall.refresh)
-        result = self._run_in(session, script, opts, sink)
-        if session.storage is not None and config.merged(loaded, "auto_apply", False)[0]:
-            self._auto_apply(session)
-        return result, session
+        return session, loaded
 
     def _check_compatible(self, s: Session, plan: NetworkPlan, image: str, opts: CellOptions) -> None:
         hint = (f"use --session NEW_NAME or --fresh for a different set-up, or `%mino stop {s.name}` first")
@@ -282,7 +362,7 @@ class SessionManager:
             try:
                 result = run_script(self.engine, session.container_id, script, env=env, sink=cell_sink,
                                     timeout=opts.timeout, control=session.storage, namespace=session.namespace,
-                                    cgroup=session.cgroup, cell_uid=session.cell_uid)
+                                    cgroup=session.cgroup, cell_uid=session.cell_uid, cancel=opts.cancel)
             except MinoError:
                 session.state = "idle"
                 gone = self._container_gone(session)
@@ -511,6 +591,8 @@ class SessionManager:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
+        for job in self.jobs.values():  # background cells end with the kernel (their containers go next)
+            job.cancel.set()
         if self.cleanup.shutdown(self._engine):
             for s in self.sessions.values():
                 if s.state != "stopped":

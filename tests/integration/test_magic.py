@@ -132,6 +132,49 @@ def test_a_restarted_session_numbers_its_cells_on_in_the_same_log(kernel):
     assert log.count("=== cell 1") == 1 and "=== cell 2" in log, log
 
 
+def _until(kernel, expression: str, timeout: float = 30) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = kernel.ok(f"print(repr({expression}))").stdout.strip()
+        if out not in ("None", "'missing'"):
+            return out
+        time.sleep(0.2)
+    raise AssertionError(f"{expression} never filled in")
+
+
+@pytest.mark.parametrize("flags,script,expected", [
+    ("--out output", "echo 'hi'", {"output": "'hi\\n'"}),  # IPython's test_script_bg_out, in mino's form
+    ("--err error", "echo 'hello' >&2", {"error": "'hello\\n'"}),  # test_script_bg_err
+    ("--out output --err error", "echo 'hi'; echo 'hello' >&2",  # test_script_bg_out_err
+     {"output": "'hi\\n'", "error": "'hello\\n'"}),
+])
+def test_bg_returns_at_once_and_fills_its_variables_when_it_ends(kernel, flags, script, expected):
+    started = time.monotonic()
+    r = kernel.ok(f"%%mino --bg {flags}\nsleep 1; {script}")
+    assert time.monotonic() - started < 1.0 + 5  # the kernel did not wait for the sleep (start included)
+    assert "background job 1 started in session 'default'" in r.stdout
+    for name, value in expected.items():
+        assert _until(kernel, f"globals().get({name!r}, 'missing')") == value
+
+
+def test_bg_jobs_are_listed_killed_logged_and_end_with_the_kernel(kernel, engine):
+    kernel.ok("%%mino --bg\necho started; sleep 300")
+    kernel.ok("%%mino --bg --out quick\necho done")
+    assert _until(kernel, "globals().get('quick', 'missing')") == "'done\\n'"
+    jobs = kernel.ok("%mino jobs").stdout
+    assert "1    default  running" in jobs and "2    default  exit 0" in jobs, jobs
+    assert kernel.ok("%%mino\necho foreground").stdout == "foreground\n"  # the session is free meanwhile
+    r = kernel.ok("%mino kill 1")
+    assert r.stdout.strip() == "stopped 1 background job(s): 1"
+    assert "1    default  killed" in kernel.ok("%mino jobs").stdout
+    assert "started" in kernel.ok("%mino logs default").stdout  # logged like any cell
+    r = kernel.ok("%%mino\nps -eo args | grep -c '[s]leep 300' || true")
+    assert r.stdout.strip() == "0"  # its processes are gone
+    assert "no background job 9" in kernel.execute("%mino kill 9").error_text
+    kernel.ok("%%mino --bg\nsleep 300")  # still running when the kernel shuts down: the fixture checks
+                                         # that no container is left
+
+
 def test_output_streams_while_the_cell_runs(kernel, workspace):
     """The cell waits for a file the test creates only after it has seen the first line."""
     kernel.ok("%%mino\ntrue")
