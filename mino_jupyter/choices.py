@@ -2,7 +2,7 @@
 
 One :class:`Choices` per kernel. It reads the configuration (the global file and the nearest
 trusted project file, :mod:`config`), the presets, and the kernel-level choices
-(``%config MinoMagics.*``, the first-run picker's "for this session"), and answers: which
+(``%config MinoMagics.*``, the first-run picker's "for this kernel"), and answers: which
 network plan (decided by :mod:`network`), which image, which workspace mode, which limits. It
 also saves choices to files (the picker, the panel) and trusts project files. It starts nothing.
 """
@@ -31,7 +31,7 @@ class Choices:
         self.env = env
         self.state = state  # where sessions' disks live (their free space bounds the disk limit)
         self.notice = notice
-        # Kernel-level choices: %config MinoMagics.*, the picker's "for this session".
+        # Kernel-level choices: %config MinoMagics.*, the picker's "for this kernel".
         self.network: NetworkChoice | None = None
         self.image: str | None = None
         self.workspace: str | None = None

@@ -3,7 +3,7 @@
 Pure: plain values in, a :class:`NetworkPlan` and warnings out. No Podman, no IPython.
 
 Layers, highest first: the cell's flags, the session's remembered choice, the kernel's choice
-(``%config MinoMagics.network``/``network_preset``, or "remember for this session" in the
+(``%config MinoMagics.network``/``network_preset``, or "remember for this kernel" in the
 first-run picker), the project ``.mino.toml``, the global config, the default (bridge). The highest layer that says anything
 about the network decides it completely; lower layers are not mixed in. Within one layer:
 

@@ -498,12 +498,18 @@ class SessionManager:
         self._changed()
 
     def _follow_kernel_choice(self) -> bool:
-        """Stop the default session when its network is not what a new cell would now get."""
+        """Bring the default session to what a new cell would now get, as cell flags would: the
+        same mode with other allow entries changes its rules live (its processes and /tmp stay);
+        another mode stops it, to restart at the next cell (True)."""
         current = self.sessions.get(DEFAULT_SESSION)
         if current is None or current.state == "stopped":
             return False
         wanted = self.choices.plan(NetworkChoice("cell flags"), None, self.choices.settings()).plan
         if wanted == current.plan:
+            return False
+        if wanted.mode == current.plan.mode and current.firewall is not None:
+            with self._lock:
+                self._replan(current, wanted)
             return False
         self.stop(DEFAULT_SESSION)
         return True

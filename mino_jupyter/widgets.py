@@ -18,14 +18,15 @@ from .network import MODE_MEANINGS, MODES, parse_allow_entry
 
 # (label, (mode, preset)) in the order the picker shows them.
 PICKER_CHOICES = [
-    ("Bridge (recommended)", ("bridge", None), MODE_MEANINGS["bridge"]),
+    ("Bridge", ("bridge", None), MODE_MEANINGS["bridge"]),
     ("Host", ("host", None), MODE_MEANINGS["host"]),
     ("Allowlist: dev", ("allowlist", "dev"),
      "only code hosting, package registries and AI APIs (the dev preset)"),
     ("Allowlist: registries", ("allowlist", "registries"), "only the package registries (npm, crates.io, PyPI)"),
     ("None", ("none", None), MODE_MEANINGS["none"]),
 ]
-SCOPES = [("for this session", "session"), ("for this project (.mino.toml)", "project"),
+# "session" inside mino is this kernel's choice: the word for containers stays with the table.
+SCOPES = [("for this kernel", "session"), ("for this project (.mino.toml)", "project"),
           ("for all projects (global)", "global")]
 
 
@@ -44,7 +45,9 @@ class NetworkPicker:
         self.buttons = [w.Button(description=text, tooltip=f"remember {text}") for text, _ in SCOPES]
         for button, (_, scope) in zip(self.buttons, SCOPES):
             button.on_click(lambda _b, scope=scope: self.save(scope))
-        self.status = w.HTML("This cell ran with <b>bridge</b>. Pick a network and remember it:")
+        self.status = w.HTML("This cell ran with <b>bridge</b>. Each choice says what a cell may reach; "
+                             "pick one and remember it:")
+        self.chosen: str | None = None
         self.view = w.VBox([self.status, self.choice, w.HBox([w.Label("Remember:"), *self.buttons])])
 
     def save(self, scope: str) -> str:
@@ -55,6 +58,7 @@ class NetworkPicker:
             self.status.value = f"<span style='color:#b00'>{_text(exc.message)}</span>"
             return exc.message
         self.status.value = _text(message)
+        self.chosen = message
         for button in self.buttons:
             button.disabled = True
         self.choice.disabled = True
@@ -62,7 +66,8 @@ class NetworkPicker:
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.view._repr_mimebundle_(**kwargs)
-        bundle["text/plain"] = ("mino network picker (bridge now; choices: "
+        bundle["text/plain"] = (f"mino network picker: {self.chosen}" if self.chosen else
+                                "mino network picker (this cell ran with bridge; choices: "
                                 + ", ".join(label for label, _, _ in PICKER_CHOICES) + ")")
         return bundle
 
@@ -104,7 +109,7 @@ class Panel:
         self.allow_errors = w.HTML()
         self.mode_note = w.HTML()
         wide = w.Layout(width="auto")
-        self.apply_button = w.Button(description="apply to this session", layout=wide)
+        self.apply_button = w.Button(description="apply to this kernel", layout=wide)
         self.save_project = w.Button(description="save for this project", layout=wide)
         self.save_global = w.Button(description="save globally", layout=wide)
         self.apply_button.on_click(lambda _: self.save("session"))

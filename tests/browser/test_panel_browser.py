@@ -137,7 +137,7 @@ def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):
             expect(mode).to_have_value("allowlist")  # choosing a preset means an allowlist
             expect(panel).to_contain_text("pypi.org:443", timeout=10_000)  # the preset's preview
             panel.locator(".widget-textarea textarea").fill(entry)
-            panel.get_by_role("button", name="apply to this session").click()
+            panel.get_by_role("button", name="apply to this kernel").click()
             expect(panel).to_contain_text("saved for this kernel", timeout=20_000)
             expect(panel).to_contain_text("allowlist (registries +1)", timeout=10_000)
             _shot(page, "2-allowlist-applied")

@@ -110,7 +110,7 @@ NETNS = "readlink /proc/self/ns/net"  # the network namespace's identity
 
 def test_percent_config_is_checked_when_set_and_has_one_writer(kernel, home):
     """`%config MinoMagics.network='bogus'` fails at once; a valid value shows in `config show`;
-    a later choice made for this kernel (the panel's "apply to this session") is not silently
+    a later choice made for this kernel (the panel's "apply to this kernel") is not silently
     replaced by the %config value at the next cell."""
     r = kernel.execute("%config MinoMagics.network = 'bogus'")  # IPython's %config logs the error
     assert 'mino: unknown network mode "bogus" for MinoMagics.network' in r.stderr

@@ -243,7 +243,7 @@ def test_planted_helpers_never_run_for_mino(engine, base_image, notebook, tmp_pa
         k.ok(f"%%mino --network-allow {gateway}:9\n{plant}")
         tmp = _session_path(k, "tmp")
         # every path where mino acts on the session: allowlist changes by flag, by the panel's
-        # "apply to this session", a re-resolution, an interrupt, a timeout, a stop.
+        # "apply to this kernel", a re-resolution, an interrupt, a timeout, a stop.
         k.ok(f"%%mino --network-allow {gateway}:10\n/bin/true")
         k.ok("import mino_jupyter.session_firewall as _f; _f.RESOLVE_REFRESH = 0.0")
         k.ok("%%mino\n/bin/true")

@@ -227,6 +227,25 @@ def test_changing_a_sessions_allowlist_replaces_its_rules(manager, gateway):
         a.close(), b.close()
 
 
+def test_the_panels_apply_changes_entries_live_as_cell_flags_do(manager, gateway):
+    """"apply to this kernel" with only other allow entries: the rules change in place; the
+    container, its processes and its /tmp stay (a file there was lost when it restarted)."""
+    a, b = TcpListener(gateway), TcpListener(gateway)
+    try:
+        manager.remember_network("allowlist", None, "session", (f"{gateway}:{a.port}",))
+        run(manager, "echo kept > /tmp/state")
+        container = manager.sessions["default"].container_id
+        message = manager.remember_network("allowlist", None, "session", (f"{gateway}:{b.port}",))
+        assert "restarts" not in message
+        code, out, _ = run(manager, f"cat /tmp/state; {CURL} http://{gateway}:{b.port}/; echo; "
+                                    f"{CURL} http://{gateway}:{a.port}/; echo \" exit=$?\"")
+        assert manager.sessions["default"].container_id == container
+        assert out.splitlines()[:2] == ["kept", "200"] and b.hits == 1
+        assert out.splitlines()[2].endswith("exit=7") and a.hits == 0
+    finally:
+        a.close(), b.close()
+
+
 def test_re_resolution_updates_rules_and_hosts(engine, base_image, gateway, tmp_path, monkeypatch):
     """A name's answers change between cells: rules and /etc/hosts follow, from outside."""
     if engine.facts().rootless:

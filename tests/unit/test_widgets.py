@@ -25,11 +25,11 @@ def manager(tmp_path):
 def test_picker_offers_the_five_choices_with_bridge_selected(manager):
     picker = NetworkPicker(manager.remember_network)
     labels = [label for label, _ in picker.choice.options]
-    assert [l.split(" — ")[0] for l in labels] == ["Bridge (recommended)", "Host", "Allowlist: dev",
+    assert [l.split(" — ")[0] for l in labels] == ["Bridge", "Host", "Allowlist: dev",
                                                      "Allowlist: registries", "None"]
     assert all(" — " in l for l in labels)  # each with its one-line meaning
     assert picker.choice.value == ("bridge", None)
-    assert [b.description for b in picker.buttons] == ["for this session", "for this project (.mino.toml)",
+    assert [b.description for b in picker.buttons] == ["for this kernel", "for this project (.mino.toml)",
                                                         "for all projects (global)"]
     assert "mino network picker" in picker._repr_mimebundle_()["text/plain"]
 
