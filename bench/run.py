@@ -186,6 +186,8 @@ class Bench:
             k = self.kernel()
             try:
                 k.ok("%%mino\ntrue")
+                # every byte through the display: the default display limit (2 MiB) is lifted here
+                k.ok("%config MinoMagics.display_lines = 0\n%config MinoMagics.display_bytes = 0")
                 before = rss_kb(k.pid)
                 flag = " --out big" if mode == "--out" else ""
                 start = time.perf_counter()

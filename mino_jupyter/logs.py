@@ -11,7 +11,7 @@ from .cell import CellResult, Sink
 from .redact import Redactor, mask
 from .runtime import STDERR, STDOUT
 
-LOG_CELL_LIMIT = 1 << 20  # bytes of output kept in the log per cell
+LOG_CELL_LIMIT = 64 << 20  # bytes of output kept in the log per cell (the display shows far less)
 
 
 class SessionLog:

@@ -10,7 +10,7 @@ import sys
 from subprocess import CalledProcessError
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from traitlets import Bool, TraitError, Unicode, observe, validate
+from traitlets import Bool, Int, TraitError, Unicode, observe, validate
 
 from .commands import (DEFAULT_SESSION, HelpShown, cell_parser, line_parser, magic_help, render_jobs, render_sessions,
                        run_config_command)
@@ -46,15 +46,22 @@ class _DisplaySink:
 
     HISTORY_LIMIT = 1 << 20
 
-    def __init__(self, capture_out: bool, capture_err: bool):
+    def __init__(self, capture_out: bool, capture_err: bool, max_lines: int = 0, max_bytes: int = 0):
         self.captured = {1: [] if capture_out else None, 2: [] if capture_err else None}
         self.recorded = {1: 0, 2: 0}
         self.last: int | None = None
+        # What a notebook can render: beyond these (0: no limit) output is counted, not shown.
+        self.max_lines, self.max_bytes = max_lines, max_bytes
+        self.shown_lines = self.shown_bytes = 0
+        self.hidden_lines = self.hidden_bytes = 0
 
     def write(self, stream: int, text: str) -> None:
         target = self.captured[stream]
         if target is not None:
             target.append(text)
+            return
+        text = self._within_limits(text)
+        if not text:
             return
         if self.last is not None and self.last != stream:  # the kernel sends each stream on its own
             (sys.stderr if self.last == STDERR else sys.stdout).flush()  # timer: keep their order
@@ -66,9 +73,38 @@ class _DisplaySink:
         else:
             type(out).write(out, text)  # the stream's own write, without IPython's history copy
 
+    def _within_limits(self, text: str) -> str:
+        """The part of `text` still within the display limits; the rest is counted."""
+        if not (self.max_lines or self.max_bytes):
+            return text
+        keep = 0 if self.hidden_bytes else len(text)
+        if keep and self.max_bytes:
+            keep = min(keep, max(0, self.max_bytes - self.shown_bytes))  # characters: close enough to bytes
+        if keep and self.max_lines:
+            room, at = self.max_lines - self.shown_lines, -1  # newlines that may still be shown
+            for _ in range(max(0, room)):
+                at = text.find("\n", at + 1)
+                if at < 0:
+                    break
+            if room <= 0:
+                keep = 0
+            elif at >= 0:  # the last newline that fits: nothing after it
+                keep = min(keep, at + 1)
+        shown, rest = text[:keep], text[keep:]
+        self.shown_lines += shown.count("\n")
+        self.shown_bytes += len(shown)
+        if rest:
+            self.hidden_lines += rest.count("\n")
+            self.hidden_bytes += len(rest.encode("utf-8", "replace"))
+        return shown
+
     def flush(self) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
 
 
 class _BackgroundSink:
@@ -94,6 +130,9 @@ class MinoMagics(Magics):
     network = Unicode("", help="network mode for this kernel: bridge, host, none or allowlist").tag(config=True)
     network_preset = Unicode("", help="allowlist preset for this kernel").tag(config=True)
     workspace_readonly = Bool(False, help="mount the notebook's directory read-only by default").tag(config=True)
+    display_lines = Int(10_000, help="lines of a cell's output shown in the notebook (0: no limit); the rest "
+                                     "is counted and stays in the session's log").tag(config=True)
+    display_bytes = Int(2 << 20, help="bytes of a cell's output shown in the notebook (0: no limit)").tag(config=True)
 
     def __init__(self, shell, manager: SessionManager | None = None):
         self.manager = manager or SessionManager()  # before the traits: @observe writes into it
@@ -180,7 +219,7 @@ class MinoMagics(Magics):
                 raise UsageError(f'--out/--err need a Python variable name, not "{var}"', "e.g. --out result")
         if args.bg:
             return self._background(cell, opts, args.out, args.err)
-        sink = _DisplaySink(args.out is not None, args.err is not None)
+        sink = _DisplaySink(args.out is not None, args.err is not None, self.display_lines, self.display_bytes)
         try:
             result, session = self.manager.run_cell(cell, opts, sink)
         finally:
@@ -188,6 +227,12 @@ class MinoMagics(Magics):
                 self.shell.user_ns[args.out] = "".join(sink.captured[1])
             if args.err is not None and sink.captured[2] is not None:
                 self.shell.user_ns[args.err] = "".join(sink.captured[2])
+
+        if sink.hidden_bytes:
+            print(f"mino: {sink.hidden_lines:,} more line(s) ({_size(sink.hidden_bytes)}) not shown: the display "
+                  f"stops at {sink.max_lines:,} lines or {_size(sink.max_bytes)} a cell, which a notebook renders "
+                  f"well; `%mino logs {session.name}` has them, `--out VAR` keeps all of it, "
+                  "`%config MinoMagics.display_lines = 0` (and display_bytes) lifts the limit", file=sys.stderr)
         if result.survivors:
             shown = ", ".join(f"{p.pid} ({p.command})" for p in result.survivors[:5])
             print(f"mino: {len(result.survivors)} process(es) the cell started could not be stopped: {shown}; "

@@ -175,6 +175,20 @@ def test_bg_jobs_are_listed_killed_logged_and_end_with_the_kernel(kernel, engine
                                          # that no container is left
 
 
+def test_long_output_is_capped_in_the_display_and_kept_elsewhere(kernel):
+    """`seq 1 200000` hung JupyterLab: the display shows the first 10,000 lines, then one line
+    saying how much more there was and where it is; --out keeps everything."""
+    r = kernel.ok("%%mino\nseq 1 30000")
+    assert r.stdout.splitlines() == [str(i) for i in range(1, 10001)]
+    assert "mino: 20,000 more line(s) (" in r.stderr and "`%mino logs default` has them" in r.stderr
+    assert "29999" in kernel.ok("%mino logs default --tail 5").stdout  # the log has the end
+    kernel.ok("%%mino --out everything\nseq 1 30000")
+    assert kernel.ok("print(len(everything.splitlines()))").stdout.strip() == "30000"
+    kernel.ok("%config MinoMagics.display_lines = 0")
+    r = kernel.ok("%%mino\nseq 1 30000")
+    assert len(r.stdout.splitlines()) == 30000 and "not shown" not in r.stderr
+
+
 def test_output_streams_while_the_cell_runs(kernel, workspace):
     """The cell waits for a file the test creates only after it has seen the first line."""
     kernel.ok("%%mino\ntrue")

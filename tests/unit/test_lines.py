@@ -46,3 +46,17 @@ def test_the_end_of_the_cell_shows_everything():
     lines.feed(ERR, "no newline", 0.0)
     lines.feed(OUT, "done\n", 0.01)
     assert lines.flush() == [(ERR, "no newline"), (OUT, "done\n")]
+
+
+def test_the_display_stops_at_its_byte_limit_and_counts_the_rest(capsys):
+    from mino_jupyter.magics import _DisplaySink
+
+    sink = _DisplaySink(False, False, max_lines=0, max_bytes=10)
+    sink.write(OUT, "0123456")
+    sink.write(OUT, "789abc\nmore\n")
+    sink.flush()
+    assert capsys.readouterr().out == "0123456789"
+    assert (sink.hidden_lines, sink.hidden_bytes) == (2, 7)
+    free = _DisplaySink(False, False)  # no limits: everything
+    free.write(OUT, "x" * 100)
+    assert free.hidden_bytes == 0
