@@ -56,7 +56,7 @@ def test_the_display_stops_at_its_byte_limit_and_counts_the_rest(capsys):
     sink.write(OUT, "789abc\nmore\n")
     sink.flush()
     assert capsys.readouterr().out == "0123456789"
-    assert (sink.hidden_lines, sink.hidden_bytes) == (2, 7)
+    assert (sink.hidden_lines, sink.hidden_bytes) == (2, 9)  # "abc\nmore\n"
     free = _DisplaySink(False, False)  # no limits: everything
     free.write(OUT, "x" * 100)
     assert free.hidden_bytes == 0
