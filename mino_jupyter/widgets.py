@@ -13,6 +13,7 @@ from typing import Callable
 import ipywidgets as w
 
 from . import presets as presets_mod
+from .commands import DEFAULT_SESSION
 from .errors import MinoError
 from .network import MODE_MEANINGS, MODES, parse_allow_entry
 
@@ -98,6 +99,7 @@ class Panel:
     def __init__(self, manager, clock: Callable[[], float] = time.time):
         self.m = manager
         self.clock = clock
+        self.awaiting_restart = False  # the status says the default session restarts at the next cell
         self.presets = presets_mod.load(env=manager.env)
         # ---------------------------------------------------------------- network picker
         self.mode = w.Dropdown(options=list(MODES), description="mode")
@@ -235,6 +237,10 @@ class Panel:
             cells += [logs, stop, changed]
         self.sessions.children = cells
         self.stop_all_button.disabled = not any(r["state"] != "stopped" for r in self.m.rows())
+        restarted = next((r for r in self.m.rows() if r["name"] == DEFAULT_SESSION and r["state"] != "stopped"), None)
+        if self.awaiting_restart and restarted is not None:  # "restarts at the next cell" is done: say so
+            self.awaiting_restart = False
+            self.status.value = _text(f"the default session restarted with {restarted['network']}")
         self._refresh_trust()
 
     def _refresh_trust(self) -> None:
@@ -314,6 +320,7 @@ class Panel:
             self.status.value = f"<span style='{ERROR_STYLE}'>{_text(exc.message + hint)}</span>"
             return exc.message
         self.status.value = _text(message)
+        self.awaiting_restart = "restarts with it at the next cell" in message
         self.refresh()
         return message
 

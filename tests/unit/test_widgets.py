@@ -151,6 +151,16 @@ def test_panel_updates_when_sessions_change(manager):
     assert "new" in [getattr(c, "value", None) for c in p.sessions.children]
 
 
+def test_the_restart_note_gives_way_once_the_default_session_has_restarted(manager):
+    """"restarts with it at the next cell" stayed after the restart; now the status says it did."""
+    p = Panel(manager)
+    p._guard(lambda: "mino: network none saved; the default session restarts with it at the next cell")
+    assert "restarts with it at the next cell" in p.status.value  # nothing restarted yet
+    _fake_session(manager, "default", state="idle")  # the next cell started it again
+    manager._changed()
+    assert p.status.value == "the default session restarted with bridge" and not p.awaiting_restart
+
+
 def test_panel_trust_button(manager):
     (manager.cwd() / ".mino.toml").write_text('[container]\nnetwork = "host"\n')
     p = Panel(manager)
