@@ -257,6 +257,8 @@ class ExecStream:
         deadline = time.monotonic() + wait
         while True:
             info = self.engine.exec_inspect(self.exec_id)
+            if not info:
+                return None  # forgotten by the engine: the exit code is unknown
             if not info.get("Running") and info.get("ExitCode") is not None:
                 return int(info["ExitCode"])
             if time.monotonic() >= deadline:
@@ -601,7 +603,10 @@ class Engine:
         return Attached(sock, leftover)
 
     def exec_inspect(self, exec_id: str) -> dict:
-        return self.request("get", f"/exec/{exec_id}/json", what="read an exec's state").json()
+        """An exec's state; {} once Podman has forgotten it (exit_command_delay seconds after it
+        ended: a stop that took longer than that, for one)."""
+        response = self.request("get", f"/exec/{exec_id}/json", what="read an exec's state", ok_missing=True)
+        return {} if response is None else response.json()
 
     def exec_run(self, cid: str, body: dict) -> tuple[int, bytes, bytes]:
         """Run to completion; returns (exit code, stdout, stderr)."""
