@@ -17,7 +17,7 @@ import os
 import stat
 from pathlib import Path
 
-from . import policy, seccomp
+from . import mounts, policy, seccomp
 from .errors import UsageError
 
 HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
@@ -129,7 +129,6 @@ def oom_kills(cgroup_path: str | None) -> int | None:
 
 
 IP = ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip")
-HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 def host_addresses() -> list[tuple[str, int]]:
@@ -140,7 +139,7 @@ def host_addresses() -> list[tuple[str, int]]:
     if binary is None:
         raise UsageError("iproute2 (`ip`) is missing; mino needs it to know this machine's addresses",
                          "apt-get install iproute2 (`make setup` does)")
-    out = subprocess.run([binary, "-j", "addr", "show"], env=HELPER_ENV, capture_output=True, text=True,
+    out = subprocess.run([binary, "-j", "addr", "show"], env=mounts.HELPER_ENV, capture_output=True, text=True,
                          timeout=10, cwd="/").stdout
     return [(a["local"], int(a["prefixlen"])) for link in json.loads(out or "[]")
             for a in link.get("addr_info", []) if a.get("local")]

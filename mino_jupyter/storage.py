@@ -49,7 +49,7 @@ from typing import Callable
 from . import mounts, policy
 from .mounts import Local, StorageError
 
-HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+HELPER_ENV = mounts.HELPER_ENV  # one fixed environment for every helper mino runs here
 MOUNT = ("/usr/bin/mount", "/bin/mount")
 MKFS = ("/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4")
 
