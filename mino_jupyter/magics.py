@@ -182,7 +182,7 @@ class MinoMagics(Magics):
 
             from .widgets import NetworkPicker
 
-            display(NetworkPicker(self.manager.remember_network))
+            display(NetworkPicker(self.manager))
         else:
             print("mino: no network chosen yet, so this runs with bridge (full internet, no access to this "
                   "machine's services); to choose: `%mino config set network MODE` (--local for this project)",
@@ -371,6 +371,8 @@ class MinoMagics(Magics):
         elif args.command == "config":
             run_config_command(args, cwd=m.cwd(), env=m.env, presets=m.choices.presets(),
                                kernel=m.choices.network)
+            if args.action in ("set", "unset"):
+                m.settings_changed()
         elif args.command == "trust":
             print(m.trust_project(Path(args.path) if args.path else None))
         elif args.command == "panel":

@@ -491,6 +491,10 @@ class SessionManager:
         self._changed()
         return message
 
+    def settings_changed(self) -> None:
+        """A configuration file was edited (`%mino config set`): the views show it."""
+        self._changed()
+
     def kernel_choice_changed(self) -> None:
         """The kernel-level choice changed outside the panel (`%config MinoMagics.network`)."""
         if self._follow_kernel_choice():

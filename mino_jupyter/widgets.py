@@ -2,11 +2,16 @@
 
 * :class:`NetworkPicker`: the first-run choice (a mode and where to remember it).
 * :class:`Panel`: network picker, the kernel's sessions (logs, stop), project trust.
+
+Both listen to the manager: whatever changed the kernel's network (the picker, the panel,
+``%config``, ``%mino config``), every view on screen shows it at once. The panel's uptimes tick
+on a small timer thread while its view is open.
 """
 
 from __future__ import annotations
 
 import html
+import threading
 import time
 from typing import Callable
 
@@ -31,6 +36,25 @@ SCOPES = [("for this kernel", "session"), ("for this project (.mino.toml)", "pro
           ("for all projects (global)", "global")]
 
 
+WARN_STYLE = "color:#a05a00"
+ERROR_STYLE = "color:#b00020"
+# The picker's long radio labels wrap instead of overlapping (ipywidgets gives each radio label
+# one fixed-height line that does not wrap).
+_WRAP_CSS = ("<style>.mino-picker-choices label{display:flex;align-items:flex-start;white-space:normal;"
+             "height:auto;line-height:1.4;margin-bottom:4px}.mino-picker-choices label input{flex:0 0 auto;"
+             "order:-1;margin:2px 6px 0 0}</style>")
+
+
+def _wrapping_row() -> w.Layout:
+    """Rows of buttons wrap instead of running past the output area's edge."""
+    return w.Layout(flex_flow="row wrap", align_items="center", max_width="100%")
+
+
+def _button(description: str, **kwargs) -> w.Button:
+    """A button as wide as its text: never cut to an ellipsis, in a row that wraps."""
+    return w.Button(description=description, layout=w.Layout(width="auto", flex="0 0 auto"), **kwargs)
+
+
 class NetworkPicker:
     """Shown once, at the first %%mino cell, when no network has been chosen anywhere.
 
@@ -38,23 +62,39 @@ class NetworkPicker:
     ``remember(mode, preset, scope) -> message``.
     """
 
-    def __init__(self, remember: Callable[[str, str | None, str], str]):
-        self._remember = remember
+    def __init__(self, manager):
+        self.m = manager
         self.choice = w.RadioButtons(
             options=[(f"{label} — {meaning}", value) for label, value, meaning in PICKER_CHOICES],
-            value=("bridge", None), layout=w.Layout(width="auto"))
-        self.buttons = [w.Button(description=text, tooltip=f"remember {text}") for text, _ in SCOPES]
+            value=("bridge", None), layout=w.Layout(width="auto", max_width="100%"))
+        self.choice.add_class("mino-picker-choices")  # long labels wrap (see _WRAP_CSS)
+        self.buttons = [_button(text, tooltip=f"remember {text}") for text, _ in SCOPES]
         for button, (_, scope) in zip(self.buttons, SCOPES):
             button.on_click(lambda _b, scope=scope: self.save(scope))
         self.status = w.HTML("This cell ran with <b>bridge</b>. Each choice says what a cell may reach; "
                              "pick one and remember it:")
+        self.current = w.HTML()
         self.chosen: str | None = None
-        self.view = w.VBox([self.status, self.choice, w.HBox([w.Label("Remember:"), *self.buttons])])
+        self.view = w.VBox([w.HTML(_WRAP_CSS), self.status, self.choice, self.current,
+                            w.HBox([w.Label("Remember:"), *self.buttons], layout=_wrapping_row())])
+        manager.listeners.append(self.refresh)
+
+    def refresh(self) -> None:
+        """A choice made elsewhere (the panel, %config, %mino config) shows here too."""
+        try:
+            plan = self.m.current_network().plan
+        except MinoError as exc:
+            self.current.value = f"<span style='{ERROR_STYLE}'>{_text(exc.message)}</span>"
+            return
+        self.current.value = (f"next cell: <b>{_text(plan.describe())}</b> <small>({_text(plan.source)})</small>")
+        if not self.choice.disabled and (plan.mode, plan.preset) in {v for _, v, _ in PICKER_CHOICES} \
+                and not plan.extra:
+            self.choice.value = (plan.mode, plan.preset)
 
     def save(self, scope: str) -> str:
         mode, preset = self.choice.value
         try:
-            message = self._remember(mode, preset, scope)
+            message = self.m.remember_network(mode, preset, scope)
         except MinoError as exc:
             self.status.value = f"<span style='color:#b00'>{_text(exc.message)}</span>"
             return exc.message
@@ -64,6 +104,11 @@ class NetworkPicker:
             button.disabled = True
         self.choice.disabled = True
         return message
+
+    def close(self) -> None:
+        if self.refresh in self.m.listeners:
+            self.m.listeners.remove(self.refresh)
+        self.view.close()
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.view._repr_mimebundle_(**kwargs)
@@ -76,10 +121,6 @@ class NetworkPicker:
 def _text(text: str) -> str:
     """HTML text content (quotes stay quotes: messages quote what they reject)."""
     return html.escape(text, quote=False)
-
-
-WARN_STYLE = "color:#a05a00"
-ERROR_STYLE = "color:#b00020"
 
 
 def _uptime(seconds: float) -> str:
@@ -96,9 +137,11 @@ class Panel:
 
     SESSION_COLUMNS = ("name", "state", "network", "image", "cells", "last exit", "uptime", "", "", "")
 
-    def __init__(self, manager, clock: Callable[[], float] = time.time):
+    def __init__(self, manager, clock: Callable[[], float] = time.time, tick: float | None = 1.0):
         self.m = manager
         self.clock = clock
+        self._shown_choice: tuple | None = None  # the kernel's choice the form last showed
+        self._uptimes: dict[str, tuple[w.Label, float]] = {}  # running sessions' uptime labels
         self.awaiting_restart = False  # the status says the default session restarts at the next cell
         self.presets = presets_mod.load(env=manager.env)
         # ---------------------------------------------------------------- network picker
@@ -107,13 +150,12 @@ class Panel:
                                  description="preset")
         self.preview = w.HTML()
         self.allow = w.Textarea(placeholder="extra allow entries, host:port, one per line",
-                                layout=w.Layout(width="32em", height="5em"))
+                                layout=w.Layout(width="32em", max_width="calc(100% - 4px)", height="5em"))  # its 2 px margins
         self.allow_errors = w.HTML()
         self.mode_note = w.HTML()
-        wide = w.Layout(width="auto")
-        self.apply_button = w.Button(description="apply to this kernel", layout=wide)
-        self.save_project = w.Button(description="save for this project", layout=wide)
-        self.save_global = w.Button(description="save globally", layout=wide)
+        self.apply_button = _button("apply to this kernel")
+        self.save_project = _button("save for this project")
+        self.save_global = _button("save globally")
         self.apply_button.on_click(lambda _: self.save("session"))
         self.save_project.on_click(lambda _: self.save("project"))
         self.save_global.on_click(lambda _: self.save("global"))
@@ -122,9 +164,10 @@ class Panel:
             widget.observe(lambda _change: self._validate(), names="value")
         self.preset.observe(self._preset_chosen, names="value")
         # ---------------------------------------------------------------- sessions
-        self.sessions = w.GridBox(layout=w.Layout(grid_template_columns="repeat(7, auto) auto auto auto",
-                                                  grid_gap="2px 12px"))
-        self.stop_all_button = w.Button(description="stop all")
+        self.sessions = w.GridBox(layout=w.Layout(grid_template_columns="repeat(10, max-content)",
+                                                  grid_gap="2px 12px", max_width="100%", overflow="auto"))
+        self.stop_all_button = _button("stop all")
+        self.stop_all_button.layout.align_self = "flex-start"
         self.stop_all_button.on_click(lambda _: self._guard(self._stop_all))
         self.logs = w.HTML()
         self.changes_box = w.VBox()  # what a session's cells wrote, with checkboxes to apply
@@ -133,28 +176,32 @@ class Panel:
         self.status = w.HTML()
         self.view = w.VBox([
             w.HTML("<b>Network</b>"), self.current,
-            w.HBox([self.mode, self.preset]), self.mode_note, self.preview,
+            w.HBox([self.mode, self.preset], layout=_wrapping_row()), self.mode_note, self.preview,
             self.allow, self.allow_errors,
-            w.HBox([self.apply_button, self.save_project, self.save_global]),
+            w.HBox([self.apply_button, self.save_project, self.save_global], layout=_wrapping_row()),
             self.trust_box,
             w.HTML("<b>Sessions</b>"), self.sessions, self.stop_all_button, self.changes_box, self.logs,
             self.status,
         ])
-        self._init_from_current()
         self._validate()
         self.refresh()
         manager.listeners.append(self.refresh)
+        self._closed = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, args=(tick,), name="mino-panel-uptime", daemon=True)
+        if tick:
+            self._ticker.start()
 
     # ------------------------------------------------------------------ network choice
-    def _init_from_current(self) -> None:
-        try:
-            plan = self.m.current_network().plan
-        except MinoError:
+    def _show_choice(self, plan) -> None:
+        """The form shows the kernel's current choice whenever that changes, from wherever it
+        came; between changes it keeps what the user is typing."""
+        shown = (plan.mode, plan.preset, tuple(str(e) for e in plan.extra))
+        if shown == self._shown_choice:
             return
+        self._shown_choice = shown
         self.mode.value = plan.mode
-        if plan.preset in self.presets:
-            self.preset.value = plan.preset
-        self.allow.value = "\n".join(str(e) for e in plan.extra)
+        self.preset.value = plan.preset if plan.preset in self.presets else None
+        self.allow.value = "\n".join(shown[2])
 
     def _preset_chosen(self, change) -> None:
         if change["new"] and self.mode.value == "bridge":
@@ -217,25 +264,28 @@ class Panel:
             resolution = self.m.current_network()
             self.current.value = (f"next cell: <b>{_text(resolution.plan.describe())}</b> "
                                   f"<small>({_text(resolution.plan.source)})</small>")
+            self._show_choice(resolution.plan)
         except MinoError as exc:
             self.current.value = f"<span style='{ERROR_STYLE}'>{_text(exc.message)}</span>"
         cells: list = [w.HTML(f"<b>{c}</b>") for c in self.SESSION_COLUMNS]
         now = self.clock()
+        uptimes = {}
         for row in self.m.rows():
-            uptime = "-" if row["state"] == "stopped" else _uptime(now - row["started"])
+            uptime = w.Label("-" if row["state"] == "stopped" else _uptime(now - row["started"]))
+            if row["state"] != "stopped":
+                uptimes[row["name"]] = (uptime, row["started"])
             last = "-" if row["last_exit"] is None else str(row["last_exit"])
             cells += [w.Label(row["name"]), w.Label(row["state"]), w.Label(row["network"]),
-                      w.Label(row["image"]), w.Label(str(row["cells"])), w.Label(last), w.Label(uptime)]
-            logs = w.Button(description="logs", layout=w.Layout(width="auto"))
+                      w.Label(row["image"]), w.Label(str(row["cells"])), w.Label(last), uptime]
+            logs = _button("logs")
             logs.on_click(lambda _b, name=row["name"]: self._guard(lambda: self.show_logs(name)))
-            stop = w.Button(description="stop", layout=w.Layout(width="auto"),
-                            disabled=row["state"] == "stopped")
+            stop = _button("stop", disabled=row["state"] == "stopped")
             stop.on_click(lambda _b, name=row["name"]: self._guard(lambda: self._stop(name)))
-            changed = w.Button(description="changes", layout=w.Layout(width="auto"),
-                               disabled=row.get("workspace", "overlay") != "overlay")
+            changed = _button("changes", disabled=row.get("workspace", "overlay") != "overlay")
             changed.on_click(lambda _b, name=row["name"]: self._guard(lambda: self.show_changes(name)))
             cells += [logs, stop, changed]
         self.sessions.children = cells
+        self._uptimes = uptimes
         self.stop_all_button.disabled = not any(r["state"] != "stopped" for r in self.m.rows())
         restarted = next((r for r in self.m.rows() if r["name"] == DEFAULT_SESSION and r["state"] != "stopped"), None)
         if self.awaiting_restart and restarted is not None:  # "restarts at the next cell" is done: say so
@@ -254,7 +304,7 @@ class Panel:
             path = loaded.untrusted[0]
             fc, _, _ = read_file(path)
             values = ", ".join(f"{k} = {toml_value(v)}" for k, v in (fc.values if fc else {}).items())
-            button = w.Button(description="trust", button_style="warning")
+            button = _button("trust", button_style="warning")
             button.on_click(lambda _b: self._guard(lambda: self.m.trust_project(path)))
             self.trust_box.children = [w.HTML(
                 f"<div style='{WARN_STYLE}'>{_text(str(path))} is not trusted, so it has no effect"
@@ -279,7 +329,7 @@ class Panel:
                                          + (f" ({note})" if note else ""))
             box.mino_path = change.path
             boxes.append(box)
-        apply = w.Button(description="apply selected", disabled=not boxes)
+        apply = _button("apply selected", disabled=not boxes)
         apply.on_click(lambda _b: self._guard(lambda: self._apply_selected(name, boxes)))
         done = [w.HTML(f"<div>{_text(o.path)}: {_text(o.message)}</div>") for o in outcomes or []]
         title = (f"<b>changes of {_text(name)}</b> (not in the notebook's directory until applied)" if boxes
@@ -339,7 +389,23 @@ class Panel:
         bundle["text/plain"] = self.summary()
         return bundle
 
+    def tick(self) -> None:
+        """Bring the running sessions' uptimes to now (a label sends only when its text changes)."""
+        now = self.clock()
+        for label, started in list(self._uptimes.values()):
+            label.value = _uptime(now - started)
+
+    def _tick(self, every: float) -> None:
+        while not self._closed.wait(every):
+            if self.view.comm is None:  # the view was closed (cleared output, closed notebook)
+                return
+            try:
+                self.tick()
+            except Exception:  # a kernel shutting down; the next tick or close() ends this
+                pass
+
     def close(self) -> None:
+        self._closed.set()
         if self.refresh in self.m.listeners:
             self.m.listeners.remove(self.refresh)
         self.view.close()

@@ -1,9 +1,15 @@
 """The panel in real JupyterLab, in Debian's Chromium driven by Playwright, against real Podman.
 
-Flow: open a notebook, load the extension, open the panel, choose the `registries` preset and add
-the test's own server as an extra entry, apply, run a cell that fetches from that server
-(allowed) and from another local port (refused), see both, see the session row with its
-network, click stop, see it stopped. Screenshots go to test-artifacts/browser/.
+Flows:
+* open a notebook, load the extension, open the panel, choose the `registries` preset and add
+  the test's own server as an extra entry, apply, run a cell that fetches from that server
+  (allowed) and from another local port (refused), see both, see the session row with its
+  network, click stop, see it stopped;
+* the first-run picker and an open panel: a choice in the picker shows in the panel's form, an
+  entries-only apply keeps the session (its /tmp file survives), uptime ticks, the log is shown
+  once, and no label is clipped or overlaps at 480 and 1400 px.
+
+Screenshots go to test-artifacts/browser/ (compared by eye in review).
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def lab(tmp_path, engine, base_image):
+def lab(request, tmp_path, engine, base_image):
+    """JupyterLab on a scratch directory with a mino configuration of its own: bridge chosen, or
+    nothing chosen anywhere (a first run, where the picker shows) for tests marked `first_run`."""
     if not os.path.exists(CHROMIUM):
         from tests.conftest import _unavailable
 
@@ -48,7 +56,8 @@ def lab(tmp_path, engine, base_image):
     workdir.mkdir()
     os.chown(workdir, 1000, 1000)
     port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, **isolated_env(tmp_path / "mino-home"), "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
+    network = None if request.node.get_closest_marker("first_run") else "bridge"
+    env = {**os.environ, **isolated_env(tmp_path / "mino-home", network), "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"), "JUPYTER_DATA_DIR": str(tmp_path / "jdata")}
     settings = tmp_path / "lab-settings"
     (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
@@ -97,6 +106,55 @@ def _run_cell(page, index: int) -> None:
     page.keyboard.press("Shift+Enter")
 
 
+def _output(page, index: int):
+    return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-OutputArea")
+
+
+# Every visible widget text in the outputs: no label or button clipped (scrollWidth <= clientWidth),
+# no radio label over the next one, nothing past the output area's right edge (the sessions table
+# scrolls inside its own box instead).
+LAYOUT_PROBLEMS = """() => {
+  const bad = [];
+  const texts = '.widget-label, .widget-button, .widget-radio-box label, .widget-html-content, textarea, select';
+  for (const el of document.querySelectorAll('.jp-OutputArea-output')) {
+    const edge = el.getBoundingClientRect().right;
+    for (const t of el.querySelectorAll(texts)) {
+      const r = t.getBoundingClientRect();
+      if (!r.width) continue;
+      const what = t.textContent.trim().slice(0, 50);
+      if (t.scrollWidth > t.clientWidth + 1) bad.push(`clipped: "${what}" (${t.scrollWidth} > ${t.clientWidth})`);
+      if (r.right > edge + 1 && !t.closest('.widget-gridbox')) bad.push(`past the edge: "${what}"`);
+    }
+    for (const box of el.querySelectorAll('.widget-radio-box')) {
+      const rs = [...box.querySelectorAll('label')].map(l => l.getBoundingClientRect());
+      for (let i = 1; i < rs.length; i++) if (rs[i].top < rs[i - 1].bottom - 1) bad.push(`radio labels ${i - 1} and ${i} overlap`);
+    }
+  }
+  return bad;
+}"""
+
+
+def _narrow_side_panel_closed(page) -> None:
+    """A 480 px window with JupyterLab's file browser closed, as anyone that narrow would."""
+    current = page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current")
+    if current.count():
+        current.first.click()
+        page.wait_for_timeout(300)
+
+
+def _open(page, url: str, token: str, name: str) -> None:
+    page.goto(f"{url}/lab/tree/{name}?token={token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    dialog = page.locator(".jp-Dialog")
+    try:
+        dialog.wait_for(timeout=8_000)
+        dialog.get_by_role("button", name="Select").click()
+    except Exception:
+        pass  # the kernel was picked without asking
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], "
+                           ".jp-Toolbar-kernelStatus", timeout=60_000)
+
+
 def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):
     from playwright.sync_api import expect, sync_playwright
 
@@ -116,16 +174,7 @@ def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{url}/lab/tree/panel.ipynb?token={token}")
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-            dialog = page.locator(".jp-Dialog")
-            try:
-                dialog.wait_for(timeout=8_000)
-                dialog.get_by_role("button", name="Select").click()
-            except Exception:
-                pass  # the kernel was picked without asking
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], "
-                                   ".jp-Toolbar-kernelStatus", timeout=60_000)
+            _open(page, url, token, "panel.ipynb")
             _run_cell(page, 0)
             _run_cell(page, 1)
             panel = page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-OutputArea")
@@ -161,3 +210,82 @@ def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):
             browser.close()
     finally:
         allowed.close(), other.close()
+
+
+@pytest.mark.first_run
+def test_picker_and_panel_agree_entries_apply_live_and_nothing_is_clipped(lab, gateway, engine):
+    from playwright.sync_api import expect, sync_playwright
+
+    workdir, url, token = lab
+    server = TcpListener(gateway)
+    entry = f"{gateway}:{server.port}"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("%load_ext mino_jupyter"),
+        nbformat.v4.new_code_cell("%mino panel"),
+        nbformat.v4.new_code_cell("%%mino\necho first-cell"),
+        nbformat.v4.new_code_cell("%%mino\necho kept-$((6*7)) > /tmp/state; echo wrote-state"),
+        nbformat.v4.new_code_cell("%%mino\ncat /tmp/state; echo second-cell"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, workdir / "picker.ipynb")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _open(page, url, token, "picker.ipynb")
+            _run_cell(page, 0)
+            _run_cell(page, 1)
+            panel = _output(page, 1)
+            mode = panel.locator(".widget-dropdown", has_text="mode").locator("select")
+            preset = panel.locator(".widget-dropdown", has_text="preset").locator("select")
+            expect(mode).to_have_value("bridge", timeout=60_000)
+            _run_cell(page, 2)  # no network chosen anywhere: the cell runs with bridge and the picker shows
+            picker = _output(page, 2)
+            expect(picker).to_contain_text("first-cell", timeout=90_000)
+            expect(picker).to_contain_text("Remember:", timeout=30_000)
+            for width in (480, 1400):
+                page.set_viewport_size({"width": width, "height": 1000})
+                if width == 480:
+                    _narrow_side_panel_closed(page)
+                picker.scroll_into_view_if_needed()
+                page.wait_for_timeout(500)
+                _shot(page, f"5-picker-{width}px")
+                problems = page.evaluate(LAYOUT_PROBLEMS)
+                assert problems == [], f"at {width} px: {problems}"
+
+            picker.locator(".widget-radio-box label", has_text="Allowlist: registries").click()
+            picker.get_by_role("button", name="for this kernel").click()
+            expect(picker).to_contain_text("saved for this kernel", timeout=20_000)
+            expect(mode).to_have_value("allowlist", timeout=10_000)  # the panel follows the picker
+            expect(preset).to_have_value("registries")
+            expect(panel).to_contain_text("next cell: allowlist (registries)")
+
+            _run_cell(page, 3)
+            expect(_output(page, 3)).to_contain_text("wrote-state", timeout=90_000)
+            panel.locator(".widget-textarea textarea").fill(entry)
+            panel.get_by_role("button", name="apply to this kernel").click()
+            expect(panel).to_contain_text("allowlist (registries +1)", timeout=20_000)
+            expect(panel).not_to_contain_text("restarts with it")  # entries change live, as cell flags do
+            _run_cell(page, 4)
+            expect(_output(page, 4)).to_contain_text("second-cell", timeout=60_000)
+            expect(_output(page, 4)).to_contain_text("kept-42")  # same container: /tmp kept
+
+            table = panel.locator(".widget-gridbox")
+            expect(table).to_contain_text("allowlist (registries +1)", timeout=20_000)
+            before = table.inner_text()
+            page.wait_for_timeout(2_500)
+            assert table.inner_text() != before, "the uptime did not tick"
+            table.get_by_role("button", name="logs").first.click()
+            expect(panel).to_contain_text("logs of default", timeout=20_000)
+            assert panel.inner_text().count("kept-42") == 1  # the log once, not again in the status
+            for width in (480, 1400):
+                page.set_viewport_size({"width": width, "height": 1000})
+                panel.scroll_into_view_if_needed()
+                page.wait_for_timeout(500)
+                _shot(page, f"6-panel-{width}px")
+                problems = page.evaluate(LAYOUT_PROBLEMS)
+                assert problems == [], f"at {width} px: {problems}"
+            browser.close()
+    finally:
+        server.close()

@@ -23,7 +23,7 @@ def manager(tmp_path):
 
 
 def test_picker_offers_the_five_choices_with_bridge_selected(manager):
-    picker = NetworkPicker(manager.remember_network)
+    picker = NetworkPicker(manager)
     labels = [label for label, _ in picker.choice.options]
     assert [l.split(" — ")[0] for l in labels] == ["Bridge", "Host", "Allowlist: dev",
                                                      "Allowlist: registries", "None"]
@@ -35,7 +35,7 @@ def test_picker_offers_the_five_choices_with_bridge_selected(manager):
 
 
 def test_saving_for_the_project_writes_a_trusted_mino_toml(manager):
-    picker = NetworkPicker(manager.remember_network)
+    picker = NetworkPicker(manager)
     picker.choice.value = ("allowlist", "registries")
     picker.buttons[1].click()
     path = manager.cwd() / ".mino.toml"
@@ -47,14 +47,14 @@ def test_saving_for_the_project_writes_a_trusted_mino_toml(manager):
 
 
 def test_saving_bridge_globally_counts_as_a_choice(manager):
-    picker = NetworkPicker(manager.remember_network)
+    picker = NetworkPicker(manager)
     picker.buttons[2].click()
     assert config.load(manager.cwd(), manager.env).explicit_network()
     assert Path(config.global_path(manager.env)).read_text() == '[container]\nnetwork = "bridge"\n'
 
 
 def test_saving_for_this_session_sets_the_kernel_layer_only(manager):
-    picker = NetworkPicker(manager.remember_network)
+    picker = NetworkPicker(manager)
     picker.choice.value = ("none", None)
     picker.buttons[0].click()
     assert manager.choices.network.network == "none"
@@ -66,7 +66,7 @@ def test_a_refused_save_shows_the_error_in_the_picker(manager):
     gpath = Path(config.global_path(manager.env))
     gpath.parent.mkdir(parents=True)
     gpath.write_text("broken = [\n")
-    picker = NetworkPicker(manager.remember_network)
+    picker = NetworkPicker(manager)
     picker.buttons[2].click()
     assert "not valid TOML" in picker.status.value and not any(b.disabled for b in picker.buttons)
     assert gpath.read_text() == "broken = [\n"
@@ -74,6 +74,7 @@ def test_a_refused_save_shows_the_error_in_the_picker(manager):
 
 # ---------------------------------------------------------------- the panel
 from mino_jupyter.network import NetworkPlan  # noqa: E402
+from mino_jupyter.network import NetworkChoice  # noqa: E402
 from mino_jupyter.sessions import Session  # noqa: E402
 from mino_jupyter.widgets import Panel  # noqa: E402
 
@@ -206,3 +207,61 @@ def test_panel_changes_tick_plain_data_and_apply_exactly_what_is_ticked(manager)
     button.click()
     assert applied == [("default", ["results.csv", "helper.py"])]
     assert "applied 2 of 2" in p.status.value
+
+
+def test_every_view_shows_a_choice_made_elsewhere(manager):
+    """The form went stale: after a picker choice the panel still said bridge / (none), and
+    applying from there silently changed the network back."""
+    p = Panel(manager, tick=None)
+    picker = NetworkPicker(manager)
+    assert (p.mode.value, p.preset.value) == ("bridge", None)
+    picker.choice.value = ("allowlist", "registries")
+    picker.buttons[0].click()
+    assert (p.mode.value, p.preset.value, p.allow.value) == ("allowlist", "registries", "")
+    assert "allowlist (registries)" in p.current.value
+    p.mode.value, p.preset.value = "none", None
+    p.apply_button.click()  # the panel's own choice shows in the picker that is still on screen
+    assert "next cell: <b>none</b>" in picker.current.value
+    assert picker.choice.disabled and picker.choice.value == ("allowlist", "registries")  # it saved; it keeps its own
+    other = NetworkPicker(manager)
+    manager.choices.network = NetworkChoice("%config MinoMagics", "host", None)
+    manager.kernel_choice_changed()
+    assert other.choice.value == ("host", None) and p.mode.value == "host"
+
+
+def test_the_form_keeps_what_the_user_types_until_the_choice_changes(manager):
+    p = Panel(manager, tick=None)
+    p.allow.value = "10.88.0.1:8080"
+    _fake_session(manager, "busy")
+    manager._changed()  # a cell ended: the table changes, the text being typed stays
+    assert p.allow.value == "10.88.0.1:8080"
+
+
+def test_uptime_ticks_while_the_panel_is_open(manager):
+    now = [1000.0]
+    _fake_session(manager, "default", started=1000.0)
+    _fake_session(manager, "old", state="stopped")
+    p = Panel(manager, clock=lambda: now[0], tick=None)
+    uptime = [c for c in p.sessions.children if isinstance(c, ipywidgets.Label)][6]
+    assert uptime.value == "0s"
+    now[0] = 1075.0
+    p.tick()
+    assert uptime.value == "1m15s"
+    labels = [c.value for c in p.sessions.children if isinstance(c, ipywidgets.Label)]
+    assert labels[13] == "-"  # a stopped session has no uptime
+
+
+def test_the_tick_thread_updates_and_stops_with_the_panel(manager):
+    import time as _time
+
+    _fake_session(manager, "default", started=_time.time() - 5)
+    p = Panel(manager, tick=0.05)
+    uptime = [c for c in p.sessions.children if isinstance(c, ipywidgets.Label)][6]
+    first = uptime.value
+    deadline = _time.monotonic() + 5
+    while uptime.value == first and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert uptime.value != first
+    p.close()
+    p._ticker.join(2)
+    assert not p._ticker.is_alive()
