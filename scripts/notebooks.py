@@ -12,7 +12,9 @@ still produces the committed outputs.
 
 from __future__ import annotations
 
+import configparser
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -160,7 +162,8 @@ CONFIG = [
     md("# Configuration, the first-run choice and the panel\n\n"
        "Settings live under `[container]` in a global file (`~/.config/mino/config.toml`) and in a "
        "project's `.mino.toml`. This notebook works in a scratch project with a configuration of its "
-       "own (your real settings are left alone), like a first run."),
+       "own (your real settings are left alone), like a first run. In the saved outputs, `<scratch>` "
+       "stands for that scratch directory."),
     code("import os, tempfile\n\n"
          "scratch = tempfile.mkdtemp(prefix='mino-config-demo-')\n"
          "os.environ.update(MINO_CONFIG=f'{scratch}/config/config.toml', XDG_CONFIG_HOME=f'{scratch}/config',\n"
@@ -290,6 +293,19 @@ def execute(nb, cwd: Path, timeout: int = 300):
     return nb
 
 
+# The sanitizer sections that match scratch directories: committed outputs show `<scratch>`
+# instead of a temporary path (the same regexes let nbval match a fresh run's real paths).
+SCRATCH_SECTIONS = ("scratch-dirs", "config-demo-dirs")
+
+
+def _without_scratch_paths(text: str) -> str:
+    sanitizers = configparser.ConfigParser(interpolation=None)
+    sanitizers.read(NOTEBOOKS / "sanitize.cfg")
+    for section in SCRATCH_SECTIONS:
+        text = re.sub(sanitizers[section]["regex"], sanitizers[section]["replace"], text)
+    return text
+
+
 def build(name: str) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = NOTEBOOK_SOURCES[name]
@@ -305,6 +321,11 @@ def build(name: str) -> Path:
         for output in cell.get("outputs", []):
             # A widget's live view needs its kernel; the committed notebook keeps its text form.
             output.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+            if "text" in output:
+                output["text"] = _without_scratch_paths(output["text"])
+            for kind, value in output.get("data", {}).items():
+                if kind.startswith("text/") and isinstance(value, str):
+                    output["data"][kind] = _without_scratch_paths(value)
     nb.metadata.pop("widgets", None)
     path = NOTEBOOKS / f"{name}.ipynb"
     nbformat.write(nb, path)
