@@ -142,8 +142,10 @@ def _narrow_side_panel_closed(page) -> None:
         page.wait_for_timeout(300)
 
 
-def _open(page, url: str, token: str, name: str) -> None:
-    page.goto(f"{url}/lab/tree/{name}?token={token}")
+def _open(page, url: str, token: str, name: str, frontend: str = "lab") -> None:
+    """Open a notebook in JupyterLab (`lab`) or Notebook 7 (`notebook`), served by the same server."""
+    path = f"lab/tree/{name}" if frontend == "lab" else f"notebooks/{name}"
+    page.goto(f"{url}/{path}?token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     dialog = page.locator(".jp-Dialog")
     try:
@@ -213,7 +215,8 @@ def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):
 
 
 @pytest.mark.first_run
-def test_picker_and_panel_agree_entries_apply_live_and_nothing_is_clipped(lab, gateway, engine):
+@pytest.mark.parametrize("frontend", ["lab", "notebook"])
+def test_picker_and_panel_agree_entries_apply_live_and_nothing_is_clipped(lab, gateway, engine, frontend):
     from playwright.sync_api import expect, sync_playwright
 
     workdir, url, token = lab
@@ -233,7 +236,7 @@ def test_picker_and_panel_agree_entries_apply_live_and_nothing_is_clipped(lab, g
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            _open(page, url, token, "picker.ipynb")
+            _open(page, url, token, "picker.ipynb", frontend)
             _run_cell(page, 0)
             _run_cell(page, 1)
             panel = _output(page, 1)
@@ -250,7 +253,7 @@ def test_picker_and_panel_agree_entries_apply_live_and_nothing_is_clipped(lab, g
                     _narrow_side_panel_closed(page)
                 picker.scroll_into_view_if_needed()
                 page.wait_for_timeout(500)
-                _shot(page, f"5-picker-{width}px")
+                _shot(page, f"5-picker-{frontend}-{width}px")
                 problems = page.evaluate(LAYOUT_PROBLEMS)
                 assert problems == [], f"at {width} px: {problems}"
 
@@ -283,7 +286,7 @@ def test_picker_and_panel_agree_entries_apply_live_and_nothing_is_clipped(lab, g
                 page.set_viewport_size({"width": width, "height": 1000})
                 panel.scroll_into_view_if_needed()
                 page.wait_for_timeout(500)
-                _shot(page, f"6-panel-{width}px")
+                _shot(page, f"6-panel-{frontend}-{width}px")
                 problems = page.evaluate(LAYOUT_PROBLEMS)
                 assert problems == [], f"at {width} px: {problems}"
             browser.close()
