@@ -30,11 +30,12 @@ class Check:
     detail: str
     fix: str = ""
     note: bool = False  # passes, but names what this host cannot do and what follows
+    warn: bool = False  # passes, but costs something the fix removes
 
     def render(self) -> str:
-        mark = "note" if self.note else "ok  " if self.ok else "FAIL"
+        mark = "note" if self.note else "warn" if self.warn else "ok  " if self.ok else "FAIL"
         line = f"[{mark}] {self.name}: {self.detail}"
-        if not self.ok and self.fix:
+        if (self.warn or not self.ok) and self.fix:
             line += f"\n       fix: {self.fix}"
         return line
 
@@ -115,6 +116,7 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
             add(_subordinate_ids())
         for gap in policy.unenforced(engine.facts()):
             add(Check("limits", True, gap, note=True))
+        add(_exec_cleanup(env))
     except MinoError as exc:
         add(Check("engine", False, exc.message, exc.hint or ""))
 
@@ -137,6 +139,24 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
     add(_session_storage(engine, env))
     engine.close()
     return all(c.ok for c in checks)
+
+
+# Every cell is one Podman exec today; each finished exec keeps a record and two conmon
+# processes for exit_command_delay seconds, and later execs get slower as the records pile up.
+EXEC_CLEANUP_WARN_ABOVE = 30
+
+
+def _exec_cleanup(env, files: list | None = None) -> Check:
+    delay, source = host_facts.exit_command_delay(
+        host_facts.containers_conf_files(env) if files is None else files)
+    where = f"set in {source}" if source else "Podman's default"
+    if delay <= EXEC_CLEANUP_WARN_ABOVE:
+        return Check("exec clean-up", True, f"finished cells' exec records go after {delay} s ({where})")
+    return Check("exec clean-up", True,
+                 f"exit_command_delay is {delay} s ({where}): each finished cell keeps an exec record and "
+                 f"two conmon processes that long, and cells get slower as they pile up",
+                 "put `[engine]` / `exit_command_delay = 10` in a containers.conf drop-in "
+                 "(`scripts/setup-host.sh` writes one), then restart the API service", warn=True)
 
 
 def _subordinate_ids() -> Check:

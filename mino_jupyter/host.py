@@ -5,7 +5,8 @@
 * default limits from the machine's size (memory, cores, free disk);
 * mino's seccomp profile, derived from the engine's default and written once per content;
 * a container's PID namespace and its memory cgroup's OOM-kill count, read from ``/proc`` and
-  the cgroup filesystem: what the kernel itself says happened.
+  the cgroup filesystem: what the kernel itself says happened;
+* the local engine's ``exit_command_delay``, read from the containers.conf files Podman reads.
 """
 
 from __future__ import annotations
@@ -250,3 +251,38 @@ def subordinate_ids_problem(user: str | None = None, uid: int | None = None, fil
             return UsageError(f"user {user} has only {count} subordinate IDs in {path}; {purpose} needs "
                               f"{SUBID_NEEDED}", hint)
     return None
+
+
+PODMAN_EXIT_COMMAND_DELAY = 300  # containers/common's default, in seconds
+
+
+def containers_conf_files(env, uid: int | None = None) -> list[Path]:
+    """The containers.conf files a local Podman 4 reads, lowest precedence first: the
+    ``CONTAINERS_CONF`` file alone when set; else the distribution's, the admin's and its
+    drop-ins, then (rootless only) the user's file and drop-ins."""
+    env = os.environ if env is None else env
+    if env.get("CONTAINERS_CONF"):
+        return [Path(env["CONTAINERS_CONF"])]
+    files = [Path("/usr/share/containers/containers.conf"), Path("/etc/containers/containers.conf")]
+    files += sorted(Path("/etc/containers/containers.conf.d").glob("*.conf"))
+    if (os.getuid() if uid is None else uid) != 0:
+        home = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")).expanduser() / ".config")
+        files.append(home / "containers" / "containers.conf")
+        files += sorted((home / "containers" / "containers.conf.d").glob("*.conf"))
+    return files
+
+
+def exit_command_delay(files: list[Path]) -> tuple[int, Path | None]:
+    """(seconds, the file that set it, None for Podman's default): how long the engine keeps each
+    finished exec's record and conmon processes. The last file that sets it wins."""
+    import tomlkit
+
+    value, source = PODMAN_EXIT_COMMAND_DELAY, None
+    for path in files:
+        try:
+            engine = tomlkit.parse(path.read_text(encoding="utf-8")).get("engine", {})
+        except (OSError, ValueError, tomlkit.exceptions.ParseError):
+            continue
+        if isinstance(engine.get("exit_command_delay"), int):
+            value, source = int(engine["exit_command_delay"]), path
+    return value, source

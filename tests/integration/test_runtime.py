@@ -138,7 +138,8 @@ def test_doctor_passes_every_check(engine):
     rootless = ["[ok  ] subordinate ids"] if engine.facts().rootless else []
     notes = ["[note] limits"] * len(policy.unenforced(engine.facts()))
     assert [line.split(":")[0] for line in lines] == [
-        "[ok  ] podman", "[ok  ] API service", "[ok  ] engine", *rootless, *notes, "[ok  ] base image",
+        "[ok  ] podman", "[ok  ] API service", "[ok  ] engine", *rootless, *notes, "[ok  ] exec clean-up",
+        "[ok  ] base image",
         "[ok  ] hardened container", "[ok  ] session storage"]
     hardened = next(line for line in lines if line.startswith("[ok  ] hardened container"))
     assert "seccomp on, no user namespaces, read-only root" in hardened

@@ -1,3 +1,4 @@
+from pathlib import Path
 import socket
 
 import pytest
@@ -126,3 +127,44 @@ def test_missing_subordinate_ids_are_one_line_with_the_fix(tmp_path):
     assert problem.hint.startswith("as root: usermod --add-subuids 231072-296607 --add-subgids 231072-296607 alice")
     subgid.write_text("4242:100000:65536\n")  # by uid works too
     assert host.subordinate_ids_problem("alice", 4242, (str(subuid), str(subgid))) is None
+
+
+def test_exit_command_delay_is_the_last_file_that_sets_it(tmp_path):
+    from mino_jupyter import host
+
+    usr, etc, dropin = tmp_path / "usr.conf", tmp_path / "etc.conf", tmp_path / "51.conf"
+    usr.write_text("[engine]\n#exit_command_delay = 300\n")
+    etc.write_text("[engine]\nexit_command_delay = 60\n[containers]\nlog_size_max = 1\n")
+    dropin.write_text("[engine]\nexit_command_delay = 10\n")
+    assert host.exit_command_delay([usr]) == (300, None)  # a comment is not a setting
+    assert host.exit_command_delay([usr, etc]) == (60, etc)
+    assert host.exit_command_delay([usr, etc, dropin, tmp_path / "missing.conf"]) == (10, dropin)
+    (tmp_path / "broken.conf").write_text("[engine\n")
+    assert host.exit_command_delay([dropin, tmp_path / "broken.conf"]) == (10, dropin)
+
+
+def test_containers_conf_files_follow_podmans_order(tmp_path):
+    from mino_jupyter import host
+
+    only = tmp_path / "only.conf"
+    assert host.containers_conf_files({"CONTAINERS_CONF": str(only)}) == [only]
+    user = tmp_path / "cfg" / "containers"
+    (user / "containers.conf.d").mkdir(parents=True)
+    (user / "containers.conf.d" / "b.conf").write_text("")
+    (user / "containers.conf.d" / "a.conf").write_text("")
+    files = host.containers_conf_files({"XDG_CONFIG_HOME": str(tmp_path / "cfg")}, uid=1000)
+    assert files[:2] == [Path("/usr/share/containers/containers.conf"), Path("/etc/containers/containers.conf")]
+    assert files[-3:] == [user / "containers.conf", user / "containers.conf.d" / "a.conf",
+                          user / "containers.conf.d" / "b.conf"]
+    assert user / "containers.conf" not in host.containers_conf_files({"XDG_CONFIG_HOME": str(tmp_path / "cfg")}, uid=0)
+
+
+def test_doctor_warns_about_a_long_exit_command_delay(tmp_path):
+    from mino_jupyter import doctor
+
+    conf = tmp_path / "c.conf"
+    conf.write_text("[engine]\nexit_command_delay = 10\n")
+    assert doctor._exec_cleanup(None, [conf]).render().startswith("[ok  ] exec clean-up: finished cells' exec records go after 10 s")
+    line = doctor._exec_cleanup(None, []).render()
+    assert line.startswith("[warn] exec clean-up: exit_command_delay is 300 s (Podman's default)")
+    assert "fix: put `[engine]` / `exit_command_delay = 10`" in line
