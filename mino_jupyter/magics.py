@@ -133,6 +133,9 @@ class MinoMagics(Magics):
     display_lines = Int(10_000, help="lines of a cell's output shown in the notebook (0: no limit); the rest "
                                      "is counted and stays in the session's log").tag(config=True)
     display_bytes = Int(2 << 20, help="bytes of a cell's output shown in the notebook (0: no limit)").tag(config=True)
+    prestart = Bool(True, help="start the default session when the extension loads, if the network is "
+                               "already chosen (the first cell takes it only if it would start the same one)"
+                    ).tag(config=True)
 
     def __init__(self, shell, manager: SessionManager | None = None):
         self.manager = manager or SessionManager()  # before the traits: @observe writes into it
@@ -447,6 +450,8 @@ def load_ipython_extension(ipython) -> None:
     _install_exception_display(ipython)
     _loaded[id(ipython)] = magics
     magics.manager.start_background_reap()
+    if magics.prestart:
+        magics.manager.prestart()
 
 
 def unload_ipython_extension(ipython) -> None:

@@ -106,6 +106,10 @@ class Session:
     oom_kills: int = 0
     secrets: set[str] = field(default_factory=set, repr=False)  # every value passed in; memory only
     startup: dict[str, float] = field(default_factory=dict)  # seconds per phase of its start (benchmarks)
+    # Started ahead of its first cell (SessionManager.prestart): what it was started for, and the
+    # notices of its start, shown by the first cell that takes it. None once a cell has.
+    prestarted: tuple | None = field(default=None, repr=False)
+    held_notices: list[str] = field(default_factory=list, repr=False)
 
     def row(self) -> dict:
         return {
@@ -137,7 +141,8 @@ class SessionManager:
                  env: Mapping[str, str] | None = None, owner: Owner | None = None,
                  watchdog: bool = True, resolver: firewall.Resolver = firewall.system_resolver):
         self.cwd = cwd
-        self.notice = notice or (lambda message: print(message, file=sys.stderr))
+        self._say = notice or (lambda message: print(message, file=sys.stderr))
+        self._holding = threading.local()  # a thread whose notices wait (the prestart's)
         self.env = env
         self.resolver = resolver
         # The firewall container always runs mino's own image (it has nft), whatever the session's.
@@ -160,6 +165,14 @@ class SessionManager:
         self.choices = Choices(cwd, env, self.state, self.notice)
         self.first_run_hook: Callable[[], None] | None = None  # no network chosen anywhere yet
         atexit.register(self.shutdown)
+
+    def notice(self, message: str) -> None:
+        """Say something to the user, or keep it for later when this thread's notices wait."""
+        held = getattr(self._holding, "notices", None)
+        if held is not None:
+            held.append(message)
+        else:
+            self._say(message)
 
     # ------------------------------------------------------------------ engine
     @property
@@ -258,6 +271,8 @@ class SessionManager:
             existing = None if opts.fresh else self.sessions.get(opts.session)
             if existing is not None and existing.state == "stopped":
                 existing = None
+            if existing is not None and existing.prestarted is not None:
+                existing = self._take_prestarted(existing, opts, loaded, presets)
             resolution = choices.plan(opts.network, (existing.name, existing.plan) if existing else None,
                                       loaded, presets)
             image = choices.image_for(opts.image, loaded)
@@ -280,6 +295,72 @@ class SessionManager:
             if session.firewall is not None and session.firewall.due():
                 self._guard_firewall(session, session.firewall.refresh)
         return session, loaded
+
+    # ------------------------------------------------------------------ the default session, ahead
+    def prestart(self) -> threading.Thread | None:
+        """Start the default session in the background when the network is already chosen (the
+        extension has just loaded), so the first cell does not wait for it. That cell takes it
+        only if it would have started the very same session itself (network plan, image,
+        workspace and its directory, limits, settings), else it is removed and the cell starts
+        its own: starting ahead changes when, never what. Its notices wait for that cell."""
+        try:
+            loaded = self.choices.settings()
+        except MinoError:
+            return None
+        if loaded.errors or not (loaded.explicit_network() or self.choices.network is not None):
+            return None  # a first run (the picker comes with the first cell) or a broken file
+        thread = threading.Thread(target=self._prestart, name="mino-prestart", daemon=True)
+        thread.start()
+        return thread
+
+    def _new_session(self, opts: CellOptions, loaded: config.Loaded, presets: dict | None = None) -> tuple:
+        """What a cell with `opts` would start as a new session now (its notices are the caller's)."""
+        choices = self.choices
+        return (choices.plan(opts.network, None, loaded, presets).plan, choices.image_for(opts.image, loaded),
+                choices.workspace_for(opts.workspace, loaded),
+                choices.resources_for(opts.memory, opts.cpus, opts.disk, loaded),
+                self.cwd().resolve(), choices.home(), config.describe(loaded))
+
+    def _prestart(self) -> None:
+        held: list[str] = []
+        self._holding.notices = held
+        try:
+            with self._lock:
+                current = self.sessions.get(DEFAULT_SESSION)
+                if self._closed or (current is not None and current.state != "stopped"):
+                    return
+                loaded = self.choices.settings()
+                opts = CellOptions()
+                resolution = self.choices.plan(opts.network, None, loaded)
+                for warning in resolution.warnings:
+                    self.notice(f"mino: {warning}")
+                wanted = self._new_session(opts, loaded)
+                plan, image, workspace, resources = wanted[:4]
+                session = self._start_session(self.engine, opts, image, plan, workspace, resources, loaded)
+                session.prestarted, session.held_notices = wanted, held
+                if self._closed:  # unloaded meanwhile: nothing of it stays
+                    self._remove(session)
+        except Exception:  # noqa: BLE001 - the first cell starts its own session and reports why not
+            pass
+        finally:
+            self._holding.notices = None
+
+    def _take_prestarted(self, session: Session, opts: CellOptions, loaded: config.Loaded,
+                         presets: dict) -> Session | None:
+        """The prestarted default session if this cell would start the same one, else None (removed)."""
+        self._holding.notices = []
+        try:
+            same = self._new_session(opts, loaded, presets) == session.prestarted
+        finally:
+            self._holding.notices = None
+        if not same:
+            self._remove(session)
+            return None
+        session.prestarted = None
+        for message in session.held_notices:
+            self.notice(message)
+        session.held_notices = []
+        return session
 
     def _check_compatible(self, s: Session, plan: NetworkPlan, image: str, opts: CellOptions) -> None:
         hint = (f"use --session NEW_NAME or --fresh for a different set-up, or `%mino stop {s.name}` first")

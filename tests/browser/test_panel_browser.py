@@ -101,6 +101,7 @@ def _shot(page, name: str) -> None:
 
 
 def _run_cell(page, index: int) -> None:
+    _dismiss_kernel_dialog(page)
     cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
     cell.locator(".jp-InputArea-editor").click()
     page.keyboard.press("Shift+Enter")
@@ -143,18 +144,31 @@ def _narrow_side_panel_closed(page) -> None:
 
 
 def _open(page, url: str, token: str, name: str, frontend: str = "lab") -> None:
-    """Open a notebook in JupyterLab (`lab`) or Notebook 7 (`notebook`), served by the same server."""
+    """Open a notebook in JupyterLab (`lab`) or Notebook 7 (`notebook`), served by the same server,
+    and wait for its kernel: a kernel dialog may come late on a loaded machine, so look for it
+    until the kernel is idle (or, where no indicator shows, 8 s without a dialog)."""
     path = f"lab/tree/{name}" if frontend == "lab" else f"notebooks/{name}"
     page.goto(f"{url}/{path}?token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    start = time.monotonic()
+    while time.monotonic() < start + 60:
+        if _dismiss_kernel_dialog(page):
+            start = time.monotonic() - 8 + 2  # after a dialog, give the kernel a moment
+        elif idle.count() or time.monotonic() > start + 8:
+            return
+        page.wait_for_timeout(200)
+
+
+def _dismiss_kernel_dialog(page) -> bool:
     dialog = page.locator(".jp-Dialog")
     try:
-        dialog.wait_for(timeout=8_000)
-        dialog.get_by_role("button", name="Select").click()
+        if dialog.count() and dialog.first.is_visible():
+            dialog.first.get_by_role("button", name="Select").click(timeout=5_000)
+            return True
     except Exception:
-        pass  # the kernel was picked without asking
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], "
-                           ".jp-Toolbar-kernelStatus", timeout=60_000)
+        pass
+    return False
 
 
 def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):

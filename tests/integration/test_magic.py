@@ -538,3 +538,55 @@ def test_a_home_directory_is_never_written(engine, base_image, tmp_path):
         assert m.sessions["default"].workspace == "overlay"
     finally:
         m.shutdown()
+
+
+def _prestarted_kernel(engine, workspace):
+    """A kernel whose default session was started ahead, when the extension loaded: (kernel, token,
+    the prestarted container's id)."""
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
+    k.ok("%load_ext mino_jupyter")
+    token = k.owner_token()
+    assert _wait_until(lambda: len(_sessions(engine, token)) == 1, timeout=90), "no session started ahead"
+    return k, token, _sessions(engine, token)[0]["Id"]
+
+
+def test_the_default_session_starts_ahead_and_the_first_cell_takes_it(engine, base_image, workspace):
+    k, token, ahead = _prestarted_kernel(engine, workspace)
+    try:
+        r = k.ok("%%mino\necho first")
+        assert r.stdout == "first\n"
+        assert [c["Id"] for c in _sessions(engine, token)] == [ahead]  # that container, no other
+    finally:
+        k.shutdown()
+
+
+def test_a_session_started_ahead_never_decides_what_the_first_cell_gets(engine, base_image, workspace, tmp_path):
+    """The configuration changed between loading and the first cell (the network here, and the
+    notebook's directory): the first cell gets exactly what it would have got without starting
+    ahead, and the container started ahead is gone."""
+    k, token, ahead = _prestarted_kernel(engine, workspace)
+    try:
+        config = workspace.parent / "mino-home" / "config.toml"
+        config.write_text('[container]\nnetwork = "none"\n')
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "marker-elsewhere").write_text("")
+        give_to_cell(elsewhere)
+        k.ok(f"import os\nos.chdir({str(elsewhere)!r})")
+        r = k.ok("%%mino\nip -o -4 addr show | awk '{print $2}'\nls /workspace")
+        assert r.stdout.split() == ["lo", "marker-elsewhere"]
+        ids = [c["Id"] for c in _sessions(engine, token)]
+        assert ahead not in ids and len(ids) == 1
+    finally:
+        k.shutdown()
+
+
+def test_no_session_starts_ahead_when_turned_off(engine, base_image, workspace):
+    k = Kernel(cwd=str(workspace), env=isolated_env(workspace.parent / "mino-home"))
+    try:
+        k.ok("%config MinoMagics.prestart = False\n%load_ext mino_jupyter")
+        token = k.owner_token()
+        time.sleep(3)
+        assert _sessions(engine, token) == []
+    finally:
+        k.shutdown()
