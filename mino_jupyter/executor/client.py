@@ -50,6 +50,7 @@ def build(directory: Path) -> Path:
     not readable by the cell user, so the kernel starts it non-dumpable (see the design doc).
     Returns the directory to bind-mount at :data:`MOUNT_DIR`."""
     directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o755)  # the cell user must reach the file (but not read it)
     tmp = directory / f".mino-exec.{os.getpid()}"
     subprocess.run(["gcc", "-O2", "-static", "-o", str(tmp), str(SOURCE)], check=True,
                    capture_output=True)
