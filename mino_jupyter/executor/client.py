@@ -167,7 +167,9 @@ class Executor:
             time.sleep(0.02)
         code = info.get("ExitCode")
         text = ""
-        if code is not None and not info.get("Running"):
+        if info.get("Running"):
+            text = " (the connection to it was lost while it still ran; it is killed now)"
+        elif code is not None:
             text = f" (exit code {code}" + (f": killed by signal {code - 128}" if code > 128 else "") + ")"
         diag = self._diagnostics.decode(errors="replace").strip()
         return text + (f": {diag.splitlines()[-1]}" if diag else "")
@@ -267,7 +269,7 @@ class Executor:
         self._reader.join(wait)
         if self._reader.is_alive():
             self.kill()
-        self._conn.close()
+        self.disconnect()
         self.dead = self.dead or "the session's executor was closed"
 
     def kill(self) -> None:
@@ -279,6 +281,15 @@ class Executor:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        """Drop the connection (shutdown wakes the reader thread; close alone would not). The
+        executor does NOT notice: the engine keeps its stdin open (see the design doc)."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._conn.close()
 
 
