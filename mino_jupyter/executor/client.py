@@ -161,7 +161,10 @@ class Executor:
         info = {}
         end = time.monotonic() + 1.0
         while time.monotonic() < end:  # the engine records the exit a moment after the stream ends
-            info = self.engine.exec_inspect(self.exec_id)
+            try:
+                info = self.engine.exec_inspect(self.exec_id)
+            except MinoError:
+                return " (the engine does not answer; the executor ends by itself when its connection goes)"
             if not info.get("Running"):
                 break
             time.sleep(0.02)
@@ -274,7 +277,10 @@ class Executor:
 
     def kill(self) -> None:
         """From outside: the executor's host process (a local engine), then the connection."""
-        info = self.engine.exec_inspect(self.exec_id)
+        try:
+            info = self.engine.exec_inspect(self.exec_id)
+        except MinoError:
+            info = {}
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
         if pid:
             try:
