@@ -134,6 +134,16 @@ def main() -> None:
             for name in (rotated if i % 2 == 0 else rotated[::-1]):
                 times[name].append(timed(runs[name]))
 
+        # 50 MB of stdout, bytes only (no decoding, no display): the executor's frames vs one
+        # exec's stream (engine.exec_run), alternating.
+        big = "head -c 50000000 /dev/zero"
+        through: dict[str, list[float]] = {"executor": [], "exec": []}
+        for i in range(4):
+            pair = [("executor", lambda: ex.run(big, on_output=lambda k, d: None)),
+                    ("exec", lambda: engine.exec_run(cid, policy.exec_body(["/bin/bash", "-c", big])))]
+            for name, fn in (pair if i % 2 == 0 else pair[::-1]):
+                through[name].append(timed(fn))
+
         # Interrupt -> cell ended, `sleep 30`, alternating.
         stops: dict[str, list[float]] = {"executor": [], "exec": []}
         for i in range(args.interrupts):
@@ -160,6 +170,9 @@ def main() -> None:
     print(f"Interrupt (SIGINT to the caller) -> `sleep 30` ended, {args.interrupts} each:")
     print(f"  executor        {fmt(stops['executor'])}")
     print(f"  per-cell exec   {fmt(stops['exec'])}")
+    print("50 MB of stdout, bytes only, 4 each (MB/s from the median):")
+    for name in ("executor", "exec"):
+        print(f"  {name:14s}  {fmt(through[name])}  {50 / stats(through[name])[0]:.0f} MB/s")
     print(f"100 executor cells: median of the last 25 / first 25 = {last / first:.2f}x; "
           f"conmon processes of the container at peak: {peak}")
 
