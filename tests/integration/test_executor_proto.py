@@ -4,7 +4,9 @@ uid. Nothing is timed; "quickly" means well before the command the cell started 
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
 import threading
 import time
 import uuid
@@ -224,3 +226,60 @@ def test_a_lost_connection_ends_the_executor_and_its_cells(engine, session):
             break
         time.sleep(0.1)
     assert code == 1, out
+
+
+# ------------------------------------------------------------------ the protocol, with the executor on this machine
+
+class Local:
+    """mino-exec as a child process here (no engine): requests written to its stdin as the
+    engine would, frames read back from its stdout."""
+
+    def __init__(self, binary):
+        self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.read()[0] == b"H"
+
+    def send(self, data: bytes, *, bytewise: bool = False) -> None:
+        for piece in ([data[i:i + 1] for i in range(len(data))] if bytewise else [data]):
+            self.proc.stdin.write(piece)
+            self.proc.stdin.flush()
+
+    def read(self) -> tuple[bytes, bytes]:
+        head = self.proc.stdout.read(5)
+        return head[:1], self.proc.stdout.read(struct.unpack(">I", head[1:])[0])
+
+    def until_end(self) -> list[tuple[bytes, bytes]]:
+        seen = [self.read()]
+        while seen[-1][0] != b"X":
+            seen.append(self.read())
+        return seen
+
+
+@pytest.fixture
+def local(tmp_path):
+    binary = client.build(tmp_path) / "mino-exec"
+    os.chmod(binary, 0o700)  # root runs it here; inside a container it is 0111
+    runner = Local(binary)
+    yield runner
+    runner.proc.kill()
+    runner.proc.wait()
+
+
+def test_protocol_requests_split_anywhere_busy_and_wrong_nonces(local):
+    one, two = b"1" * 16, b"2" * 16
+    local.send(client.run_request(one, "echo hi; sleep 0.5; echo done", {}, "/", 50), bytewise=True)
+    assert local.read()[0] == b"S"
+    local.send(client.run_request(two, "echo never", {}, "/", 50))  # while one runs: refused
+    assert local.read() == (b"L", b"a cell is still running")
+    kind, payload = local.read()
+    assert (kind, payload[:17]) == (b"X", two + b"b")
+    local.send(client.request(b"K", two + struct.pack(">I", 9)))  # not the running cell's nonce: ignored
+    frames = local.until_end()
+    assert (b"O", b"hi\n") in frames and (b"O", b"done\n") in frames
+    assert frames[-1] == (b"X", one + b"e" + struct.pack(">II", 0, 0))
+    local.send(client.request(b"R", one + struct.pack(">I", 50) + b"C\0\0\0\1/"))  # no script
+    assert local.read() == (b"L", b"refused a run request: no script")
+    assert local.read()[1][16:17] == b"f"
+    local.send(client.run_request(one, "echo still", {}, "/", 50))
+    assert (b"O", b"still\n") in local.until_end()
+    local.proc.stdin.close()
+    assert local.proc.wait(5) == 0
