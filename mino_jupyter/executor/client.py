@@ -108,6 +108,7 @@ class Executor:
         self._current: bytes | None = None  # nonce of the running cell
         self.dead: str | None = None  # why it cannot be used any more
         self.pid: int | None = None  # in the container
+        self.base_env: dict[str, str] = {}
         self._reader = threading.Thread(target=self._pump, name=f"mino-executor-{exec_id[:8]}", daemon=True)
         self._reader.start()
 
@@ -123,6 +124,10 @@ class Executor:
         if kind != b"H" or not payload.startswith(b"mino-exec 1 "):
             ex._fail(f"the executor answered {kind!r} {payload[:60]!r} instead of its hello")
         ex.pid = int(payload.rsplit(b"pid=", 1)[1])
+        # The executor clears its own environment; a cell gets what an exec would have given it
+        # (the container's: the image's PATH, HOME, LANG, the CA variables) under its own.
+        config = (engine.inspect(container) or {}).get("Config") or {}
+        ex.base_env = dict(item.split("=", 1) for item in config.get("Env") or () if "=" in item)
         return ex
 
     # ------------------------------------------------------------------ the stream
@@ -201,7 +206,7 @@ class Executor:
         out, err = bytearray(), bytearray()
         result = Result(-1, None, b"", b"", 0.0)
         self._current = nonce
-        self._send(run_request(nonce, script, env or {}, cwd, grace_ms))
+        self._send(run_request(nonce, script, {**self.base_env, **(env or {})}, cwd, grace_ms))
         deadline = started + timeout if timeout else None
         escalation = iter(ESCALATION)
         timing_out = timeout is not None  # False once the user interrupts instead

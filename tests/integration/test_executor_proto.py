@@ -67,12 +67,21 @@ def test_exit_codes_streams_and_environment(ex):
     assert (r.exit_code, r.stdout, r.stderr, r.signal) == (3, b"out\n", b"err\n", None)
     r = sh(ex, "kill -KILL $$")
     assert (r.exit_code, r.signal) == (137, 9)
-    r = sh(ex, 'echo "$0|$PATH|[$BASH_ENV]|$FOO|$(pwd)|$(id -u)"; cat; echo "[$-]"',
+    r = sh(ex, 'echo "$0|[$BASH_ENV]|$FOO|$(pwd)|$(id -u)"; cat; echo "[$-]"',
            env={"FOO": "bar baz", "BASH_ENV": "/tmp/evil"}, cwd="/tmp")
-    assert r.stdout.decode().splitlines() == [
-        "mino-cell|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|[]|bar baz|/tmp|1000", "[hBc]"]
+    assert r.stdout.decode().splitlines() == ["mino-cell|[]|bar baz|/tmp|1000", "[hBc]"]
     r = sh(ex, "echo $PATH", env={"PATH": "/bin"})
     assert r.stdout == b"/bin\n"
+
+
+def test_a_cell_gets_the_environment_an_exec_would_give_it(engine, session, ex):
+    probe = "env | sort; umask; ulimit -n"
+    _code, by_exec, _ = engine.exec_run(session, policy.cell_exec(probe, env={"FOO": "1"}) | {"WorkingDir": "/tmp"})
+    assert sh(ex, probe, env={"FOO": "1"}).stdout == by_exec
+    ex.base_env = {}  # nothing from the container: the executor's fixed PATH, and nothing else
+    assert sh(ex, "env | sort").stdout.decode().splitlines() == [
+        "BASH_ENV=", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "PWD=/tmp", "SHLVL=1",
+        "_=/usr/bin/env"]
     r = sh(ex, "true", cwd="/nonexistent")
     assert r.exit_code == 126 and b"cannot enter /nonexistent" in r.stderr
 
@@ -269,11 +278,10 @@ def test_protocol_requests_split_anywhere_busy_and_wrong_nonces(local):
     local.send(client.run_request(one, "echo hi; sleep 0.5; echo done", {}, "/", 50), bytewise=True)
     assert local.read()[0] == b"S"
     local.send(client.run_request(two, "echo never", {}, "/", 50))  # while one runs: refused
-    assert local.read() == (b"L", b"a cell is still running")
-    kind, payload = local.read()
-    assert (kind, payload[:17]) == (b"X", two + b"b")
-    local.send(client.request(b"K", two + struct.pack(">I", 9)))  # not the running cell's nonce: ignored
     frames = local.until_end()
+    assert frames[-2:] == [(b"L", b"a cell is still running"), (b"X", two + b"b" + bytes(8))]
+    local.send(client.request(b"K", two + struct.pack(">I", 9)))  # not the running cell's nonce: ignored
+    frames += local.until_end()
     assert (b"O", b"hi\n") in frames and (b"O", b"done\n") in frames
     assert frames[-1] == (b"X", one + b"e" + struct.pack(">II", 0, 0))
     local.send(client.request(b"R", one + struct.pack(">I", 50) + b"C\0\0\0\1/"))  # no script
