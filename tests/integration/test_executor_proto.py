@@ -86,6 +86,13 @@ def test_a_cell_gets_the_environment_an_exec_would_give_it(engine, session, ex):
     assert r.exit_code == 126 and b"cannot enter /nonexistent" in r.stderr
 
 
+def test_the_executor_and_its_cells_hold_nothing_more_than_an_exec(ex):
+    r = sh(ex, "for p in $PPID $$; do grep -E '^(CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/$p/status; done")
+    fields = [line.split(":")[0] + "=" + line.split()[1] for line in r.stdout.decode().splitlines()]
+    assert fields == ["CapPrm=0000000000000000", "CapEff=0000000000000000", "CapBnd=0000000000000000",
+                      "CapAmb=0000000000000000", "NoNewPrivs=1", "Seccomp=2"] * 2
+
+
 def test_each_cell_is_its_own_session_and_group(ex):
     r = sh(ex, "ps -o pid=,pgid=,sid= -p $$")
     pid, pgid, sid = map(int, r.stdout.split())
