@@ -190,10 +190,10 @@ static const char *parse_run(uint8_t *p, size_t len, struct request *rq, char **
             return "unknown field";
         }
         s += n + 1;
+        *store = s;                   /* what was copied is wiped by the caller, refused or not */
     }
     if (!rq->script)
         return "no script";
-    *store = s;
     return NULL;
 }
 
@@ -276,6 +276,13 @@ static void start_cell(const uint8_t *nonce, uint32_t grace_ms, struct request *
     cell.err = err[0];
     cell.exited = 0;
     cell.grace_ms = grace_ms;
+    if (ngroups == MAX_GROUPS) {      /* forget the groups that are gone */
+        int kept = 0;
+        for (int i = 0; i < ngroups; i++)
+            if (kill(-groups[i], 0) == 0 || errno != ESRCH)
+                groups[kept++] = groups[i];
+        ngroups = kept;
+    }
     if (ngroups < MAX_GROUPS)
         groups[ngroups++] = pid;
     char text[32];
