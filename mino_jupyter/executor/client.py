@@ -120,7 +120,10 @@ class Executor:
         exec_id = engine.exec_create(container, body)
         sock, leftover = _hijack(engine, f"exec/{exec_id}/start", {"Detach": False, "Tty": False})
         ex = cls(engine, container, exec_id, sock, leftover)
-        kind, payload = ex._next(HELLO_TIMEOUT, "say hello")
+        try:
+            kind, payload = ex._next(HELLO_TIMEOUT, "say hello")
+        except queue.Empty:
+            ex._fail(f"the executor did not answer within {HELLO_TIMEOUT:.0f} s")
         if kind != b"H" or not payload.startswith(b"mino-exec 1 "):
             ex._fail(f"the executor answered {kind!r} {payload[:60]!r} instead of its hello")
         ex.pid = int(payload.rsplit(b"pid=", 1)[1])
@@ -153,10 +156,7 @@ class Executor:
     def _next(self, timeout: float | None, doing: str) -> tuple[bytes, bytes]:
         if self.dead:
             raise ExecutorGone(self.dead, "run the cell again: a new executor is started")
-        try:
-            item = self._frames.get(timeout=timeout)
-        except queue.Empty:
-            raise
+        item = self._frames.get(timeout=timeout)  # queue.Empty on timeout
         if item is None:
             self._frames.put(None)
             self._fail(f"the session's executor ended while trying to {doing}{self._why_ended()}")
@@ -197,7 +197,8 @@ class Executor:
     # ------------------------------------------------------------------ cells
     def run(self, script: str, *, env: Mapping[str, str] | None = None, cwd: str = policy.WORKDIR,
             on_output: Output | None = None, timeout: float | None = None, grace_ms: int = GRACE_MS) -> Result:
-        """Run one cell; stream its output to `on_output` as it arrives; return when it ended.
+        """Run one cell; stream its output to `on_output` as it arrives; return when it ended
+        (the output is also kept whole in the result: a prototype's convenience).
         `timeout`: seconds, then INT, TERM, KILL to its process group (through the executor)."""
         if self.dead:
             raise ExecutorGone(self.dead, "run the cell again: a new executor is started")
