@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -156,6 +157,7 @@ def main() -> None:
         ex.close()
     finally:
         engine.remove(cid)
+        shutil.rmtree(work, ignore_errors=True)
 
     ex_m, pe_m, b_m = (stats(times[n])[0] for n in ("executor", "exec", "bash"))
     print(f"Warm `true`, {args.pairs} rounds (Podman {engine.version()}, {os.cpu_count()} cores, "
