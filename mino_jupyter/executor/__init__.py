@@ -1,0 +1,1 @@
+"""The resident cell executor (prototype): mino-exec.c and its client."""
