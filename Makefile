@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 PYTEST_ROOTLESS_ARGS ?=
+# Cells again with the resident executor off (MINO_EXECUTOR=0): one exec per cell, the path the
+# engine can always take.
+FALLBACK_TESTS ?= tests/integration/test_magic.py tests/integration/test_containment.py tests/integration/test_executor.py
 
 .PHONY: setup demo test test-rootless unit mutants notebooks bench lab clean-containers
 
@@ -18,6 +21,7 @@ demo:
 test:
 	@scripts/setup-host.sh --browser --toolchains
 	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
+	MINO_REQUIRE_PODMAN=1 MINO_EXECUTOR=0 $(PY) -m pytest $(PYTEST_ARGS) $(FALLBACK_TESTS)
 	$(PY) scripts/notebooks.py --check
 	$(PY) scripts/notebooks.py --check-in-place
 	$(PY) tests/mutants/run.py

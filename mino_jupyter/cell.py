@@ -13,12 +13,17 @@ IPython's ``%%script``/``%%bash`` habits, and where mino differs:
   other process the cell started, ``setsid`` or not. ``%%bash`` only signals its own process;
   a sandbox cannot leave the cell's background work running unseen. What survives is reported.
 * The exit code comes from the engine once the stream ends.
+* Where the session has a resident executor (:mod:`mino_jupyter.executor`), the cell is a
+  request to it instead of an exec of its own: the same bash, argv, environment and working
+  directory, its output read the same way; interrupt and timeout signal the group through the
+  executor first (answered within a millisecond), then stop the rest from this machine as above.
 """
 
 from __future__ import annotations
 
 import codecs
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -27,6 +32,7 @@ from typing import Callable, Mapping, Protocol
 
 from . import policy, procs
 from .errors import MinoError
+from .executor import CellRun, Executor
 from .runtime import STDERR, STDOUT, Engine, ExecStream
 
 MAX_ARGV_SCRIPT = 100_000  # bytes; larger scripts are handed over as a file (argv limit is 128 KiB)
@@ -55,16 +61,34 @@ class CellResult:
     timeout: float | None = None
     survivors: tuple[procs.Proc, ...] = ()  # what could not be stopped (normally nothing)
     stopped_everything: bool = False  # the last resort ended earlier cells' processes too
+    lost: str | None = None  # the executor ended while the cell ran: the cell did not complete
 
 
 def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str, str],
                sink: Sink, timeout: float | None = None, control: ControlFiles | None = None,
                namespace: str | None = None, cgroup: str | None = None,
-               cell_uid: int = policy.CELL_UID, cancel: threading.Event | None = None) -> CellResult:
+               cell_uid: int = policy.CELL_UID, cancel: threading.Event | None = None,
+               executor: Executor | None = None) -> CellResult:
     """Run `script` with bash in `container`; stream output to `sink` as it arrives.
     `namespace`, `cgroup`, `cell_uid`: the container's PID namespace, its own cgroup and the
     cell's uid as seen from here (for stopping). `cancel`: set from another thread, it stops the
-    cell as an interrupt does (`%mino kill` of a background cell)."""
+    cell as an interrupt does (`%mino kill` of a background cell). `executor`: the session's
+    resident executor, which runs the cell instead of an exec of its own (ExecutorGone when it
+    cannot take it: then nothing ran)."""
+    if executor is not None:
+        clock = procs.boottime_ticks()
+        started = time.monotonic()
+        run = executor.begin(script, env={**env, "BASH_ENV": ""})
+        stop = _executor_stopper(run, engine, container, namespace, cgroup, clock, cell_uid)
+        try:
+            result = _follow(run, stop, sink, timeout, cancel, started)
+        finally:
+            run.close()
+        if not run.ended.is_set():  # no end record even after the stop: stopped by a cell, or stuck
+            executor.kill()
+            run.lost = run.lost or "the session's cell executor did not report the cell's end (stopped by a cell?)"
+        result.lost = run.lost
+        return result
     data = script.encode("utf-8", "surrogateescape")
     file_name = None
     if len(data) > MAX_ARGV_SCRIPT and control is not None:
@@ -167,6 +191,12 @@ def _run(engine: Engine, container: str, body: dict, sink: Sink, timeout: float 
         stopped = _guarded(stop)
         return CellResult(exit_code=130, duration=time.monotonic() - started, interrupted=stopped.how,
                           survivors=stopped.survivors, stopped_everything=stopped.everything)
+    return _follow(stream, stop, sink, timeout, cancel, started)
+
+
+def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sink: Sink,
+            timeout: float | None, cancel: threading.Event | None, started: float) -> CellResult:
+    """Show a running cell's output until it ends; stop it on interrupt, cancel or deadline."""
     decoders = {STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
                 STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
     deadline = started + timeout if timeout else None
@@ -245,21 +275,53 @@ def _stopper(engine: Engine, container: str, exec_id: str, namespace: str | None
         info = engine.exec_inspect(exec_id)
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
         stopped = procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid)
-        if cgroup is None and namespace and (stopped.survivors or procs.still_running(namespace, clock, uid=cell_uid)):
-            # No freezer (rootless on cgroup v1) and something escaped the sweep: the kernel's
-            # all-at-once kill of the cell's uid, from inside (policy.kill_all_exec).
-            try:
-                engine.exec_run(container, policy.kill_all_exec())
-            except MinoError:
-                return stopped
-            end = time.monotonic() + 2.0
-            left = procs.cell_processes(namespace, clock, uid=cell_uid)
-            while left and time.monotonic() < end:
-                time.sleep(0.02)
-                left = procs.cell_processes(namespace, clock, uid=cell_uid)
-            return procs.Stopped(stopped.signal, tuple(left.values()), everything=not left)
-        return stopped
+        return _last_resort(stopped, engine, container, namespace, cgroup, clock, cell_uid, None)
     return stop
+
+
+def _executor_stopper(run: CellRun, engine: Engine, container: str, namespace: str | None, cgroup: str | None,
+                      clock: int, cell_uid: int) -> Callable[[], procs.Stopped]:
+    """As for an exec, from this machine: the cell's shell (its container pid mapped to this
+    machine's) and its group, then whatever it started outside the group; the executor is
+    where the cell's processes descend from, as the container's init is for an exec. A cell
+    whose start has not been reported yet is signalled through the executor first."""
+    def stop() -> procs.Stopped:
+        boundary = run.executor.host_pid
+        leader = procs.host_pid(namespace, run.pid) if namespace and run.pid else None
+        if leader:
+            stopped = procs.stop(leader, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid, boundary=boundary)
+        else:
+            used = None
+            for name, wait in (("INT", procs.GRACE), ("TERM", procs.GRACE), ("KILL", 1.0)):
+                if run.ended.is_set() or not run.signal(getattr(signal, f"SIG{name}")):
+                    break
+                used = name
+                if run.wait_end(wait):
+                    break
+            stopped = procs.stop(0, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid, boundary=boundary)
+            stopped = procs.Stopped(used or stopped.signal, stopped.survivors, stopped.everything)
+        return _last_resort(stopped, engine, container, namespace, cgroup, clock, cell_uid, boundary)
+    return stop
+
+
+def _last_resort(stopped: procs.Stopped, engine: Engine, container: str, namespace: str | None, cgroup: str | None,
+                 clock: int, cell_uid: int, boundary: int | None) -> procs.Stopped:
+    """No freezer (rootless on cgroup v1) and something escaped the sweep: the kernel's
+    all-at-once kill of the cell's uid, from inside (policy.kill_all_exec; it ends the session's
+    executor too, which the next cell replaces)."""
+    if cgroup is not None or not namespace or not (
+            stopped.survivors or procs.still_running(namespace, clock, uid=cell_uid, boundary=boundary)):
+        return stopped
+    try:
+        engine.exec_run(container, policy.kill_all_exec())
+    except MinoError:
+        return stopped
+    end = time.monotonic() + 2.0
+    left = procs.cell_processes(namespace, clock, uid=cell_uid, boundary=boundary)
+    while left and time.monotonic() < end:
+        time.sleep(0.02)
+        left = procs.cell_processes(namespace, clock, uid=cell_uid, boundary=boundary)
+    return procs.Stopped(stopped.signal, tuple(left.values()), everything=not left)
 
 
 def _guarded(stop: Callable[[], procs.Stopped]) -> procs.Stopped:
@@ -271,7 +333,7 @@ def _guarded(stop: Callable[[], procs.Stopped]) -> procs.Stopped:
             continue
 
 
-def _drain(stream: ExecStream, emit) -> None:
+def _drain(stream: ExecStream | CellRun, emit) -> None:
     end = time.monotonic() + DRAIN_AFTER_KILL
     while True:
         try:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from . import config, firewall, host, image as images, mounts, policy, session_firewall, storage
 from .errors import FirewallError, MinoError
+from . import executor
 from .network import NetworkPlan
 from .runtime import Engine
 
@@ -51,6 +52,7 @@ class Kernel:
     notice: Notice
     before_container: Callable[[Engine], None]  # e.g. make sure the watchdog runs
     shown: set = field(default_factory=set)  # notices this kernel has shown once
+    executor: bool = True  # mount the resident cell executor (False: one exec per cell)
 
     def notice_once(self, text: str) -> None:
         if text not in self.shown:
@@ -69,6 +71,7 @@ class Started:
     oom_kills: int
     phases: dict[str, float] = field(default_factory=dict)
     cell_uid: int = policy.CELL_UID  # the cell's uid as this machine sees it
+    executor: bool = False  # the cell executor is mounted (cells may go through it)
 
 
 def start(engine: Engine, req: Request, k: Kernel) -> Started:
@@ -112,7 +115,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
             caches=storage.project_caches(k.state / "caches", req.notebook_dir, tuple(c for c, _ in caches),
                                           req.resources.disk, mounter) if caches else None,
             project=storage.project_key(req.notebook_dir) if caches else None,
-            seccomp_profile=host.seccomp_profile(k.state), kernel_id=k.kernel_id, engine=kind)
+            seccomp_profile=host.seccomp_profile(k.state), kernel_id=k.kernel_id, engine=kind,
+            executor=_executor_dir(k))
         shape = policy.session_request(req.name, req.plan, settings, facts, k.owner, fresh=req.fresh,
                                        hosts=resolved.hosts if resolved and req.plan.mode == "allowlist" else (),
                                        container_name=f"mino-{k.owner['io.mino.owner'][:8]}-{req.name}")
@@ -136,7 +140,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     cgroup = state.get("CgroupPath") if kind.cgroup_limits else None
     started = Started(container, workspace, store, None,
                       host.pid_namespace(int(state["Pid"])) if state.get("Pid") else None,
-                      cgroup, host.oom_kills(cgroup) or 0, timer.phases, cell_uid=mounter.cell_uid)
+                      cgroup, host.oom_kills(cgroup) or 0, timer.phases, cell_uid=mounter.cell_uid,
+                      executor=facts.executor is not None)
     if guarded:
         try:
             local = firewall.local_networks(
@@ -158,6 +163,17 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                 "the image (nft) and the engine") from None
         timer.done("firewall")
     return started
+
+
+def _executor_dir(k: Kernel) -> str | None:
+    """The cell executor's host directory, or None (then every cell is its own exec, said once)."""
+    if not k.executor:
+        return None
+    try:
+        return str(executor.ensure_binary(k.state))
+    except MinoError as exc:
+        k.notice_once(f"mino: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+        return None
 
 
 def _inside(path: Path, directory: Path) -> bool:

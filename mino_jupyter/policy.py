@@ -47,6 +47,8 @@ WORKDIR = "/workspace"
 HOME = "/home/developer"
 CONTROL_DIR = "/run/mino"  # read-only inside: files mino hands its own execs
 BASH = "/bin/bash"
+EXECUTOR_DIR = "/usr/local/libexec/mino"  # read-only inside: the cell executor, mode 0111
+EXECUTOR = f"{EXECUTOR_DIR}/mino-exec"
 PIDS_LIMIT = 4096
 CONTAINER_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Tools that keep their own CA store, pointed at the (host-provided) system bundle.
@@ -238,6 +240,7 @@ class SessionRequest:
     caches: Sequence[Mount] = ()  # package caches of this project (host directories)
     seccomp_profile: str | None = None  # host path of mino's profile
     engine: EngineFacts = ROOTFUL
+    executor: str | None = None  # host directory of mino's cell executor (mounted read-only)
 
 
 def _hardening(limits: HostLimits, resources: Resources, seccomp_profile: str | None,
@@ -280,6 +283,8 @@ def session_spec(req: SessionRequest) -> dict:
         mounts.append(_mount(Mount(req.ca_bundle, CONTAINER_CA_BUNDLE, read_only=True)))
         env.update({name: CONTAINER_CA_BUNDLE for name in CA_ENV_VARS})
     mounts.extend(_mount(m) for m in req.caches)
+    if req.executor:
+        mounts.append(_mount(Mount(req.executor, EXECUTOR_DIR, read_only=True)))
     spec = {
         "name": req.name,
         "image": req.image,
@@ -389,6 +394,15 @@ def cell_exec(script: str, *, env: Mapping[str, str], from_file: bool = False) -
     return exec_body(argv, env={**env, "BASH_ENV": ""})
 
 
+def executor_exec() -> dict:
+    """The session's resident cell executor (:mod:`mino_jupyter.executor`): by absolute path from
+    its read-only mount, as the cell user, with nothing in its environment (each cell's comes in
+    its request) and its stdin kept open for requests."""
+    body = exec_body([EXECUTOR], env={}, workdir="/")
+    body["AttachStdin"] = True
+    return body
+
+
 def kill_all_exec() -> dict:
     """The last resort where no freezer stops a cell that keeps changing pid (rootless on cgroup
     v1): kill(-1) as the cell's uid, which the kernel delivers to every process of that uid in
@@ -442,6 +456,7 @@ class HostFacts:
     seccomp_profile: str | None = None
     kernel_id: str | None = None
     engine: EngineFacts = ROOTFUL
+    executor: str | None = None  # host directory of the cell executor, None: one exec per cell
 
 
 # The package caches of each toolchain: (cache name, path in the container).
@@ -491,5 +506,6 @@ def session_request(name: str, plan, settings: SessionSettings, facts: HostFacts
         caches=caches,
         seccomp_profile=facts.seccomp_profile,
         engine=facts.engine,
+        executor=facts.executor,
     )
     return SessionShape(request, labels("firewall", owner, identity))

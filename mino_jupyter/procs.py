@@ -9,7 +9,10 @@ A cell's processes are the processes of the cell's uid in the container's PID na
 started no earlier than the cell's own shell (the exec's process, whose host pid the engine
 reports) and do not descend from an older process of that uid: a server an earlier cell left
 running, and what it starts, are not this cell's. ``setsid``, ``nohup`` and double forks do not
-hide a process from this: it is judged by namespace, uid and start time, not by group.
+hide a process from this: it is judged by namespace, uid and start time, not by group. Where a
+resident executor (:mod:`mino_jupyter.executor`) starts cells, it is the boundary instead: older
+than every cell and of the cell's uid, it is where the cell's processes descend from, as the
+container's init is for an exec.
 
 Stopping (interrupt or timeout): INT, then TERM, then KILL to the shell's process group (what a
 terminal does; bash's foreground job and its background jobs are in it), a fraction of a second
@@ -80,16 +83,31 @@ def in_namespace(ns: str, proc: Path = PROC) -> dict[int, Proc]:
     return found
 
 
-def cell_processes(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID) -> dict[int, Proc]:
+def host_pid(ns: str, inner: int, proc: Path = PROC) -> int | None:
+    """The pid on this machine of the process that is `inner` in PID namespace `ns`."""
+    for pid in in_namespace(ns, proc):
+        try:
+            status = (proc / str(pid) / "status").read_text()
+        except OSError:
+            continue
+        line = next((l for l in status.splitlines() if l.startswith("NSpid:")), "")
+        if line.split()[-1:] == [str(inner)]:
+            return pid
+    return None
+
+
+def cell_processes(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID,
+                   boundary: int | None = None) -> dict[int, Proc]:
     """The live processes a cell started (see the module doc). `uid`: the cell's uid as this
-    machine sees it (1000, or the kernel user's own under rootless ``keep-id``)."""
+    machine sees it (1000, or the kernel user's own under rootless ``keep-id``); `boundary`: the
+    host pid of the executor that started the cell, if one did."""
     everyone = in_namespace(ns, proc)
 
     def ours(p: Proc) -> bool:
         seen = 0
         while p is not None and seen < 4096:
-            if p.uid != uid:
-                return True  # reached the container's init: nothing older of the cell's uid above
+            if p.uid != uid or p.pid == boundary:
+                return True  # reached the container's init (or the executor): nothing older above
             if p.start < leader_start:
                 return False  # an older process of the cell's uid: an earlier cell's
             p = everyone.get(p.ppid)
@@ -124,12 +142,12 @@ def boottime_ticks() -> int:
 
 
 def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None, proc: Path = PROC,
-         grace: float = GRACE, uid: int = CELL_UID) -> Stopped:
+         grace: float = GRACE, uid: int = CELL_UID, boundary: int | None = None) -> Stopped:
     """Stop everything a cell started. `leader`: the host pid of the cell's shell (0: unknown or
     gone); `ns`: the container's PID namespace; `started`: :func:`boottime_ticks` taken before
     the cell started, used when the shell has already exited (its background processes are still
     the cell's); `cgroup`: the container's own cgroup path (its freezer), None when it has none;
-    `uid`: the cell's uid as seen here."""
+    `uid`: the cell's uid as seen here; `boundary`: the executor that started the cell, if any."""
     me = read(leader, proc) if leader else None
     if me is not None and (me.state == "Z" or (ns is not None and namespace(leader, proc) != ns)):
         me = None  # gone, or the pid now names something else: never signal it
@@ -142,7 +160,7 @@ def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None
     for name in ("INT", "TERM", "KILL"):
         if me is None:
             break
-        group = [p for p in cell_processes(ns, started, proc, uid).values() if p.pgid == leader]
+        group = [p for p in cell_processes(ns, started, proc, uid, boundary).values() if p.pgid == leader]
         if not group:
             break
         try:
@@ -151,19 +169,20 @@ def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None
             break
         used = name
         end = time.monotonic() + grace
-        while time.monotonic() < end and any(p.pgid == leader for p in cell_processes(ns, started, proc, uid).values()):
+        while time.monotonic() < end and any(p.pgid == leader for p in cell_processes(ns, started, proc, uid, boundary).values()):
             time.sleep(0.02)
     freezer = Freezer.of(cgroup)
-    return Stopped(used, freezer.sweep(ns, started, proc, uid) if freezer else sweep(ns, started, proc, uid))
+    return Stopped(used, freezer.sweep(ns, started, proc, uid, boundary) if freezer else
+                   sweep(ns, started, proc, uid, boundary))
 
 
 def still_running(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID, *, looks: int = 12,
-                  interval: float = 0.03) -> tuple[Proc, ...]:
+                  interval: float = 0.03, boundary: int | None = None) -> tuple[Proc, ...]:
     """What of the cell a few looks over a third of a second see. Without a freezer one empty
     look proves nothing: a process that forks and exits at once lives for microseconds and is
     missed by about one look in four; twelve misses in a row are one chance in sixteen million."""
     for _ in range(looks):
-        seen = cell_processes(ns, leader_start, proc, uid)
+        seen = cell_processes(ns, leader_start, proc, uid, boundary)
         if seen:
             return tuple(seen.values())
         time.sleep(interval)
@@ -199,17 +218,18 @@ class Freezer:
             return "frozen 1" in events
         return self.path.read_text().strip() == "FROZEN"
 
-    def sweep(self, ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID) -> tuple[Proc, ...]:
+    def sweep(self, ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID,
+              boundary: int | None = None) -> tuple[Proc, ...]:
         """Freeze, kill what the cell started, thaw; then what is still alive."""
         try:
             self._set(True)
             end = time.monotonic() + 2.0
             while not self._frozen() and time.monotonic() < end:
                 time.sleep(0.005)
-            for pid in cell_processes(ns, leader_start, proc, uid):
+            for pid in cell_processes(ns, leader_start, proc, uid, boundary):
                 _kill(pid, signal.SIGKILL)
         except OSError:
-            return sweep(ns, leader_start, proc, uid)  # no freezer after all: the SIGSTOP way
+            return sweep(ns, leader_start, proc, uid, boundary)  # no freezer after all: the SIGSTOP way
         finally:
             try:
                 self._set(False)
@@ -217,18 +237,19 @@ class Freezer:
                 pass
         end = time.monotonic() + 2.0
         while time.monotonic() < end:
-            left = cell_processes(ns, leader_start, proc, uid)
+            left = cell_processes(ns, leader_start, proc, uid, boundary)
             if not left:
                 return ()
             time.sleep(0.02)
-        return sweep(ns, leader_start, proc, uid)
+        return sweep(ns, leader_start, proc, uid, boundary)
 
 
-def sweep(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID) -> tuple[Proc, ...]:
+def sweep(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID,
+          boundary: int | None = None) -> tuple[Proc, ...]:
     """Freeze every process the cell started (until no new one appears), then kill them all."""
     frozen: dict[int, Proc] = {}
     for _ in range(SWEEP_ROUNDS):
-        fresh = {pid: p for pid, p in cell_processes(ns, leader_start, proc, uid).items()
+        fresh = {pid: p for pid, p in cell_processes(ns, leader_start, proc, uid, boundary).items()
                  if pid not in frozen or p.state not in ("T", "t")}
         if not fresh:
             break
@@ -239,10 +260,10 @@ def sweep(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID) ->
         _kill(pid, signal.SIGKILL)
     end = time.monotonic() + 2.0
     while time.monotonic() < end:
-        left = cell_processes(ns, leader_start, proc, uid)
+        left = cell_processes(ns, leader_start, proc, uid, boundary)
         if not left:
             return ()
         for pid in left:
             _kill(pid, signal.SIGKILL)
         time.sleep(0.02)
-    return tuple(cell_processes(ns, leader_start, proc, uid).values())
+    return tuple(cell_processes(ns, leader_start, proc, uid, boundary).values())

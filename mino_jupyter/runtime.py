@@ -574,7 +574,19 @@ class Engine:
 
         Works for unix:// and tcp:// endpoints; raises MinoError otherwise (callers fall back).
         """
+        return self._upgrade(f"containers/{cid}/attach?stdin=true&stdout=true&stderr=true&stream=true",
+                             None, f"attach to {cid[:12]}", timeout, blocking=False)
+
+    def exec_hijack(self, exec_id: str, timeout: float = 10.0) -> Attached:
+        """Start an exec created with AttachStdin and keep its stdin: a raw two-way connection."""
+        return self._upgrade(f"exec/{exec_id}/start", {"Detach": False, "Tty": False}, "start a process", timeout,
+                             blocking=True)
+
+    def _upgrade(self, path: str, body: dict | None, what: str, timeout: float, *, blocking: bool) -> Attached:
+        """POST to an API path that upgrades to a raw stream (unix:// and tcp:// engines).
+        `blocking`: reads then wait as long as it takes (a reader thread's), else `timeout`."""
         url = urllib.parse.urlparse(self.endpoint.url)
+        data = b"" if body is None else json.dumps(body).encode()
         try:
             if url.scheme == "unix":
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -583,23 +595,25 @@ class Engine:
             elif url.scheme == "tcp":
                 sock = socket.create_connection((url.hostname, url.port or 80), timeout=timeout)
             else:
-                raise MinoError(f"attaching needs a unix:// or tcp:// engine, not {url.scheme}://")
-            path = f"{self.api.path_prefix}containers/{cid}/attach?stdin=true&stdout=true&stderr=true&stream=true"
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
-                         f"Content-Length: 0\r\n\r\n".encode())
+                raise MinoError(f"cannot {what}: a raw connection needs a unix:// or tcp:// engine, not {url.scheme}://")
+            sock.sendall(f"POST {self.api.path_prefix}{path} HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\n"
+                         f"Upgrade: tcp\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                         .encode() + data)
             head = b""
             while b"\r\n\r\n" not in head:
                 chunk = sock.recv(4096)
                 if not chunk:
-                    raise MinoError("the engine closed the attach connection")
+                    raise MinoError(f"cannot {what}: the engine closed the connection")
                 head += chunk
         except OSError as exc:
-            raise MinoError(f"cannot attach to {cid[:12]}: {exc}") from exc
+            raise MinoError(f"cannot {what}: {exc}") from exc
         header, _, leftover = head.partition(b"\r\n\r\n")
         status = header.split(b"\r\n", 1)[0]
         if b" 101 " not in status and b" 200 " not in status:
             sock.close()
-            raise MinoError(f"cannot attach to {cid[:12]}: {status.decode(errors='replace')}")
+            raise MinoError(f"cannot {what}: {status.decode(errors='replace')}")
+        if blocking:
+            sock.settimeout(None)
         return Attached(sock, leftover)
 
     def exec_inspect(self, exec_id: str) -> dict:

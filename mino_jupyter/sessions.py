@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import changes, config, firewall, host, launch, mounts, policy, storage
+from . import changes, config, executor as executors, firewall, host, launch, mounts, policy, storage
 from .choices import Choices, size_text
 from .cell import CellResult, Sink, run_script
 from .cleanup import Cleanup, owned_by, prune, remove_containers, state_key
@@ -110,6 +110,11 @@ class Session:
     # notices of its start, shown by the first cell that takes it. None once a cell has.
     prestarted: tuple | None = field(default=None, repr=False)
     held_notices: list[str] = field(default_factory=list, repr=False)
+    # The resident cell executor (None: not started yet, or cells are execs of their own).
+    executor_mounted: bool = False
+    executor: executors.Executor | None = field(default=None, repr=False)
+    executor_busy: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    executor_failures: int = 0
 
     def row(self) -> dict:
         return {
@@ -338,6 +343,7 @@ class SessionManager:
                 plan, image, workspace, resources = wanted[:4]
                 session = self._start_session(self.engine, opts, image, plan, workspace, resources, loaded)
                 session.prestarted, session.held_notices = wanted, held
+                self._start_executor(session)
                 if self._closed:  # unloaded meanwhile: nothing of it stays
                     self._remove(session)
         except Exception:  # noqa: BLE001 - the first cell starts its own session and reports why not
@@ -388,13 +394,14 @@ class SessionManager:
             owner={**self.owner.labels(), "io.mino.state": state_key(self.state)}, kernel_id=self.kernel_id,
             state=self.state, storage_dir=self.storage_dir,
             firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
-            before_container=self.cleanup.ensure_watchdog, shown=self._shown))
+            before_container=self.cleanup.ensure_watchdog, shown=self._shown,
+            executor=not opts.fresh and executors.enabled(self.env)))
         previous = self.sessions.get(name)  # a restarted session goes on in the same log: so do its numbers
         session = Session(name=name, image=image, plan=plan, fresh=opts.fresh, log_path=self.log_dir / f"{name}.log",
                           workspace=started.workspace, resources=resources, container_id=started.container,
                           storage=started.storage, firewall=started.firewall, namespace=started.namespace,
                           cgroup=started.cgroup, cell_uid=started.cell_uid, oom_kills=started.oom_kills,
-                          startup=started.phases, state="idle",
+                          startup=started.phases, state="idle", executor_mounted=started.executor,
                           cell_base=previous.cell_base + previous.cells_run if previous is not None else 0)
         self.sessions[name] = session
         if plan.mode == "host":
@@ -439,11 +446,10 @@ class SessionManager:
         cell_sink = CellSink(sink, log, secrets)
         session.state = "running"
         self._changed()
+        executor = self._take_executor(session)
         try:
             try:
-                result = run_script(self.engine, session.container_id, script, env=env, sink=cell_sink,
-                                    timeout=opts.timeout, control=session.storage, namespace=session.namespace,
-                                    cgroup=session.cgroup, cell_uid=session.cell_uid, cancel=opts.cancel)
+                result = self._run_script(session, script, env, cell_sink, opts, executor)
             except MinoError:
                 session.state = "idle"
                 gone = self._container_gone(session)
@@ -456,9 +462,14 @@ class SessionManager:
                 self._report_refused(session, secrets)
             log.cell_end(result, cell_sink.dropped)
             session.last_exit = result.exit_code
+            if result.lost and not self._container_gone(session):
+                self.notice(f"mino: {result.lost}; the cell did not complete (run it again); the next cell "
+                            "starts a new executor")
             if result.exit_code >= 128 or result.exit_code < 0:
                 self._after_kill(session, result)
         finally:
+            if executor is not None:
+                session.executor_busy.release()
             if session.fresh:  # whatever happened, a --fresh container goes now
                 self._mark_stopped(session)
                 self.cleanup.remove_soon(self.engine, session.container_id, session.name,
@@ -467,6 +478,48 @@ class SessionManager:
                 session.state = "idle"
         self._changed()
         return result
+
+    def _run_script(self, session: Session, script: str, env: dict, sink, opts: CellOptions,
+                    executor: executors.Executor | None) -> CellResult:
+        def run(through: executors.Executor | None) -> CellResult:
+            return run_script(self.engine, session.container_id, script, env=env, sink=sink, timeout=opts.timeout,
+                              control=session.storage, namespace=session.namespace, cgroup=session.cgroup,
+                              cell_uid=session.cell_uid, cancel=opts.cancel, executor=through)
+        if executor is not None:
+            try:
+                return run(executor)
+            except executors.ExecutorGone:  # it could not take the cell: nothing ran, so an exec runs it
+                session.executor = None
+        return run(None)
+
+    # ------------------------------------------------------------------ the cell executor
+    def _start_executor(self, session: Session) -> executors.Executor | None:
+        """The session's executor, started if it is not running. After two failed starts in a
+        row its cells are execs of their own, said once."""
+        if not session.executor_mounted or session.fresh or session.executor_failures >= 2:
+            return None
+        if session.executor is not None and not session.executor.dead:
+            return session.executor
+        try:
+            session.executor = executors.Executor.start(self.engine, session.container_id)
+            session.executor_failures = 0
+        except MinoError as exc:
+            session.executor = None
+            session.executor_failures += 1
+            if session.executor_failures >= 2:
+                self.notice(f"mino: session '{session.name}': the cell executor does not start ({exc.message}); "
+                            "its cells run as one exec each (slower)")
+        return session.executor
+
+    def _take_executor(self, session: Session) -> executors.Executor | None:
+        """The executor for this cell, or None when another cell of the session holds it (a
+        background cell) or there is none: then the cell is an exec of its own."""
+        if not session.executor_busy.acquire(blocking=False):
+            return None
+        executor = self._start_executor(session)
+        if executor is None:
+            session.executor_busy.release()
+        return executor
 
     def _report_refused(self, session: Session, secrets: list[str]) -> None:
         """What the firewall refused during the cell, masked like the cell's output (a cell can
@@ -653,6 +706,9 @@ class SessionManager:
         the changes cells made, until the session is forgotten (prune) or the kernel ends."""
         session.state = "stopped"
         session.stopped_at = time.time()
+        if session.executor is not None:  # its stdin closes: it kills what it started and exits
+            session.executor.disconnect()
+            session.executor = None
         if session.firewall is not None:
             session.firewall.close()
         if session.storage is not None and not session.fresh:

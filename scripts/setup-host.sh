@@ -55,7 +55,7 @@ fi
 
 # ---------------------------------------------------------------- 1. packages
 PACKAGES=(podman catatonit netavark aardvark-dns runc iptables nftables libcap2-bin debootstrap iproute2 curl ca-certificates
-          uidmap slirp4netns mmdebstrap tar make python3 python3-venv e2fsprogs mount)
+          uidmap slirp4netns mmdebstrap tar make python3 python3-venv e2fsprogs mount gcc libc6-dev)
 [ "$WANT_BROWSER" = 1 ] && PACKAGES+=(chromium chromium-driver)
 
 missing=()

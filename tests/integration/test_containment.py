@@ -182,7 +182,8 @@ def test_links_in_the_notebook_directory_are_never_mounted_or_followed(engine, b
         sources = [m["Source"] for m in mounts]
         assert not any(s.startswith(str(notebook) + "/") or s.startswith(str(secret)) for s in sources), sources
         assert {m["Destination"] for m in mounts} <= {"/workspace", "/home/developer", "/tmp", "/var/tmp",
-                                                        "/run/mino", "/etc/ssl/certs/ca-certificates.crt"}
+                                                        "/run/mino", "/etc/ssl/certs/ca-certificates.crt",
+                                                        "/usr/local/libexec/mino"}  # the cell executor, read-only
     finally:
         k.shutdown()
     assert _tree(notebook) == before and (secret / "key.txt").read_text() == "host secret\n"

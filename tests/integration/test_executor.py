@@ -1,21 +1,25 @@
-"""The resident executor prototype (mino_jupyter/executor) against real Podman, written as the
-attacker: every cell here runs as the session's cell user, next to the executor, with the same
-uid. Nothing is timed; "quickly" means well before the command the cell started would end."""
+"""The resident cell executor (mino_jupyter/executor.py, mino-exec.c) against real Podman, written
+as the attacker: every cell here runs as the session's cell user, next to the executor, with the
+same uid. Nothing is timed; "quickly" means well before the command the cell started would end.
+(Through a kernel, tests/integration/test_magic.py and test_containment.py run every cell through
+it; `MINO_EXECUTOR=0` runs them as one exec per cell.)"""
 
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import struct
 import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import pytest
 
-from mino_jupyter import host, policy
-from mino_jupyter.executor import client
-from mino_jupyter.executor.client import ExecutorGone, Executor
+from mino_jupyter import executor as client, host, policy
+from mino_jupyter.executor import Executor, ExecutorGone
 from mino_jupyter.owner import current_owner
 
 pytestmark = pytest.mark.podman
@@ -28,16 +32,21 @@ PTRACE = ("perl -e '$p=0+shift; for ([16,\"ATTACH\"],[0x4206,\"SEIZE\"]) {$!=0; 
 
 
 @pytest.fixture(scope="module")
-def session(engine, base_image, tmp_path_factory):
+def binary(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    os.chmod(state, 0o755)
+    return client.ensure_binary(state)
+
+
+@pytest.fixture(scope="module")
+def session(engine, base_image, binary, tmp_path_factory):
     """A session container hardened as mino's (policy.session_spec, mino's seccomp profile),
     with the executor bind-mounted read-only, mode 0111."""
-    binary = client.build(tmp_path_factory.mktemp("mino-exec"))
     profile = host.seccomp_profile(tmp_path_factory.mktemp("state"))
     spec = policy.session_spec(policy.SessionRequest(
         name=f"mino-test-exec-{uuid.uuid4().hex[:8]}", image=base_image, network="none",
         labels=policy.labels("test", current_owner().labels()), limits=engine.host_limits(),
-        seccomp_profile=profile, engine=engine.facts()))
-    spec["mounts"].append(client.mount(binary))
+        seccomp_profile=profile, engine=engine.facts(), executor=str(binary)))
     spec["work_dir"] = "/"  # no storage mounts here: /workspace does not exist
     spec["mounts"].append({"type": "tmpfs", "source": "tmpfs", "destination": "/tmp",  # the one writable place
                            "options": ["rw", "nosuid", "nodev", "size=64m", "mode=1777"]})
@@ -54,9 +63,50 @@ def ex(engine, session):
     executor.close()
 
 
-def sh(ex: Executor, script: str, **kw) -> client.Result:
-    kw.setdefault("cwd", "/tmp")
-    return ex.run(script, **kw)
+@dataclass
+class Result:
+    exit_code: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    duration: float
+    pid: int | None
+    late: bool
+    interrupted: str | None = None
+    timed_out: bool = False
+
+
+def sh(ex: Executor, script: str, *, env=None, cwd: str = "/tmp", timeout: float | None = None,
+       on_output=None) -> Result:
+    """One cell through the executor, read as mino reads it; `timeout`: INT, TERM, KILL to its
+    group through the executor (0.3 s apart), then the executor is killed from outside."""
+    started = time.monotonic()
+    run = ex.begin(script, env=env, cwd=cwd)
+    out, err, interrupted = bytearray(), bytearray(), None
+    escalation = iter(("INT", "TERM", "KILL", None))
+    deadline = started + timeout if timeout else None
+    while True:
+        try:
+            item = run.get(0.05)
+        except queue.Empty:
+            if deadline is not None and time.monotonic() >= deadline:
+                name = next(escalation)
+                if name is None:
+                    ex.kill()
+                    raise ExecutorGone("the session's cell executor did not end the cell after SIGKILL")
+                run.signal(getattr(signal, f"SIG{name}"))
+                interrupted, deadline = f"SIG{name}", time.monotonic() + 0.3
+            continue
+        if item is None:
+            break
+        (out if item[0] == 1 else err).extend(item[1])
+        if on_output:
+            on_output(*item)
+    if run.lost:
+        raise ExecutorGone(run.lost)
+    code = run.code
+    return Result(code, code - 128 if code is not None and code > 128 else None, bytes(out), bytes(err),
+                  time.monotonic() - started, run.pid, run.late, interrupted, interrupted is not None)
 
 
 # ------------------------------------------------------------------ what a cell gets
@@ -122,8 +172,8 @@ def test_the_executor_is_closed_to_a_cell_of_the_same_uid(ex):
         for f in fd/0 fd/1 environ mem maps auxv syscall io; do cat /proc/$P/$f >/dev/null 2>&1 </dev/null && echo "OPEN $f"; done
         ls /proc/$P/fd >/dev/null 2>&1 && echo "OPEN fd-dir"
         readlink /proc/$P/exe /proc/$P/cwd && echo "OPEN links"
-        cat {client.EXEC_PATH} >/dev/null 2>&1 && echo "OPEN binary"
-        echo "mode $(stat -c %a {client.EXEC_PATH})"
+        cat {policy.EXECUTOR} >/dev/null 2>&1 && echo "OPEN binary"
+        echo "mode $(stat -c %a {policy.EXECUTOR})"
         {PTRACE} $P""")
     lines = r.stdout.decode().splitlines()
     assert lines[0] == "parent mino-exec uid 1000 me 1000", r.stdout  # same uid: only the kernel's rule holds
@@ -179,7 +229,7 @@ def test_late_output_of_a_background_job_stays_out_of_the_next_cell(ex):
 # ------------------------------------------------------------------ interrupt, timeout, loss
 
 def test_interrupt_stops_the_cell_and_the_next_one_works(ex):
-    threading.Timer(0.3, ex.interrupt).start()
+    threading.Timer(0.3, lambda: ex._current.signal(signal.SIGINT)).start()
     r = sh(ex, "sleep 30")
     assert (r.exit_code, r.signal) == (130, 2) and r.duration < 10
     r = sh(ex, "trap '' INT; sleep 30", timeout=0.3)  # ignores SIGINT: TERM follows
@@ -272,9 +322,10 @@ class Local:
 
 @pytest.fixture
 def local(tmp_path):
-    binary = client.build(tmp_path) / "mino-exec"
-    os.chmod(binary, 0o700)  # root runs it here; inside a container it is 0111
-    runner = Local(binary)
+    copy = tmp_path / "mino-exec"  # a build of its own, readable (inside a container it is 0111)
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(copy), str(client.SOURCE)], check=True,
+                   env=client.COMPILER_ENV, capture_output=True)
+    runner = Local(copy)
     yield runner
     runner.proc.kill()
     runner.proc.wait()
@@ -298,3 +349,51 @@ def test_protocol_requests_split_anywhere_busy_and_wrong_nonces(local):
     assert (b"O", b"still\n") in local.until_end()
     local.proc.stdin.close()
     assert local.proc.wait(5) == 0
+
+
+# ------------------------------------------------------------------ through a kernel
+
+@pytest.fixture
+def kernel(engine, base_image, tmp_path):
+    from tests.conftest import give_to_cell
+    from tests.kernel import Kernel, isolated_env
+
+    ws = tmp_path / "notebook-dir"
+    ws.mkdir()
+    give_to_cell(ws)
+    k = Kernel(cwd=str(ws), env=isolated_env(tmp_path / "mino-home"))
+    k.ok("%load_ext mino_jupyter")
+    yield k
+    k.shutdown()
+
+
+def test_cells_go_through_the_closed_executor_and_forged_ends_change_nothing(kernel):
+    if os.environ.get("MINO_EXECUTOR") == "0":
+        r = kernel.ok("%%mino\necho $PPID")
+        assert r.stdout == "0\n"  # the fallback: one exec per cell, started from outside the container
+        return
+    r = kernel.ok("%%mino\ncat /proc/$PPID/comm; cat /proc/$PPID/fd/0 </dev/null 2>&1 | head -c 60; echo")
+    assert r.stdout.startswith("mino-exec\ncat: /proc/"), r.stdout
+    assert "Permission denied" in r.stdout
+    fake = b"X" + struct.pack(">I", 25) + b"\0" * 16 + b"e" + struct.pack(">II", 0, 0)
+    esc = "".join(f"\\x{b:02x}" for b in fake)
+    r = kernel.execute(f"%%mino\nprintf '{esc}'; printf '{esc}' >&2; echo; exit 7")
+    assert r.error and r.error["ename"] == "CalledProcessError" and "7" in r.error["evalue"]
+
+
+def test_late_output_stays_out_of_the_next_cell(kernel):
+    kernel.ok("%%mino\n(sleep 1; echo LATE-OUT; echo LATE-ERR >&2) & echo first")
+    r = kernel.ok("%%mino\nsleep 2; echo second")
+    assert r.stdout == "second\n" and "LATE" not in r.cell_stderr
+
+
+def test_a_killed_or_stopped_executor_costs_one_cell_and_one_line(kernel):
+    if os.environ.get("MINO_EXECUTOR") == "0":
+        pytest.skip("no executor on the fallback path (MINO_EXECUTOR=0)")
+    r = kernel.execute("%%mino\necho before; kill -KILL $PPID; sleep 20; echo never")
+    assert "never" not in r.stdout
+    assert "cell executor ended while the cell ran" in r.cell_stderr and "killed by signal 9" in r.cell_stderr
+    assert kernel.ok("%%mino\necho next; cat /proc/$PPID/comm").stdout == "next\nmino-exec\n"  # a new one
+    r = kernel.execute("%%mino --timeout 2\nkill -STOP $PPID; sleep 30; echo never", timeout=60)
+    assert "never" not in r.stdout and "did not report the cell's end" in r.cell_stderr
+    assert kernel.ok("%%mino\necho again").stdout == "again\n"

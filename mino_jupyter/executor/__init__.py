@@ -1,1 +1,0 @@
-"""The resident cell executor (prototype): mino-exec.c and its client."""
