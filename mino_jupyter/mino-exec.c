@@ -1,4 +1,4 @@
-/* mino-exec: the resident cell executor of one mino session container (prototype).
+/* mino-exec: the resident cell executor of one mino session container.
  *
  * Started once per session by an engine exec as the cell user, stdin attached. It runs one
  * cell at a time with /bin/bash and relays the cell's output as frames; see
@@ -452,10 +452,12 @@ int main(void)
 
         if (fds[1].revents)
             reap();
-        if (fds[2].revents)
-            relay(&cell.out, 'O', 4);
+        /* Both ready in one look: stderr first. It is unbuffered, so what it holds was written no
+         * later than the stdout beside it in most programs (`ls /nonexistent || echo after`). */
         if (fds[3].revents)
             relay(&cell.err, 'E', 4);
+        if (fds[2].revents)
+            relay(&cell.out, 'O', 4);
         for (int i = ndrain - 1; i >= 0; i--) {
             if (!fds[4 + i].revents)
                 continue;

@@ -319,11 +319,13 @@ class SessionManager:
         return thread
 
     def _new_session(self, opts: CellOptions, loaded: config.Loaded, presets: dict | None = None) -> tuple:
-        """What a cell with `opts` would start as a new session now (its notices are the caller's)."""
+        """What a cell with `opts` would start as a new session now: the network plan, image,
+        workspace, the limits as asked (the settings hold the files' values: a default taken
+        from the free disk space may move a little between two looks), the notebook's directory
+        and the home. Its notices are the caller's."""
         choices = self.choices
         return (choices.plan(opts.network, None, loaded, presets).plan, choices.image_for(opts.image, loaded),
-                choices.workspace_for(opts.workspace, loaded),
-                choices.resources_for(opts.memory, opts.cpus, opts.disk, loaded),
+                choices.workspace_for(opts.workspace, loaded), (opts.memory, opts.cpus, opts.disk),
                 self.cwd().resolve(), choices.home(), config.describe(loaded))
 
     def _prestart(self) -> None:
@@ -340,16 +342,21 @@ class SessionManager:
                 for warning in resolution.warnings:
                     self.notice(f"mino: {warning}")
                 wanted = self._new_session(opts, loaded)
-                plan, image, workspace, resources = wanted[:4]
+                plan, image, workspace = wanted[:3]
+                resources = self.choices.resources_for(opts.memory, opts.cpus, opts.disk, loaded)
                 session = self._start_session(self.engine, opts, image, plan, workspace, resources, loaded)
                 session.prestarted, session.held_notices = wanted, held
                 self._start_executor(session)
                 if self._closed:  # unloaded meanwhile: nothing of it stays
                     self._remove(session)
         except Exception:  # noqa: BLE001 - the first cell starts its own session and reports why not
-            pass
+            self._forget_notices(held)
         finally:
             self._holding.notices = None
+
+    def _forget_notices(self, held: list[str]) -> None:
+        """Notices that were held and will never be shown: once-per-kernel ones may come again."""
+        self._shown.difference_update(held)
 
     def _take_prestarted(self, session: Session, opts: CellOptions, loaded: config.Loaded,
                          presets: dict) -> Session | None:
@@ -361,6 +368,7 @@ class SessionManager:
             self._holding.notices = None
         if not same:
             self._remove(session)
+            self._forget_notices(session.held_notices)
             return None
         session.prestarted = None
         for message in session.held_notices:

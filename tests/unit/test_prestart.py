@@ -77,3 +77,12 @@ def test_no_prestart_on_a_first_run_or_with_a_broken_file(manager):
     assert manager.prestart() is None  # no network chosen: the picker comes with the first cell
     Path(manager.env["MINO_CONFIG"]).write_text('[container]\nnetwork = "nnone"\n')
     assert manager.prestart() is None
+
+
+def test_once_notices_of_a_dropped_start_may_come_again(manager):
+    s = _prestarted(manager)
+    manager._shown.add("mino: on this engine, something")
+    s.held_notices = ["mino: on this engine, something"]
+    manager.choices.network = NetworkChoice("%config MinoMagics", "none", None)
+    assert _take(manager) is None
+    assert "mino: on this engine, something" not in manager._shown  # the new session's start says it
