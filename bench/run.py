@@ -64,8 +64,8 @@ class Bench:
         self.image = base_image_ref()
         self.sections: list[str] = []
 
-    def kernel(self) -> Kernel:
-        k = Kernel(cwd=str(self.work), env=self.env)
+    def kernel(self, **env: str) -> Kernel:
+        k = Kernel(cwd=str(self.work), env={**self.env, **env})
         k.ok("%load_ext mino_jupyter")
         return k
 
@@ -77,6 +77,113 @@ class Bench:
     def container_of(self, k: Kernel, session: str = "default") -> str:
         r = k.ok(f"from mino_jupyter.magics import current_manager as _cm; print(_cm().sessions['{session}'].container_id)")
         return r.stdout.strip()
+
+    # ---------------------------------------------------------------- 0. issue 17's targets
+    def speed(self) -> None:
+        """The speed targets, with the resident executor; one exec per cell (MINO_EXECUTOR=0)
+        beside it for contrast."""
+        rows: list[str] = []
+        ex, per = self.kernel(), self.kernel(MINO_EXECUTOR="0")
+        try:
+            for k in (ex, per):
+                k.ok("%%mino\ntrue")
+                k.ok("%%mino --session aw --network-allow 192.0.2.1:9\ntrue")  # never contacted: `true` only
+            mino, execs, bash, allow = [], [], [], []
+            for _ in range(3):
+                ex.ok("%%mino\ntrue"), per.ok("%%mino\ntrue"), ex.ok("%%bash\ntrue")
+            for _ in range(self.pairs):
+                mino.append(timed(lambda: ex.ok("%%mino\ntrue")))
+                execs.append(timed(lambda: per.ok("%%mino\ntrue")))
+                bash.append(timed(lambda: ex.ok("%%bash\ntrue")))
+                allow.append(timed(lambda: ex.ok("%%mino --session aw\ntrue")))
+            m, e, b, a = stats(mino), stats(execs), stats(bash), stats(allow)
+            rows += [f"| warm `%%mino true` / `%%bash true` | {fmt_ms(m)} / {fmt_ms(b)} | "
+                     f"**{m['median'] / b['median']:.2f}×** (one exec per cell: {fmt_ms(e)}, "
+                     f"{e['median'] / b['median']:.1f}×) | ≤ 2.0× |",
+                     f"| allowlist warm cell vs bridge warm cell | {fmt_ms(a)} vs {fmt_ms(m)} | "
+                     f"**{(a['median'] - m['median']) * 1000:+.1f} ms** | ≤ +5 ms |"]
+            for label, k in (("executor", ex), ("one exec per cell", per)):
+                waits = []
+                for _ in range(max(3, self.pairs // 3)):
+                    sent = [0.0]
+
+                    def on_stream(name, text, reply, k=k, sent=sent):
+                        if "go" in reply.stdout and not sent[0]:
+                            sent[0] = time.perf_counter()
+                            k.km.interrupt_kernel()
+
+                    k.execute("%%mino --no-raise-error\necho go; sleep 30", on_stream=on_stream, timeout=60)
+                    waits.append(time.perf_counter() - sent[0])
+                w = stats(waits)
+                rows.append(f"| interrupt → idle (`sleep 30`), {label} | {fmt_ms(w)} | | ≤ 50 ms |")
+            cid = self.container_of(ex)
+            times, conmon = [], 0
+            for i in range(100):
+                times.append(timed(lambda: ex.ok("%%mino\ntrue")))
+                if i % 10 == 9:
+                    found = subprocess.run(["pgrep", "-c", "-f", f"conmon.*{cid}"], capture_output=True, text=True)
+                    conmon = max(conmon, int(found.stdout.strip() or 0))
+            first, last = statistics.median(times[:25]), statistics.median(times[75:])
+            rows.append(f"| 100 warm cells in a row: last quartile / first | {last * 1000:.1f} / {first * 1000:.1f} ms | "
+                        f"**{last / first:.2f}×**; {conmon} conmon at peak for the session | ≤ 1.05×; ≤ 3 conmon |")
+            # 50 MB displayed (display limits lifted) vs a host pipe copied by a Python cell
+            produce = "head -c 50000000 /dev/zero | tr '\\0' 'x' | fold -w 999"
+            ex.ok("%config MinoMagics.display_lines = 0\n%config MinoMagics.display_bytes = 0")
+            pipe = ("import subprocess, sys\np = subprocess.Popen(" + repr(produce) + ", shell=True, stdout=subprocess.PIPE)\n"
+                    "for chunk in iter(lambda: p.stdout.read(65536), b''):\n    sys.stdout.write(chunk.decode())\np.wait()")
+
+            def drop(name, text, reply):
+                reply.stdout = ""
+
+            before = rss_kb(ex.pid)
+            shown, host_pipe = [], []
+            for _ in range(3):
+                shown.append(timed(lambda: ex.execute(f"%%mino\n{produce}", on_stream=drop, timeout=600)))
+                host_pipe.append(timed(lambda: ex.execute(pipe, on_stream=drop, timeout=600)))
+            growth = (rss_kb(ex.pid, "VmHWM") - before) / 1024
+            sh, hp = stats(shown), stats(host_pipe)
+            rows.append(f"| 50 MB displayed: host pipe time / mino time | {fmt_ms(hp)} / {fmt_ms(sh)} | "
+                        f"**{hp['median'] / sh['median']:.2f}×**; kernel peak RSS growth {growth:.0f} MB | ≥ 0.8×, ≤ 64 MB |")
+        finally:
+            ex.shutdown(), per.shutdown()
+        # A new session's first cell (bridge, firewall included) vs `podman run --rm` (same flags),
+        # and the default session started ahead while the extension loaded.
+        firsts, cli, ahead, warm = [], [], [], []
+        k = self.kernel()
+        try:
+            for i in range(self.pairs):
+                firsts.append(timed(lambda i=i: k.ok(f"%%mino --session n{i}\ntrue")))
+                cli.append(timed(lambda: subprocess.run(self._podman_run(), check=True)))
+                k.ok(f"%mino stop n{i}")
+        finally:
+            k.shutdown()
+        for _ in range(max(3, self.pairs // 3)):
+            k = self.kernel()
+            try:
+                deadline = time.monotonic() + 60
+                while "default" not in k.ok("from mino_jupyter.magics import current_manager as _cm\n"
+                                            "print(list(_cm().sessions))").stdout and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                ahead.append(timed(lambda: k.ok("%%mino\ntrue")))
+                warm.append(timed(lambda: k.ok("%%mino\ntrue")))
+            finally:
+                k.shutdown()
+        f, c, a, w = stats(firsts), stats(cli), stats(ahead), stats(warm)
+        rows += [f"| first cell of a new session (bridge + firewall) vs `podman run --rm` | {fmt_ms(f)} vs {fmt_ms(c)} | "
+                 f"**{f['median'] / c['median']:.2f}×** | ≤ 1.5× |",
+                 f"| default session started ahead: first cell / a warm cell | {fmt_ms(a)} / {fmt_ms(w)} | "
+                 f"**{a['median'] / w['median']:.2f}×** | ≤ 2× |",
+                 "| `--fresh` vs `podman run --rm` | section 2 | | ≤ 0.4× done, ≤ 0.8× first byte (not yet worked on) |",
+                 "| llm-sandbox warm `execute_command(\"true\")` | not measured (not installed here) | | ≤ 0.25× |"]
+        self.section("0. Issue 17's targets (resident executor)", [
+            "| metric | median (min–max) | result | target |", "|---|---|---|---|", *rows])
+
+    def _podman_run(self) -> list[str]:
+        u = policy.container_ulimits(self.engine.host_limits())
+        return ["podman", "run", "--rm", "--init", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                "--pids-limit", "4096", "--user", "1000:1000", "--network", "bridge",
+                "--ulimit", f"nofile={u[0]['hard']}:{u[0]['hard']}", "--ulimit", f"nproc={u[1]['hard']}:{u[1]['hard']}",
+                "-v", f"{self.work}:/workspace", "-w", "/workspace", self.image, "true"]
 
     # ---------------------------------------------------------------- 1. warm cell
     def warm(self) -> None:
@@ -105,12 +212,7 @@ class Bench:
 
     # ---------------------------------------------------------------- 2. fresh cell
     def fresh(self) -> None:
-        limits = self.engine.host_limits()
-        u = policy.container_ulimits(limits)
-        cmd = ["podman", "run", "--rm", "--init", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-               "--pids-limit", "4096", "--user", "1000:1000", "--network", "bridge",
-               "--ulimit", f"nofile={u[0]['hard']}:{u[0]['hard']}", "--ulimit", f"nproc={u[1]['hard']}:{u[1]['hard']}",
-               "-v", f"{self.work}:/workspace", "-w", "/workspace", self.image, "true"]
+        cmd = self._podman_run()
         k = self.kernel()
         try:
             k.ok("%%mino --fresh\ntrue")
@@ -421,7 +523,8 @@ Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
-ALL = ["warm", "fresh", "allowlist", "latency", "throughput", "shutdown", "concurrent", "containment", "rootless"]
+ALL = ["speed", "warm", "fresh", "allowlist", "latency", "throughput", "shutdown", "concurrent", "containment",
+       "rootless"]
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__, host as host_facts, mounts, policy, storage
+from . import __version__, executor, host as host_facts, mounts, policy, storage
 from .errors import MinoError
 from .paths import state_dir
 from .image import base_image_ref, run_probe, verify_image
@@ -117,6 +117,7 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
         for gap in policy.unenforced(engine.facts()):
             add(Check("limits", True, gap, note=True))
         add(_exec_cleanup(env))
+        add(_cell_executor(env))
     except MinoError as exc:
         add(Check("engine", False, exc.message, exc.hint or ""))
 
@@ -157,6 +158,17 @@ def _exec_cleanup(env, files: list | None = None) -> Check:
                  f"two conmon processes that long, and cells get slower as they pile up",
                  "put `[engine]` / `exit_command_delay = 10` in a containers.conf drop-in "
                  "(`scripts/setup-host.sh` writes one), then restart the API service", warn=True)
+
+
+def _cell_executor(env) -> Check:
+    if not executor.enabled(env):
+        return Check("cell executor", True, f"off ({executor.DISABLE_ENV}=0): every cell is an exec of its own",
+                     note=True)
+    try:
+        directory = executor.ensure_binary(state_dir(env))
+    except MinoError as exc:
+        return Check("cell executor", True, exc.message, exc.hint or "", warn=True)
+    return Check("cell executor", True, f"cells of a session run through mino-exec ({directory}, mode 0111)")
 
 
 def _subordinate_ids() -> Check:

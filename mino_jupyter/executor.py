@@ -78,7 +78,13 @@ def ensure_binary(state: Path) -> Path:
         raise MinoError("no C compiler for mino's cell executor, so every cell is its own exec (slower)",
                         "install gcc and libc6-dev (scripts/setup-host.sh does)")
     directory.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    directory.mkdir(exist_ok=True, mode=0o755)
+    try:
+        os.mkdir(directory, 0o755)
+    except FileExistsError:
+        pass
+    found = os.lstat(directory)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        raise MinoError(f"{directory} is not a directory mino made (a link, or another user's)", "remove it")
     os.chmod(directory, 0o755)  # the cell user reaches the file through the mount (it cannot read it)
     tmp = directory / f".mino-exec.{os.getpid()}.{secrets.token_hex(4)}"
     try:

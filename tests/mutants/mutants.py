@@ -139,7 +139,19 @@ MUTANTS = (
            (('    opaque_xattr = "user.overlay.opaque"', '    opaque_xattr = "trusted.overlay.opaque"'),),
            ("tests/unit/test_changes.py",)),
     Mutant("stop-by-group-only", "a timeout stops everything the cell started", "mino_jupyter/procs.py",
-           (('    freezer = Freezer.of(cgroup)\n    return Stopped(used, freezer.sweep(ns, started, proc, uid) if freezer else sweep(ns, started, proc, uid))',
+           (('    freezer = Freezer.of(cgroup)\n    return Stopped(used, freezer.sweep(ns, started, proc, uid, boundary) if freezer else\n'
+             '                   sweep(ns, started, proc, uid, boundary))',
              '    return Stopped(used, ())'),),
            (CONT + "test_timeout_and_interrupt_stop_everything_the_cell_started",)),
+    # ---------------------------------------------------------------- the resident executor
+    Mutant("executor-readable", "the executor is closed to the cell from its first instruction (mode 0111)",
+           "mino_jupyter/executor.py",
+           (("        os.chmod(tmp, 0o111)", "        os.chmod(tmp, 0o755)"),
+            ("and stat.S_ISREG(f.st_mode) and f.st_uid == me and stat.S_IMODE(f.st_mode) == 0o111",
+             "and stat.S_ISREG(f.st_mode) and f.st_uid == me and stat.S_IMODE(f.st_mode) == 0o755")),
+           (INT + "test_executor.py::test_the_executor_is_closed_to_a_cell_of_the_same_uid",)),
+    Mutant("executor-cells-not-the-cells", "an interrupt stops the cell's group when the executor started it",
+           "mino_jupyter/procs.py",
+           (("            if p.uid != uid or p.pid == boundary:", "            if p.uid != uid:"),),
+           (MAGIC + "test_interrupt_stops_the_whole_process_group",)),
 )

@@ -114,6 +114,17 @@ def test_the_cell_runs_bin_bash_itself_as_the_cell_user():
     assert from_file["Cmd"] == ["/bin/bash", "--noprofile", "--norc", "/run/mino/cell-1.sh"]
 
 
+def test_the_executor_is_mounted_read_only_and_started_by_path_with_nothing_in_its_environment():
+    spec = _spec(storage=STORAGE, executor="/state/executor/abc-x86_64")
+    (mount,) = [m for m in spec["mounts"] if m["destination"] == policy.EXECUTOR_DIR]
+    assert mount == {"type": "bind", "source": "/state/executor/abc-x86_64", "destination": "/usr/local/libexec/mino",
+                     "options": ["rbind", "ro", "nosuid", "nodev"]}
+    assert not [m for m in _spec(storage=STORAGE)["mounts"] if m["destination"] == policy.EXECUTOR_DIR]
+    assert policy.executor_exec() == {
+        "Cmd": ["/usr/local/libexec/mino/mino-exec"], "Env": [], "User": "1000:1000", "WorkingDir": "/",
+        "AttachStdout": True, "AttachStderr": True, "AttachStdin": True, "Tty": False, "Privileged": False}
+
+
 @pytest.mark.parametrize("make", [lambda: policy.cell_exec("x", env={}), lambda: policy.probe_exec("x")])
 def test_no_exec_runs_as_root_or_by_a_relative_name(make):
     body = make()
