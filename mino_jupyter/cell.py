@@ -15,8 +15,11 @@ IPython's ``%%script``/``%%bash`` habits, and where mino differs:
 * The exit code comes from the engine once the stream ends.
 * Where the session has a resident executor (:mod:`mino_jupyter.executor`), the cell is a
   request to it instead of an exec of its own: the same bash, argv, environment and working
-  directory, its output read the same way; interrupt and timeout signal the group through the
-  executor first (answered within a millisecond), then stop the rest from this machine as above.
+  directory, its output read the same way, its end and exit code from the executor's end record.
+  Interrupt and timeout stop it from this machine as above (the shell's pid in the container,
+  from the executor's start record, mapped to this machine's); the executor is where the cell's
+  processes descend from. A cell whose executor ends or stops answering says so and did not
+  complete; the next cell starts a new executor.
 """
 
 from __future__ import annotations

@@ -511,11 +511,12 @@ class SessionManager:
         try:
             session.executor = executors.Executor.start(self.engine, session.container_id)
             session.executor_failures = 0
-        except MinoError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to start: the exec path stays
             session.executor = None
             session.executor_failures += 1
             if session.executor_failures >= 2:
-                self.notice(f"mino: session '{session.name}': the cell executor does not start ({exc.message}); "
+                why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                self.notice(f"mino: session '{session.name}': the cell executor does not start ({why}); "
                             "its cells run as one exec each (slower)")
         return session.executor
 
