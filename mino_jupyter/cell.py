@@ -39,7 +39,10 @@ from .executor import CellRun, Executor
 from .runtime import STDERR, STDOUT, Engine, ExecStream
 
 MAX_ARGV_SCRIPT = 100_000  # bytes; larger scripts are handed over as a file (argv limit is 128 KiB)
-FLUSH_BYTES = 64 * 1024  # per stream message; ZMQ queues up to 1000 of them for a slow client
+FLUSH_BYTES = 1 << 20  # per stream message at most; ZMQ queues up to 1000 of them for a slow client
+# A flush waits for the kernel's output thread to send. Output that stops shows at once; output
+# that keeps coming is flushed at most this often (each pause in a fast stream would be a flush).
+FLUSH_GAP = 0.01
 DRAIN_AFTER_KILL = 1.0
 
 
@@ -205,7 +208,13 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
     deadline = started + timeout if timeout else None
     result = CellResult(exit_code=-1, duration=0.0, timeout=timeout)
     pending = 0
+    flushed = time.monotonic()
     lines = Lines()
+
+    def flush() -> None:
+        nonlocal pending, flushed
+        sink.flush()
+        pending, flushed = 0, time.monotonic()
 
     def show(parts: list[tuple[int, str]]) -> None:
         nonlocal pending
@@ -213,8 +222,7 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
             sink.write(kind, text)
             pending += len(text)
             if pending >= FLUSH_BYTES:
-                sink.flush()
-                pending = 0
+                flush()
 
     def emit(kind: int, payload: bytes) -> None:
         text = decoders[kind].decode(payload)
@@ -228,6 +236,8 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
             now = time.monotonic()
             held = lines.wait(now)
             wait = 0.25 if held is None else min(0.25, held)
+            if pending:  # shown within FLUSH_GAP even if nothing more comes
+                wait = max(0.0, min(wait, flushed + FLUSH_GAP - now))
             if deadline is not None:
                 wait = max(0.0, min(wait, deadline - now))
             try:
@@ -235,8 +245,7 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
             except queue.Empty:
                 show(lines.due(time.monotonic()))
                 if pending:
-                    sink.flush()
-                    pending = 0
+                    flush()
                 if deadline is not None and time.monotonic() >= deadline:
                     result.timed_out = True
                     stopped = _guarded(stop)
@@ -247,9 +256,8 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
                 break
             emit(*item)
             show(lines.due(time.monotonic()))
-            if pending and stream.idle():  # nothing more right now: show it
-                sink.flush()
-                pending = 0
+            if pending and stream.idle() and time.monotonic() - flushed >= FLUSH_GAP:
+                flush()  # nothing more right now: show it (the wait above flushes the rest soon)
     except KeyboardInterrupt:
         stopped = _guarded(stop)
         result.interrupted, result.survivors = stopped.how, stopped.survivors

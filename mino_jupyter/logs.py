@@ -19,6 +19,7 @@ class SessionLog:
 
     def __init__(self, path: Path):
         self.path = path
+        self._file = None  # open while a cell writes output (one open per cell, not per piece)
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
             for directory in (path.parent.parent, path.parent):  # output can be sensitive: owner only
@@ -31,10 +32,22 @@ class SessionLog:
             f.write(f"=== cell {number} at {stamp}\n{body}--- output\n")
 
     def write(self, text: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(text)
+
+    def flush(self) -> None:
+        """What the cell printed so far is in the file (`%mino logs` of a running cell)."""
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def cell_end(self, result: CellResult, dropped: int) -> None:
+        self.close()
         note = f"[{dropped} bytes of output not logged]\n" if dropped else ""
         if result.timed_out:
             status = f"timed out after {result.timeout:g} s (exit 124)"
@@ -81,6 +94,7 @@ class CellSink:
 
     def flush(self) -> None:
         self.sink.flush()
+        self.log.flush()
 
     def close(self) -> None:
         for stream, redactor in self.redactors.items():
@@ -88,3 +102,4 @@ class CellSink:
             if rest:
                 self._out(stream, rest)
         self.sink.flush()
+        self.log.flush()

@@ -476,6 +476,7 @@ class SessionManager:
             if result.exit_code >= 128 or result.exit_code < 0:
                 self._after_kill(session, result)
         finally:
+            log.close()
             if executor is not None:
                 session.executor_busy.release()
             if session.fresh:  # whatever happened, a --fresh container goes now
