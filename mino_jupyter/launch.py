@@ -10,6 +10,7 @@ this machine and the engine, in order, and times each phase (benchmarks read the
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,43 @@ class Started:
     phases: dict[str, float] = field(default_factory=dict)
     cell_uid: int = policy.CELL_UID  # the cell's uid as this machine sees it
     executor: bool = False  # the cell executor is mounted (cells may go through it)
+    early: "EarlyExecutor | None" = None  # the executor, starting while the firewall is set up
+
+
+class EarlyExecutor:
+    """A session's executor, started on a thread of its own as soon as its container runs, so
+    its start overlaps the firewall's. It runs nothing until a cell asks, and no cell asks
+    before the session (firewall included) is ready."""
+
+    def __init__(self, engine: Engine, container: str):
+        self._done = threading.Event()
+        self._discarded = False
+        self.value: executor.Executor | None = None
+        self.error: BaseException | None = None
+        threading.Thread(target=self._start, args=(engine, container), name="mino-executor-start", daemon=True).start()
+
+    def _start(self, engine: Engine, container: str) -> None:
+        try:
+            self.value = executor.Executor.start(engine, container)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for it
+            self.error = exc
+        finally:
+            self._done.set()
+            if self._discarded and self.value is not None:
+                self.value.disconnect()
+
+    def result(self, timeout: float) -> "executor.Executor":
+        if not self._done.wait(timeout):
+            raise MinoError(f"the cell executor did not start within {timeout:.0f} s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def discard(self) -> None:
+        """The session did not come about: the executor goes (now, or when its start ends)."""
+        self._discarded = True
+        if self._done.is_set() and self.value is not None:
+            self.value.disconnect()
 
 
 def start(engine: Engine, req: Request, k: Kernel) -> Started:
@@ -142,6 +180,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                       host.pid_namespace(int(state["Pid"])) if state.get("Pid") else None,
                       cgroup, host.oom_kills(cgroup) or 0, timer.phases, cell_uid=mounter.cell_uid,
                       executor=facts.executor is not None)
+    if started.executor:
+        started.early = EarlyExecutor(engine, container)
     if guarded:
         try:
             local = firewall.local_networks(
@@ -154,6 +194,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                    labels=dict(shape.network_labels), resolved=resolved,
                                    seccomp_profile=facts.seccomp_profile, engine=kind)
         except MinoError as exc:
+            if started.early is not None:
+                started.early.discard()
             engine.remove(container)  # with its firewall container (removal with dependents)
             if started.firewall is not None:
                 started.firewall.close()

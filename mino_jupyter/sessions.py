@@ -115,6 +115,7 @@ class Session:
     executor: executors.Executor | None = field(default=None, repr=False)
     executor_busy: threading.Lock = field(default_factory=threading.Lock, repr=False)
     executor_failures: int = 0
+    executor_early: launch.EarlyExecutor | None = field(default=None, repr=False)
 
     def row(self) -> dict:
         return {
@@ -410,6 +411,7 @@ class SessionManager:
                           storage=started.storage, firewall=started.firewall, namespace=started.namespace,
                           cgroup=started.cgroup, cell_uid=started.cell_uid, oom_kills=started.oom_kills,
                           startup=started.phases, state="idle", executor_mounted=started.executor,
+                          executor_early=started.early,
                           cell_base=previous.cell_base + previous.cells_run if previous is not None else 0)
         self.sessions[name] = session
         if plan.mode == "host":
@@ -509,8 +511,10 @@ class SessionManager:
             return None
         if session.executor is not None and not session.executor.dead:
             return session.executor
+        early, session.executor_early = session.executor_early, None
         try:
-            session.executor = executors.Executor.start(self.engine, session.container_id)
+            session.executor = (early.result(executors.HELLO_TIMEOUT + 5) if early is not None
+                                else executors.Executor.start(self.engine, session.container_id))
             session.executor_failures = 0
         except Exception as exc:  # noqa: BLE001 - any failure to start: the exec path stays
             session.executor = None
@@ -719,6 +723,9 @@ class SessionManager:
         if session.executor is not None:  # its stdin closes: it kills what it started and exits
             session.executor.disconnect()
             session.executor = None
+        if session.executor_early is not None:
+            session.executor_early.discard()
+            session.executor_early = None
         if session.firewall is not None:
             session.firewall.close()
         if session.storage is not None and not session.fresh:
