@@ -97,21 +97,25 @@ def host_pid(ns: str, inner: int, proc: Path = PROC) -> int | None:
 
 
 def cell_processes(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID,
-                   boundary: int | None = None) -> dict[int, Proc]:
+                   boundary: int | None = None, leader: int | None = None) -> dict[int, Proc]:
     """The live processes a cell started (see the module doc). `uid`: the cell's uid as this
     machine sees it (1000, or the kernel user's own under rootless ``keep-id``); `boundary`: the
-    host pid of the executor that started the cell, if one did."""
+    host pid of the executor that started the cell, if one did; `leader`: the cell's shell, if
+    it still runs. Only that shell may have its parent outside the container: another process
+    whose line of parents leaves the container is another exec's (a cell running beside it)."""
     everyone = in_namespace(ns, proc)
 
     def ours(p: Proc) -> bool:
         seen = 0
-        while p is not None and seen < 4096:
+        while seen < 4096:
             if p.uid != uid or p.pid == boundary:
                 return True  # reached the container's init (or the executor): nothing older above
             if p.start < leader_start:
                 return False  # an older process of the cell's uid: an earlier cell's
-            p = everyone.get(p.ppid)
-            seen += 1
+            parent = everyone.get(p.ppid)
+            if parent is None:
+                return p.pid == leader  # started from outside: this cell's shell, or another exec
+            p, seen = parent, seen + 1
         return True
 
     return {pid: p for pid, p in everyone.items()
@@ -160,7 +164,7 @@ def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None
     for name in ("INT", "TERM", "KILL"):
         if me is None:
             break
-        group = [p for p in cell_processes(ns, started, proc, uid, boundary).values() if p.pgid == leader]
+        group = [p for p in cell_processes(ns, started, proc, uid, boundary, leader).values() if p.pgid == leader]
         if not group:
             break
         try:
@@ -169,20 +173,22 @@ def stop(leader: int, *, ns: str | None, started: int, cgroup: str | None = None
             break
         used = name
         end = time.monotonic() + grace
-        while time.monotonic() < end and any(p.pgid == leader for p in cell_processes(ns, started, proc, uid, boundary).values()):
+        while time.monotonic() < end and any(p.pgid == leader for p in
+                                             cell_processes(ns, started, proc, uid, boundary, leader).values()):
             time.sleep(0.02)
     freezer = Freezer.of(cgroup)
-    return Stopped(used, freezer.sweep(ns, started, proc, uid, boundary) if freezer else
-                   sweep(ns, started, proc, uid, boundary))
+    shell = leader if me is not None else None
+    return Stopped(used, freezer.sweep(ns, started, proc, uid, boundary, shell) if freezer else
+                   sweep(ns, started, proc, uid, boundary, shell))
 
 
 def still_running(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID, *, looks: int = 12,
-                  interval: float = 0.03, boundary: int | None = None) -> tuple[Proc, ...]:
+                  interval: float = 0.03, boundary: int | None = None, leader: int | None = None) -> tuple[Proc, ...]:
     """What of the cell a few looks over a third of a second see. Without a freezer one empty
     look proves nothing: a process that forks and exits at once lives for microseconds and is
     missed by about one look in four; twelve misses in a row are one chance in sixteen million."""
     for _ in range(looks):
-        seen = cell_processes(ns, leader_start, proc, uid, boundary)
+        seen = cell_processes(ns, leader_start, proc, uid, boundary, leader)
         if seen:
             return tuple(seen.values())
         time.sleep(interval)
@@ -219,17 +225,17 @@ class Freezer:
         return self.path.read_text().strip() == "FROZEN"
 
     def sweep(self, ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID,
-              boundary: int | None = None) -> tuple[Proc, ...]:
+              boundary: int | None = None, leader: int | None = None) -> tuple[Proc, ...]:
         """Freeze, kill what the cell started, thaw; then what is still alive."""
         try:
             self._set(True)
             end = time.monotonic() + 2.0
             while not self._frozen() and time.monotonic() < end:
                 time.sleep(0.005)
-            for pid in cell_processes(ns, leader_start, proc, uid, boundary):
+            for pid in cell_processes(ns, leader_start, proc, uid, boundary, leader):
                 _kill(pid, signal.SIGKILL)
         except OSError:
-            return sweep(ns, leader_start, proc, uid, boundary)  # no freezer after all: the SIGSTOP way
+            return sweep(ns, leader_start, proc, uid, boundary, leader)  # no freezer after all: the SIGSTOP way
         finally:
             try:
                 self._set(False)
@@ -237,19 +243,19 @@ class Freezer:
                 pass
         end = time.monotonic() + 2.0
         while time.monotonic() < end:
-            left = cell_processes(ns, leader_start, proc, uid, boundary)
+            left = cell_processes(ns, leader_start, proc, uid, boundary, leader)
             if not left:
                 return ()
             time.sleep(0.02)
-        return sweep(ns, leader_start, proc, uid, boundary)
+        return sweep(ns, leader_start, proc, uid, boundary, leader)
 
 
 def sweep(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID,
-          boundary: int | None = None) -> tuple[Proc, ...]:
+          boundary: int | None = None, leader: int | None = None) -> tuple[Proc, ...]:
     """Freeze every process the cell started (until no new one appears), then kill them all."""
     frozen: dict[int, Proc] = {}
     for _ in range(SWEEP_ROUNDS):
-        fresh = {pid: p for pid, p in cell_processes(ns, leader_start, proc, uid, boundary).items()
+        fresh = {pid: p for pid, p in cell_processes(ns, leader_start, proc, uid, boundary, leader).items()
                  if pid not in frozen or p.state not in ("T", "t")}
         if not fresh:
             break
@@ -260,10 +266,10 @@ def sweep(ns: str, leader_start: int, proc: Path = PROC, uid: int = CELL_UID,
         _kill(pid, signal.SIGKILL)
     end = time.monotonic() + 2.0
     while time.monotonic() < end:
-        left = cell_processes(ns, leader_start, proc, uid, boundary)
+        left = cell_processes(ns, leader_start, proc, uid, boundary, leader)
         if not left:
             return ()
         for pid in left:
             _kill(pid, signal.SIGKILL)
         time.sleep(0.02)
-    return tuple(cell_processes(ns, leader_start, proc, uid, boundary).values())
+    return tuple(cell_processes(ns, leader_start, proc, uid, boundary, leader).values())

@@ -595,3 +595,13 @@ def test_no_session_starts_ahead_when_turned_off(engine, base_image, workspace):
         assert _sessions(engine, token) == []
     finally:
         k.shutdown()
+
+
+def test_a_background_cells_timeout_spares_the_cell_running_beside_it(kernel):
+    """Stopping one cell never reaches another cell of the same session that runs beside it (a
+    `--bg` cell's timeout while a foreground cell runs: one of them is an exec of its own)."""
+    kernel.ok("%%mino --bg --timeout 3\nsleep 100")
+    r = kernel.execute("%%mino\necho fg-start; sleep 6; echo fg-survived", timeout=60)
+    assert r.stdout == "fg-start\nfg-survived\n", (r.stdout, r.cell_stderr)
+    time.sleep(0.5)
+    assert "sleep 100" not in kernel.ok("%%mino\nps -eo args").stdout  # the background cell did stop
