@@ -141,6 +141,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
+    k.before_container(engine)  # the watchdog runs before the first container (the image home's) is made
     home_lower = storage.image_home(engine, req.image, k.state / "image-homes", k.owner, mounter.cell_uid)
     timer.done("image home")
     store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
