@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
-from . import policy, procs
+from . import executor as executors, policy, procs
 from .errors import MinoError
 from .executor import CellRun, Executor
 from .runtime import STDERR, STDOUT, Engine, ExecStream
@@ -84,12 +84,18 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
     if executor is not None:
         clock = procs.boottime_ticks()
         started = time.monotonic()
-        run = executor.begin(script, env={**env, "BASH_ENV": ""})
+        try:
+            run = executor.begin(script, env={**env, "BASH_ENV": ""},
+                                 within=min(timeout, executors.SEND_TIMEOUT) if timeout else executors.SEND_TIMEOUT)
+        except KeyboardInterrupt:  # the request was not written whole: nothing ran (the executor is gone)
+            return CellResult(exit_code=130, duration=time.monotonic() - started, interrupted="interrupted")
         stop = _executor_stopper(run, engine, container, namespace, cgroup, clock, cell_uid)
         try:
             result = _follow(run, stop, sink, timeout, cancel, started)
         finally:
             run.close()
+        if run.refused:  # it ran nothing: the session runs the cell another way
+            raise executors.ExecutorGone(run.refused, "the next cell starts a new executor")
         if not run.ended.is_set():  # no end record even after the stop: stopped by a cell, or stuck
             executor.kill()
             run.lost = run.lost or "the session's cell executor did not report the cell's end (stopped by a cell?)"

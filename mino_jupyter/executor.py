@@ -23,6 +23,7 @@ import os
 import platform
 import queue
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -41,6 +42,7 @@ from .runtime import STDERR, STDOUT, Engine, frames
 
 SOURCE = Path(__file__).with_name("mino-exec.c")
 HELLO_TIMEOUT = 5.0
+SEND_TIMEOUT = 10.0  # an executor that does not read a request this long is stopped (by a cell?)
 GRACE_MS = 50  # how long after the shell exits its pipes may stay open before the cell ends
 NONCE = 16
 COMPILER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # fixed: nothing of the kernel's steers the build
@@ -145,6 +147,7 @@ class CellRun:
         self.code: int | None = None  # as bash reports it: 128+N when killed by signal N
         self.late = False  # something the cell left still held its output at the end
         self.lost: str | None = None
+        self.refused: str | None = None  # the executor would not start it (it ends): nothing ran
         self.ended = threading.Event()
 
     def _take(self, timeout: float | None):
@@ -191,7 +194,7 @@ class CellRun:
         if self.ended.is_set() or self.executor.dead:
             return False
         try:
-            self.executor._send(request(b"K", self.nonce + struct.pack(">I", int(sig))))
+            self.executor._send(request(b"K", self.nonce + struct.pack(">I", int(sig))), within=1.0)
         except ExecutorGone:
             return False
         return True
@@ -271,6 +274,11 @@ class Executor:
             self._hello.put((kind, payload))
         elif run is None or kind == b"L":
             return  # nothing is running (a refused request's line: the end record follows)
+        elif kind == b"X" and payload[:NONCE] == run.nonce and payload[NONCE:NONCE + 1] == b"t":
+            run.refused = ("a process changed the executor's limits, priority or CPUs, which later cells "
+                           "would inherit; a new executor runs the cell")
+            self.dead = run.refused
+            run._queue.put(None)
         elif kind == b"X":
             if payload[:NONCE] != run.nonce or payload[NONCE:NONCE + 1] in (b"b", b""):
                 self.dead = "the cell executor answered out of turn (protocol error); it was stopped"
@@ -307,22 +315,45 @@ class Executor:
         self.kill()
         raise ExecutorGone(why, "the next cell starts a new one")
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, within: float = SEND_TIMEOUT) -> None:
+        """Write to the executor's stdin within `within` seconds. An executor that does not read
+        (stopped by a cell), a broken connection or an interruption midway leave a request half
+        written: the executor is killed, never used again (ExecutorGone; KeyboardInterrupt goes on)."""
+        deadline = time.monotonic() + within
+        view = memoryview(data)
+        sock = self._conn.sock
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
         with self._send_lock:
             try:
-                self._conn.send(data)
-            except OSError as exc:
-                self._fail(f"cannot reach the session's cell executor: {exc}")
+                while view:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"it read no request for {within:g} s (stopped by a cell?)")
+                    if not poller.poll(left * 1000):
+                        continue
+                    try:
+                        view = view[sock.send(view, socket.MSG_DONTWAIT):]
+                    except BlockingIOError:
+                        continue
+            except BaseException as exc:
+                self.dead = f"the session's cell executor was stopped: {exc}"
+                self.kill()
+                if isinstance(exc, OSError):
+                    raise ExecutorGone(f"cannot reach the session's cell executor: {exc}",
+                                       "the next cell starts a new one") from None
+                raise
 
     # ------------------------------------------------------------------ cells
     def begin(self, script: str, *, env: Mapping[str, str] | None = None, cwd: str = policy.WORKDIR,
-              grace_ms: int = GRACE_MS) -> CellRun:
-        """Send one cell; its output and end come through the returned :class:`CellRun`."""
+              grace_ms: int = GRACE_MS, within: float = SEND_TIMEOUT) -> CellRun:
+        """Send one cell; its output and end come through the returned :class:`CellRun`. The
+        request is written within `within` seconds or not at all (ExecutorGone: nothing ran)."""
         if self.dead:
             raise ExecutorGone(self.dead, "the next cell starts a new one")
         run = CellRun(self, secrets.token_bytes(NONCE))
         self._current = run
-        self._send(run_request(run.nonce, script, {**self.base_env, **(env or {})}, cwd, grace_ms))
+        self._send(run_request(run.nonce, script, {**self.base_env, **(env or {})}, cwd, grace_ms), within)
         return run
 
     # ------------------------------------------------------------------ ending

@@ -15,7 +15,8 @@
  *     'H' hello:  "mino-exec 1 pid=N"         (after it made itself non-dumpable)
  *     'S' start:  nonce[16] | "pid=N"          (N: the cell's shell, leader of its own session)
  *     'O' / 'E':  the cell's stdout / stderr bytes
- *     'X' end:    nonce[16] | how (1: 'e' exit, 's' signal, 'f' not started, 'b' busy)
+ *     'X' end:    nonce[16] | how (1: 'e' exit, 's' signal, 'f' not started, 'b' busy,
+ *                 't' not started: the executor's limits were changed, it exits)
  *                 | value u32 | flags u32 (1: the cell's pipes were still open at the end)
  *     'L' log:    a line about a request the executor refused
  *
@@ -31,6 +32,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -38,6 +40,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -55,6 +58,48 @@
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 static int sig_r = -1, sig_w = -1;   /* self-pipe: SIGCHLD arrived */
+
+/* What the executor was started with. A cell runs as the executor's uid, so it can change the
+ * executor's resource limits, nice value, CPU affinity and I/O priority (prlimit, renice, taskset,
+ * ionice: none of them asks whether the target is dumpable), and every later cell would inherit
+ * them. So before each cell: anything changed, and this executor ends (a new one starts). */
+static struct {
+    struct rlimit lim[RLIM_NLIMITS];
+    int nice;
+    cpu_set_t cpus;
+    long ioprio;
+} born;
+
+static void note_birth(void)
+{
+    for (int r = 0; r < RLIM_NLIMITS; r++)
+        getrlimit(r, &born.lim[r]);
+    errno = 0;
+    born.nice = getpriority(PRIO_PROCESS, 0);
+    CPU_ZERO(&born.cpus);
+    sched_getaffinity(0, sizeof born.cpus, &born.cpus);
+    born.ioprio = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0);
+}
+
+static const char *changed_since_birth(void)
+{
+    for (int r = 0; r < RLIM_NLIMITS; r++) {
+        struct rlimit now;
+        if (getrlimit(r, &now) != 0 || now.rlim_cur != born.lim[r].rlim_cur || now.rlim_max != born.lim[r].rlim_max)
+            return "its resource limits";
+    }
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, 0);
+    if (errno || nice != born.nice)
+        return "its nice value";
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    if (sched_getaffinity(0, sizeof cpus, &cpus) != 0 || !CPU_EQUAL(&cpus, &born.cpus))
+        return "its CPU affinity";
+    if (syscall(SYS_ioprio_get, 1, 0) != born.ioprio)
+        return "its I/O priority";
+    return NULL;
+}
 
 static struct {
     pid_t pid;                        /* 0: no cell running */
@@ -377,6 +422,12 @@ static void handle(uint8_t type, uint8_t *p, uint32_t len)
             end_record(p, 'b', 0, 0);
             return;
         }
+        const char *changed = changed_since_birth();
+        if (changed) {  /* no cell starts with what another cell set: a new executor takes it */
+            logf_("a process changed %s; this executor ends and a new one starts", changed);
+            end_record(p, 't', 0, 0);
+            _exit(5);
+        }
         if (store_len < 2 * (size_t)len + 16) {
             free(store);
             store_len = 2 * (size_t)len + 16;  /* every field copied with a NUL */
@@ -415,6 +466,7 @@ int main(void)
         return 2;
     }
     clearenv();                       /* nothing of the exec's environment reaches a cell */
+    note_birth();
     signal(SIGPIPE, SIG_IGN);
     int sp[2];
     if (pipe2(sp, O_CLOEXEC | O_NONBLOCK) < 0)

@@ -499,8 +499,15 @@ class SessionManager:
         if executor is not None:
             try:
                 return run(executor)
-            except executors.ExecutorGone:  # it could not take the cell: nothing ran, so an exec runs it
+            except executors.ExecutorGone as exc:  # it could not take the cell: nothing ran
                 session.executor = None
+                self.notice(f"mino: {exc.message}; a new executor runs this cell")
+            replacement = self._start_executor(session)  # the lock for the session's executor is this cell's
+            if replacement is not None:
+                try:
+                    return run(replacement)
+                except executors.ExecutorGone:
+                    session.executor = None
         return run(None)
 
     # ------------------------------------------------------------------ the cell executor
