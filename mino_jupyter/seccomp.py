@@ -12,6 +12,11 @@ What it refuses, and why:
   packet sockets, and a long record of privilege-escalation bugs there. A notebook cell has
   no use for it, so it gets none of it.
 - ``setns`` (EPERM): joining an existing namespace is the other half of the same door.
+- ``ptrace``, ``process_vm_readv``, ``process_vm_writev``, ``pidfd_getfd`` (EPERM): reaching into
+  another process. Every process of a session runs as the same uid, so without this a process
+  an earlier cell left could trace a later cell (change its exit code, its output) or read its
+  memory; the session's executor is closed to them already (it is not dumpable), this is the
+  second lock. The cost: no ``strace`` or ``gdb`` inside a cell.
 - ``clone3`` (ENOSYS): seccomp can inspect only register arguments, and clone3 passes its
   flags in a struct in memory, so its flags cannot be checked. ENOSYS ("not implemented")
   makes glibc, musl, Go, Node and Python fall back to ``clone``, whose flags are checked.
@@ -25,7 +30,7 @@ flags, so the kernel never reads it as a namespace flag there; it is in the mask
 belt to the braces (no valid exit signal has that bit set).
 
 What stays: everything else of Podman's default, unchanged and in its order: every other
-rule, ``defaultAction``, ``defaultErrnoRet``, ``archMap`` and any other key. The four names
+rule, ``defaultAction``, ``defaultErrnoRet``, ``archMap`` and any other key. The refused names
 are taken out of every rule that allows them (the unconditional allow list and the
 capability-conditional ones); rules that refuse them are left as they are. mino's own rules,
 each with a ``comment``, are appended at the end.
@@ -52,7 +57,8 @@ CLONE_NEWNET = 0x40000000
 NAMESPACE_FLAGS = (CLONE_NEWTIME | CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC
                    | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET)
 
-REFUSED = ("clone", "clone3", "setns", "unshare")
+TRACING = ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd")
+REFUSED = ("clone", "clone3", "setns", "unshare") + TRACING
 
 ENOSYS = 38
 EPERM = 1
@@ -96,6 +102,9 @@ def _mino_rules() -> list[dict]:
               errno_ret=ENOSYS),
         _rule(["unshare", "setns"], "SCMP_ACT_ERRNO",
               "mino: no new or joined namespaces (a user namespace would open its kernel attack surface)",
+              errno_ret=EPERM),
+        _rule(list(TRACING), "SCMP_ACT_ERRNO",
+              "mino: no reaching into another process of the session (all run as one uid)",
               errno_ret=EPERM),
     ]
 

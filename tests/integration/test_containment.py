@@ -431,6 +431,34 @@ def test_no_user_namespaces_in_any_mode(engine, base_image, notebook, tmp_path, 
         k.shutdown()
 
 
+TRACER = r"""cat > /tmp/tracer.pl <<'PERL'
+for (1 .. 200) {
+  my $p = `pgrep -n -f victim-cell`; chomp $p;
+  if ($p) {
+    $! = 0; my $r = syscall(101, 16, 0 + $p, 0, 0); my $e = "$!";
+    $! = 0; my $b = "\0" x 8; my $l = pack("PQ", $b, 8); my $m = pack("QQ", 0x400000, 8);
+    my $v = syscall(310, 0 + $p, $l, 1, $m, 1, 0); my $f = "$!";
+    open(my $o, ">", "/tmp/traced"); print $o "attach $r $e\nvm_readv $v $f\n"; close $o; exit 0;
+  }
+  select(undef, undef, undef, 0.05);
+}
+PERL
+perl /tmp/tracer.pl >/dev/null 2>&1 &"""
+
+
+def test_a_process_an_earlier_cell_left_cannot_reach_into_a_later_cell(engine, base_image, notebook, tmp_path):
+    """Every process of a session runs as one uid: without the seccomp refusal, a tracer left by
+    cell 1 could attach to cell 2 and change what it does, or read its memory."""
+    k = _kernel(notebook, tmp_path / "mino-home")
+    try:
+        k.ok("%%mino\n" + TRACER)
+        k.ok("%%mino\nbash -c 'exec -a victim-cell sleep 3'")
+        r = k.ok("%%mino\ncat /tmp/traced")
+        assert r.stdout == "attach -1 Operation not permitted\nvm_readv -1 Operation not permitted\n", r.stdout
+    finally:
+        k.shutdown()
+
+
 # ---------------------------------------------------------------- what an outside review found
 HOPPER = ("cat > /tmp/hop.pl <<'PERL'\n"
           "use POSIX; POSIX::setsid(); my $t = time;\n"

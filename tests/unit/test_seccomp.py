@@ -10,7 +10,8 @@ import pytest
 
 from mino_jupyter import seccomp
 
-REFUSED = {"unshare", "setns", "clone", "clone3"}
+TRACING = {"ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd"}
+REFUSED = {"unshare", "setns", "clone", "clone3"} | TRACING
 ALLOWING = {"SCMP_ACT_ALLOW", "SCMP_ACT_LOG"}
 NS_BITS = {
     "CLONE_NEWNS": 0x20000, "CLONE_NEWCGROUP": 0x2000000, "CLONE_NEWUTS": 0x4000000,
@@ -161,7 +162,9 @@ def test_clone3_is_enosys_and_unshare_setns_are_eperm(make):
         (rule,) = _mino_rules(out, name)
         assert (rule["action"], rule["errnoRet"], rule["args"]) == ("SCMP_ACT_ERRNO", 1, [])
         assert rule["includes"] == {} and rule["excludes"] == {}
-    for name in ("unshare", "setns", "clone3"):
+    (tracing,) = [r for r in out["syscalls"] if r.get("comment", "").startswith("mino:") and "ptrace" in r["names"]]
+    assert (sorted(tracing["names"]), tracing["action"], tracing["errnoRet"]) == (sorted(TRACING), "SCMP_ACT_ERRNO", 1)
+    for name in ("unshare", "setns", "clone3", *TRACING):
         for arch in ("amd64", "s390x"):
             for caps in (set(), {"CAP_SYS_ADMIN"}):
                 assert not _allowed(out, name, arch, caps, [0] * 6), (name, arch, caps)
@@ -181,7 +184,7 @@ def test_everything_else_is_kept_in_order(make):
     out = seccomp.derive(default)
     assert {k: v for k, v in out.items() if k != "syscalls"} == {k: v for k, v in default.items() if k != "syscalls"}
     added = [r for r in out["syscalls"] if r.get("comment", "").startswith("mino:")]
-    assert out["syscalls"][-len(added):] == added and len(added) == 4
+    assert out["syscalls"][-len(added):] == added and len(added) == 5
     assert all(r["comment"] for r in added)
 
     expected = []
