@@ -101,10 +101,22 @@ def _shot(page, name: str) -> None:
 
 
 def _run_cell(page, index: int) -> None:
-    _dismiss_kernel_dialog(page)
+    """Run one cell, and make sure it did start: a key press that lands while the page is still
+    settling (a late kernel dialog) is lost, and the next cell would run without this one."""
     cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
-    cell.locator(".jp-InputArea-editor").click()
-    page.keyboard.press("Shift+Enter")
+    prompt = cell.locator(".jp-InputPrompt")
+    before = prompt.inner_text().strip()
+    for _ in range(5):
+        _dismiss_kernel_dialog(page)
+        cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            now = prompt.inner_text().strip()
+            if now != before and now not in ("[ ]:", "[]:"):
+                return
+            page.wait_for_timeout(100)
+    raise AssertionError(f"cell {index} did not start (its prompt stayed {before!r})")
 
 
 def _output(page, index: int):
