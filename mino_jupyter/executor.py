@@ -200,8 +200,15 @@ class CellRun:
         return True
 
     def close(self) -> None:
+        """The cell is over for its reader: what still comes for it is dropped, and the reader
+        thread is never left blocked on this run's full queue."""
         if self.executor._current is self:
             self.executor._current = None
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
 
 
 class Executor:
