@@ -18,6 +18,10 @@ class Mutant:
     file: str
     edits: tuple[tuple[str, str], ...]
     tests: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()  # for its tests' run (e.g. the one-exec-per-cell path)
+
+
+EXEC_PATH = (("MINO_EXECUTOR", "0"),)  # the mutant is in the exec-per-cell path: test that path
 
 
 INT = "tests/integration/"
@@ -60,19 +64,26 @@ MUTANTS = (
              '        if True or not self.want_watchdog or (self._watchdog and self._watchdog.poll() is None):'),),
            (MAGIC + "test_sigkilled_kernel_is_cleaned_up_by_the_watchdog",)),
     Mutant("no-load-time-reap", "a kernel that loads reaps what dead kernels left", "mino_jupyter/cleanup.py",
-           (('        threading.Thread(target=reap, name="mino-reaper", daemon=True).start()', '        pass'),),
+           (('        threading.Thread(target=reap, name="mino-reaper", daemon=True).start()', '        pass'),
+            # the first connection reaps too (a prestart connects at load): both go
+            ("        if not self.reaped:\n            threading.Thread(target=self.reap,",
+             "        if False:\n            threading.Thread(target=self.reap,")),
            (MAGIC + "test_orphans_are_reaped_when_a_kernel_loads",)),
     Mutant("firewall-errors-swallowed", "nothing runs on an open network", "mino_jupyter/launch.py",
-           (('        except MinoError as exc:\n            engine.remove(container)',
-             '        except ZeroDivisionError as exc:\n            engine.remove(container)'),),
+           (('        except MinoError as exc:\n            if started.early is not None:',
+             '        except ZeroDivisionError as exc:\n            if started.early is not None:'),),
            (NET + "test_firewall_failure_runs_nothing",)),
     # ---------------------------------------------------------------- containment
     Mutant("exec-as-root", "no process mino starts in a session runs as uid 0", "mino_jupyter/policy.py",
            (('    return exec_body(argv, env={**env, "BASH_ENV": ""})', '    return exec_body(argv, env={**env, "BASH_ENV": ""}, user="0:0")'),),
+           (MAGIC + "test_hardening_seen_from_the_cell",), EXEC_PATH),
+    Mutant("executor-as-root", "no process mino starts in a session runs as uid 0 (the executor either)",
+           "mino_jupyter/policy.py",
+           (('    body = exec_body([EXECUTOR], env={}, workdir="/")', '    body = exec_body([EXECUTOR], env={}, workdir="/", user="0:0")'),),
            (MAGIC + "test_hardening_seen_from_the_cell",)),
     Mutant("bash-by-name", "every exec names its program by absolute path", "mino_jupyter/policy.py",
            (('BASH = "/bin/bash"', 'BASH = "bash"'),),
-           (CONT + "test_planted_helpers_never_run_for_mino",)),
+           (CONT + "test_planted_helpers_never_run_for_mino",), EXEC_PATH),
     Mutant("workspace-bind-mounted", "what a cell writes waits for %mino apply", "mino_jupyter/storage.py",
            (('        workspace = str(p.workspace) if self.mode == "overlay" else str(self.notebook_dir)',
              '        workspace = str(self.notebook_dir)'),
@@ -139,8 +150,8 @@ MUTANTS = (
            (('    opaque_xattr = "user.overlay.opaque"', '    opaque_xattr = "trusted.overlay.opaque"'),),
            ("tests/unit/test_changes.py",)),
     Mutant("stop-by-group-only", "a timeout stops everything the cell started", "mino_jupyter/procs.py",
-           (('    freezer = Freezer.of(cgroup)\n    return Stopped(used, freezer.sweep(ns, started, proc, uid, boundary) if freezer else\n'
-             '                   sweep(ns, started, proc, uid, boundary))',
+           (('    return Stopped(used, freezer.sweep(ns, started, proc, uid, boundary, shell) if freezer else\n'
+             '                   sweep(ns, started, proc, uid, boundary, shell))',
              '    return Stopped(used, ())'),),
            (CONT + "test_timeout_and_interrupt_stop_everything_the_cell_started",)),
     # ---------------------------------------------------------------- the resident executor

@@ -55,7 +55,8 @@ def run(mutant: Mutant) -> tuple[str, float, str]:
         problem = apply(mutant, work)
         if problem:
             return "BROKEN", 0.0, problem
-        env = {**os.environ, "PYTHONPATH": str(work), "MINO_REQUIRE_PODMAN": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, "PYTHONPATH": str(work), "MINO_REQUIRE_PODMAN": "1", "PYTHONDONTWRITEBYTECODE": "1",
+               **dict(mutant.env)}
         done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                                f"--basetemp={work / 'tmp'}", *mutant.tests],
                               cwd=work, env=env, capture_output=True, text=True, timeout=600)
