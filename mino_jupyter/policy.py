@@ -11,7 +11,9 @@ Every mino container, in every network mode, gets:
 * ``no_new_privileges``: setuid binaries and file capabilities cannot raise privileges.
 * a **seccomp profile** derived from Podman's default that refuses new namespaces (``unshare``,
   ``setns``, ``clone`` with namespace flags, ``clone3``): no user namespace, so no capability set
-  inside one and none of the kernel's userns attack surface (see :mod:`mino_jupyter.seccomp`).
+  inside one and none of the kernel's userns attack surface; and reaching into another process
+  (``ptrace``, ``process_vm_readv``/``writev``, ``pidfd_getfd``), since every process of a
+  session shares one uid (see :mod:`mino_jupyter.seccomp`).
 * **limits**: pids 4096 (a fork bomb stops at the cgroup), memory with no swap on top, CPU
   quota, and disk: the root filesystem is read-only and everything writable (workspace upper
   layer, home, /tmp) is on the session's own size-limited disk (see :mod:`mino_jupyter.storage`).
@@ -29,7 +31,9 @@ namespace but not its PID or mount namespaces, never running cell code (:func:`f
 
 Every exec mino makes is built by a named function at the end of this module: programs by
 absolute path, ``--noprofile --norc``, no ``BASH_ENV``, so nothing a cell writes in its home or
-``PATH`` stands in for them.
+``PATH`` stands in for them. A session's cells go through its resident executor
+(:func:`executor_exec`), mounted read-only from mino's state directory at
+:data:`EXECUTOR_DIR` (mode 0111: the cell, which shares its uid, can neither read nor trace it).
 """
 
 from __future__ import annotations
