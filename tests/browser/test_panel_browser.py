@@ -89,6 +89,11 @@ def lab(request, tmp_path, engine, base_image):
     log.close()
 
 
+def _write(nb, path: Path) -> None:
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
 def _shot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     news = page.get_by_role("button", name="No", exact=True)
@@ -196,8 +201,7 @@ def test_panel_allowlist_run_and_stop_in_jupyterlab(lab, gateway, engine):
         nbformat.v4.new_code_cell(f"%%mino\ncurl -sS -m 5 http://{entry}/\n"
                                   f"curl -sS -m 5 http://{gateway}:{other.port}/ || echo \"refused-$?\""),
     ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, workdir / "panel.ipynb")
+    _write(nb, workdir / "panel.ipynb")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -256,8 +260,7 @@ def test_picker_and_panel_agree_entries_apply_live_and_nothing_is_clipped(lab, g
         nbformat.v4.new_code_cell("%%mino\necho kept-$((6*7)) > /tmp/state; echo wrote-state"),
         nbformat.v4.new_code_cell("%%mino\ncat /tmp/state; echo second-cell"),
     ]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, workdir / "picker.ipynb")
+    _write(nb, workdir / "picker.ipynb")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)

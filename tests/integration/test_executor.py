@@ -265,16 +265,21 @@ def test_an_executor_stopped_by_a_cell_does_not_hang_the_host(engine, session):
     assert code == 1, out  # killed from outside
 
 
+def _gone(engine, session, pattern: str) -> None:
+    """Within 5 s no process in the session matches `pattern` (pgrep -f)."""
+    for _ in range(50):
+        code, out, _ = engine.exec_run(session, policy.exec_body(["pgrep", "-f", pattern]))
+        if code == 1:
+            return
+        time.sleep(0.1)
+    assert code == 1, out
+
+
 def test_closing_stdin_kills_what_the_executor_started(engine, session):
     ex = Executor.start(engine, session)
     sh(ex, "sleep 1001 & sleep 1002 >/dev/null 2>&1 &")
     ex.close()
-    for _ in range(50):
-        code, out, _ = engine.exec_run(session, policy.exec_body(["pgrep", "-f", "sleep 100[12]|mino-exec"]))
-        if code == 1:
-            break
-        time.sleep(0.1)
-    assert code == 1, out
+    _gone(engine, session, "sleep 100[12]|mino-exec")
 
 
 def test_a_lost_connection_ends_the_executor_and_its_cells(engine, session):
@@ -286,12 +291,7 @@ def test_a_lost_connection_ends_the_executor_and_its_cells(engine, session):
     with pytest.raises(ExecutorGone) as caught:
         sh(ex, "sleep 1003")
     assert time.monotonic() - started < 10 and "executor ended" in caught.value.message
-    for _ in range(50):
-        code, out, _ = engine.exec_run(session, policy.exec_body(["pgrep", "-f", "sleep 1003|mino-exec"]))
-        if code == 1:
-            break
-        time.sleep(0.1)
-    assert code == 1, out
+    _gone(engine, session, "sleep 1003|mino-exec")
 
 
 # ------------------------------------------------------------------ the protocol, with the executor on this machine
