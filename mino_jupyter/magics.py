@@ -133,8 +133,9 @@ class MinoMagics(Magics):
     display_lines = Int(10_000, help="lines of a cell's output shown in the notebook (0: no limit); the rest "
                                      "is counted and stays in the session's log").tag(config=True)
     display_bytes = Int(2 << 20, help="bytes of a cell's output shown in the notebook (0: no limit)").tag(config=True)
-    prestart = Bool(True, help="start the default session when the extension loads, if the network is "
-                               "already chosen (the first cell takes it only if it would start the same one)"
+    prestart = Bool(True, help="start containers ahead: the default session when the extension loads, if "
+                               "the network is already chosen, and after each --fresh cell a spare for the "
+                               "next one (a cell takes either only if it would start the same one)"
                     ).tag(config=True)
 
     def __init__(self, shell, manager: SessionManager | None = None):
@@ -142,6 +143,13 @@ class MinoMagics(Magics):
         super().__init__(shell)
         self.manager.first_run_hook = self._first_run
         self._apply_traits(None)
+        self._apply_prestart(None)
+
+    @observe("prestart")
+    def _apply_prestart(self, change) -> None:
+        self.manager.spares = self.prestart
+        if not self.prestart:
+            self.manager.drop_spare()
 
     # `%config MinoMagics.network='bogus'` fails when it is set, not at the next cell.
     @validate("network")
@@ -330,6 +338,9 @@ class MinoMagics(Magics):
             print(magic_help())
         elif args.command == "sessions":
             print(render_sessions(m.rows()))
+            if m.spare is not None:
+                print(f"(and {m.spare.name}: a spare container for the next --fresh cell, "
+                      "`%config MinoMagics.prestart = False` turns spares off)")
         elif args.command == "jobs":
             print(render_jobs(list(m.jobs.values())))
         elif args.command == "kill":

@@ -37,6 +37,7 @@ from .paths import config_dir, logs_dir, state_dir
 from .runtime import Engine
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
+SPARE_WAIT = 15.0  # seconds shutdown waits for a spare being started (then the sweep takes it)
 
 Notice = Callable[[str], None]
 
@@ -162,6 +163,11 @@ class SessionManager:
         self._engine: Engine | None = None
         self._lock = threading.RLock()
         self._fresh_count = 0
+        # One spare container for the next --fresh cell (after the first one), started ahead
+        # with the last --fresh cell's options; invisible until a cell takes it.
+        self.spare: Session | None = None
+        self.spares = True  # MinoMagics.prestart
+        self._spare_thread: threading.Thread | None = None
         self._shown: set[str] = set()  # once-per-kernel notices (what this engine cannot apply)
         self.jobs: dict[int, Job] = {}  # background cells (`%%mino --bg`), by number
         self._job_count = 0
@@ -292,8 +298,8 @@ class SessionManager:
             engine = self.engine
             if existing is not None and resolution.plan != existing.plan:
                 self._replan(existing, resolution.plan)  # allowlist entries changed: new rules
-            session = existing or self._start_session(engine, opts, image, resolution.plan, workspace,
-                                                      resources, loaded)
+            session = (existing or (self._take_spare(opts, loaded, presets) if opts.fresh else None)
+                       or self._start_session(engine, opts, image, resolution.plan, workspace, resources, loaded))
             if first_run:
                 choices.first_run_done = True
                 if self.first_run_hook:
@@ -391,36 +397,120 @@ class SessionManager:
 
     def _start_session(self, engine: Engine, opts: CellOptions, image: str, plan: NetworkPlan,
                        workspace: str, resources: policy.Resources, loaded: config.Loaded) -> Session:
-        if opts.fresh:
-            self._fresh_count += 1
-            name = f"fresh-{self._fresh_count}"
-        else:
-            name = opts.session
-        notebook_dir = self.cwd().resolve()
+        name = self._fresh_name() if opts.fresh else opts.session
+        session = self._launch(engine, name, opts.fresh, image, plan, workspace, resources, loaded)
+        self._register(session)
+        return session
+
+    def _fresh_name(self) -> str:
+        self._fresh_count += 1
+        return f"fresh-{self._fresh_count}"
+
+    def _launch(self, engine: Engine, name: str, fresh: bool, image: str, plan: NetworkPlan,
+                workspace: str, resources: policy.Resources, loaded: config.Loaded) -> Session:
+        """Start a session's container (storage, firewall, executor); not yet one of the kernel's."""
         started = launch.start(engine, launch.Request(
-            name=name, fresh=opts.fresh, image=image, plan=plan, workspace=workspace, resources=resources,
-            loaded=loaded, notebook_dir=notebook_dir, home=self.choices.home()), launch.Kernel(
+            name=name, fresh=fresh, image=image, plan=plan, workspace=workspace, resources=resources,
+            loaded=loaded, notebook_dir=self.cwd().resolve(), home=self.choices.home()), launch.Kernel(
             owner={**self.owner.labels(), "io.mino.state": state_key(self.state)}, kernel_id=self.kernel_id,
             state=self.state, storage_dir=self.storage_dir,
             firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
             before_container=self.cleanup.ensure_watchdog, shown=self._shown,
-            executor=not opts.fresh and executors.enabled(self.env)))
+            executor=executors.enabled(self.env)))
         previous = self.sessions.get(name)  # a restarted session goes on in the same log: so do its numbers
-        session = Session(name=name, image=image, plan=plan, fresh=opts.fresh, log_path=self.log_dir / f"{name}.log",
-                          workspace=started.workspace, resources=resources, container_id=started.container,
-                          storage=started.storage, firewall=started.firewall, namespace=started.namespace,
-                          cgroup=started.cgroup, cell_uid=started.cell_uid, oom_kills=started.oom_kills,
-                          startup=started.phases, state="idle", executor_mounted=started.executor,
-                          executor_early=started.early,
-                          cell_base=previous.cell_base + previous.cells_run if previous is not None else 0)
-        self.sessions[name] = session
-        if plan.mode == "host":
-            self.notice(f"mino: session '{name}' uses the host network: cells reach everything this "
+        return Session(name=name, image=image, plan=plan, fresh=fresh, log_path=self.log_dir / f"{name}.log",
+                       workspace=started.workspace, resources=resources, container_id=started.container,
+                       storage=started.storage, firewall=started.firewall, namespace=started.namespace,
+                       cgroup=started.cgroup, cell_uid=started.cell_uid, oom_kills=started.oom_kills,
+                       startup=started.phases, state="idle", executor_mounted=started.executor,
+                       executor_early=started.early,
+                       cell_base=previous.cell_base + previous.cells_run if previous is not None else 0)
+
+    def _register(self, session: Session) -> None:
+        """The session is the kernel's now: listed, shown, and said what it opens."""
+        self.sessions[session.name] = session
+        if session.plan.mode == "host":
+            self.notice(f"mino: session '{session.name}' uses the host network: cells reach everything this "
                         "machine reaches, its local services included")
         if session.workspace == "rw":
-            self.notice(policy.RW_WARNING.format(name=name, workspace=notebook_dir))
+            self.notice(policy.RW_WARNING.format(name=session.name, workspace=session.storage.notebook_dir))
         self._changed()
-        return session
+
+    # ------------------------------------------------------------------ a spare for --fresh cells
+    def _refill_spare(self, opts: CellOptions) -> None:
+        """After a --fresh cell: start a spare container for the next one with the same options,
+        on a thread (no cell waits for it, and none waits for a cell). One at a time."""
+        if not self.spares or self._closed or self.spare is not None:
+            return
+        if self._spare_thread is not None and self._spare_thread.is_alive():
+            return
+        like = CellOptions(fresh=True, image=opts.image, network=opts.network, workspace=opts.workspace,
+                           memory=opts.memory, cpus=opts.cpus, disk=opts.disk)
+        self._spare_thread = threading.Thread(target=self._start_spare, args=(like,), name="mino-spare", daemon=True)
+        self._spare_thread.start()
+
+    def _start_spare(self, opts: CellOptions) -> None:
+        """A --fresh session as the next cell like `opts` would start it, firewall and executor
+        included; nothing runs in it until a cell takes it. Its notices wait for that cell."""
+        held: list[str] = []
+        self._holding.notices = held
+        session = None
+        try:
+            with self._lock:  # the decisions; the start itself does not hold up other cells
+                loaded = self.choices.settings()
+                if self._closed or self.spare is not None or loaded.errors:
+                    return
+                wanted = self._new_session(opts, loaded)
+                plan, image, workspace = wanted[:3]
+                resources = self.choices.resources_for(opts.memory, opts.cpus, opts.disk, loaded)
+                name = self._fresh_name()
+            session = self._launch(self.engine, name, True, image, plan, workspace, resources, loaded)
+            session.prestarted, session.held_notices = wanted, held
+            self._start_executor(session)
+            with self._lock:
+                if not self._closed and self.spare is None:
+                    self.spare, session = session, None
+        except Exception:  # noqa: BLE001 - the next --fresh cell starts its own container
+            self._forget_notices(held)
+        finally:
+            self._holding.notices = None
+            if session is not None:
+                self._discard_spare(session)
+
+    def _take_spare(self, opts: CellOptions, loaded: config.Loaded, presets: dict) -> Session | None:
+        """The spare, if it is what this --fresh cell would start (and still runs); else it goes."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        self._holding.notices = []
+        try:
+            same = self._new_session(opts, loaded, presets) == spare.prestarted
+        finally:
+            self._holding.notices = None
+        info = self.engine.inspect(spare.container_id) if same else None
+        if not (info or {}).get("State", {}).get("Running"):
+            self._discard_spare(spare)
+            return None
+        spare.prestarted, spare.started_at = None, time.time()
+        for message in spare.held_notices:
+            self.notice(message)
+        spare.held_notices = []
+        self._register(spare)
+        return spare
+
+    def drop_spare(self) -> None:
+        """No spare any more (spares turned off): the one ready goes."""
+        with self._lock:
+            spare, self.spare = self.spare, None
+        if spare is not None:
+            self._discard_spare(spare)
+
+    def _discard_spare(self, session: Session) -> None:
+        """A spare no cell will take: its container goes in the background, then its disk."""
+        self._forget_notices(session.held_notices)
+        self._mark_stopped(session)
+        self.cleanup.remove_soon(self.engine, session.container_id, session.name,
+                                 after=lambda s=session: self._release_fresh(s))
 
     # ------------------------------------------------------------------ the firewall
     def _guard_firewall(self, session: Session, action: Callable[[], None]) -> None:
@@ -481,7 +571,8 @@ class SessionManager:
             log.close()
             if executor is not None:
                 session.executor_busy.release()
-            if session.fresh:  # whatever happened, a --fresh container goes now
+            if session.fresh:  # whatever happened, a --fresh container goes now, its replacement comes
+                self._refill_spare(opts)
                 self._mark_stopped(session)
                 self.cleanup.remove_soon(self.engine, session.container_id, session.name,
                                          after=lambda s=session: self._release_fresh(s))
@@ -514,7 +605,7 @@ class SessionManager:
     def _start_executor(self, session: Session) -> executors.Executor | None:
         """The session's executor, started if it is not running. After two failed starts in a
         row its cells are execs of their own, said once."""
-        if not session.executor_mounted or session.fresh or session.executor_failures >= 2:
+        if not session.executor_mounted or session.executor_failures >= 2:
             return None
         if session.executor is not None and not session.executor.dead:
             return session.executor
@@ -707,9 +798,10 @@ class SessionManager:
     def stop_all(self) -> list[str]:
         with self._lock:
             live = [s for s in self.sessions.values() if s.state != "stopped"]
-            if live:
+            spare, self.spare = self.spare, None
+            if live or spare is not None:
                 remove_containers(self.engine, owned_by(self.engine, self.owner.token))
-            for s in live:
+            for s in live + ([spare] if spare is not None else []):
                 self._mark_stopped(s)
         self._changed()
         return [s.name for s in live]
@@ -764,8 +856,11 @@ class SessionManager:
         atexit.unregister(self.shutdown)
         for job in self.jobs.values():  # background cells end with the kernel (their containers go next)
             job.cancel.set()
+        if self._spare_thread is not None:  # a spare being started: in place before the sweep
+            self._spare_thread.join(SPARE_WAIT)
+        spare, self.spare = self.spare, None
         if self.cleanup.shutdown(self._engine):
-            for s in self.sessions.values():
+            for s in list(self.sessions.values()) + ([spare] if spare is not None else []):
                 if s.state != "stopped":
                     self._mark_stopped(s)
             storage.teardown_owner(self.storage_dir, mounts.for_cleanup(self._engine) if self._engine else mounts.Local())

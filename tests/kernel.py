@@ -89,6 +89,22 @@ class Kernel:
         r = self.ok("from mino_jupyter.magics import current_manager as _cm; print(_cm().owner.token)")
         return r.stdout.strip()
 
+    def container_of(self, session: str) -> str:
+        """The container id of one of the kernel's sessions (a --fresh one: `fresh-N`)."""
+        return self.ok(f"from mino_jupyter.magics import current_manager as _cm\n"
+                       f"print(_cm().sessions[{session!r}].container_id)").stdout.strip()
+
+    def spare(self, timeout: float = 60.0) -> str:
+        """The spare container for the next --fresh cell, once it is ready (its executor too)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cid = self.ok("from mino_jupyter.magics import current_manager as _cm\n"
+                          "s = _cm().spare\nprint(s.container_id if s and s.executor else '')").stdout.strip()
+            if cid:
+                return cid
+            time.sleep(0.1)
+        raise AssertionError(f"no spare container within {timeout:.0f} s")
+
     def shutdown(self, now: bool = False) -> None:
         try:
             self.kc.stop_channels()

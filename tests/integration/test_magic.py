@@ -25,6 +25,45 @@ def _sessions(engine, token):
             if c["Labels"]["io.mino.role"] in ("session", "fresh")]
 
 
+def _ids(containers):
+    return {c["Id"] for c in containers}
+
+
+def test_fresh_cells_take_a_spare_once_and_only_when_it_fits(kernel, engine):
+    """After a --fresh cell, a spare container waits for the next one like it: that cell runs
+    in it (nothing of the earlier cell there), it is used once, and a cell with other options
+    gets a container of its own while the spare goes. Turning spares off removes the one ready."""
+    token = kernel.owner_token()
+
+    def fresh_ids():
+        return _ids(_containers(engine, **{"io.mino.owner": token, "io.mino.role": "fresh"}))
+
+    assert kernel.ok("%%mino --fresh\necho one > /tmp/mark; sleep 600 &\necho started").stdout == "started\n"
+    def last() -> str:  # the container of the kernel's latest session
+        return kernel.container_of(kernel.ok("from mino_jupyter.magics import current_manager as _cm\n"
+                                             "print(list(_cm().sessions)[-1])").stdout.strip())
+
+    first, spare = last(), kernel.spare()
+    assert spare != first
+    r = kernel.ok("%%mino --fresh\ncat /tmp/mark 2>/dev/null || echo clean\npgrep -fx 'sleep 600' || echo no-sleep")
+    assert r.stdout == "clean\nno-sleep\n"
+    assert last() == spare  # it ran in the spare
+    second_spare = kernel.spare()
+    assert second_spare not in (first, spare)  # single use
+    assert _wait_until(lambda: not fresh_ids() & {first, spare}, 15)
+    r = kernel.ok("%%mino --fresh --network none\nls /sys/class/net")
+    assert r.stdout == "lo\n"  # its own options, not the spare's bridge
+    assert last() != second_spare
+    assert _wait_until(lambda: second_spare not in fresh_ids(), 15)  # the spare that did not fit went
+    third = kernel.spare()  # a spare like the last cell: --network none
+    assert "spare container" in kernel.ok("%mino sessions").stdout
+    kernel.ok("%config MinoMagics.prestart = False")
+    assert _wait_until(lambda: third not in fresh_ids(), 15)
+    kernel.ok("%%mino --fresh --network none\ntrue")
+    time.sleep(2)
+    assert kernel.ok("from mino_jupyter.magics import current_manager as _cm; print(_cm().spare)").stdout == "None\n"
+
+
 def _session_path(kernel, attribute, name="default"):
     """A path of a session's storage on this machine (its disk's /tmp, its workspace's upper layer)."""
     from pathlib import Path
@@ -331,7 +370,8 @@ def test_sessions_reuse_separate_and_fresh(kernel, engine):
     r = kernel.ok("%%mino --fresh\ncat /tmp/where 2>/dev/null || echo missing")
     assert r.stdout == "missing\n"
     token = kernel.owner_token()
-    assert _wait_until(lambda: _containers(engine, **{"io.mino.owner": token, "io.mino.role": "fresh"}) == [], 10)
+    used = kernel.container_of("fresh-1")
+    assert _wait_until(lambda: used not in _ids(_containers(engine, **{"io.mino.owner": token, "io.mino.role": "fresh"})), 10)
     assert len(_containers(engine, **{"io.mino.owner": token, "io.mino.role": "session"})) == 2
     table = kernel.ok("%mino sessions").stdout
     header, *rows = table.splitlines()

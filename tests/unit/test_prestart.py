@@ -86,3 +86,56 @@ def test_once_notices_of_a_dropped_start_may_come_again(manager):
     manager.choices.network = NetworkChoice("%config MinoMagics", "none", None)
     assert _take(manager) is None
     assert "mino: on this engine, something" not in manager._shown  # the new session's start says it
+
+
+# ---------------------------------------------------------------------- the spare for --fresh cells
+class _Engine:
+    """Just what taking or dropping a spare asks of the engine."""
+
+    def __init__(self, running=True):
+        self.running, self.removed = running, []
+
+    def inspect(self, cid):
+        return {"State": {"Running": self.running}}
+
+    def remove(self, cid):
+        self.removed.append(cid)
+
+
+def _spare(m: SessionManager, opts: CellOptions = CellOptions(fresh=True), running=True) -> Session:
+    m._engine = _Engine(running)
+    s = Session(name="fresh-7", image="img", plan=NetworkPlan("bridge"), fresh=True,
+                log_path=m.log_dir / "fresh-7.log", state="idle", container_id="c7")
+    s.prestarted = m._new_session(opts, m.choices.settings())
+    s.held_notices = ["mino: said while starting the spare"]
+    m.spare = s
+    return s
+
+
+def _take_spare(m: SessionManager, opts: CellOptions = CellOptions(fresh=True)):
+    return m._take_spare(opts, m.choices.settings(), m.choices.presets())
+
+
+def test_a_fresh_cell_takes_a_spare_that_fits_once(manager):
+    s = _spare(manager)
+    assert _take_spare(manager) is s and s.prestarted is None
+    assert manager.sessions["fresh-7"] is s and manager.spare is None
+    assert manager.said == ["mino: said while starting the spare"]
+    assert _take_spare(manager) is None  # single use
+
+
+@pytest.mark.parametrize("why", ["other options", "container gone"])
+def test_a_spare_that_does_not_fit_or_runs_no_more_goes(manager, why):
+    s = _spare(manager, running=why != "container gone")
+    opts = CellOptions(fresh=True, network=NetworkChoice("cell flags", "none", None)) if why == "other options" \
+        else CellOptions(fresh=True)
+    assert _take_spare(manager, opts) is None
+    manager.wait_for_removals()
+    assert s.state == "stopped" and manager._engine.removed == ["c7"] and "fresh-7" not in manager.sessions
+    assert manager.spare is None and manager.said == []
+
+
+def test_no_spare_is_started_when_spares_are_off(manager):
+    manager.spares = False
+    manager._refill_spare(CellOptions(fresh=True))
+    assert manager._spare_thread is None
