@@ -42,6 +42,7 @@ unit:
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: setup
+	bash bench/setup-llm-sandbox.sh
 	$(PY) bench/run.py
 
 clean-containers:
