@@ -191,9 +191,10 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
             started.firewall = session_firewall.SessionFirewall(
                 engine, session_container=container, plan=req.plan, resolver=resolver, notice=k.notice,
                 hosts_path=info.get("HostsPath"), local=local, files=mounter)
-            started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
-                                   labels=dict(shape.network_labels), resolved=resolved,
-                                   seccomp_profile=facts.seccomp_profile, engine=kind)
+            if not _rules_from_host(engine, kind, req.plan, info, started.firewall, resolved, k):
+                started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
+                                       labels=dict(shape.network_labels), resolved=resolved,
+                                       seccomp_profile=facts.seccomp_profile, engine=kind)
         except MinoError as exc:
             if started.early is not None:
                 started.early.discard()
@@ -206,6 +207,29 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                 "the image (nft) and the engine") from None
         timer.done("firewall")
     return started
+
+
+def _rules_from_host(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan, info: dict,
+                     fw: session_firewall.SessionFirewall, resolved: firewall.Resolved, k: Kernel) -> bool:
+    """A bridge session of a local rootful engine gets its rules from this machine's nft in its
+    network namespace (no firewall container to start). False: the firewall container does it
+    (allowlist sessions, which need its name server; rootless or remote engines; no nft here;
+    or nft here failed, said once)."""
+    if plan.mode != "bridge" or kind.rootless or not engine.endpoint.socket_path \
+            or not session_firewall.HostRules.usable():
+        return False
+    fd = session_firewall.open_netns((info.get("NetworkSettings") or {}).get("SandboxKey"),
+                                     (info.get("State") or {}).get("Pid"))
+    if fd is None:
+        return False
+    try:
+        fw.start_from_host(session_firewall.HostRules(fd), resolved)
+        return True
+    except MinoError as exc:
+        fw.close()
+        k.notice_once(f"mino: this machine's nft could not set a session's rules ({exc.message}); "
+                      "firewall containers do it")
+        return False
 
 
 def _executor_dir(k: Kernel) -> str | None:

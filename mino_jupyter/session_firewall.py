@@ -7,6 +7,10 @@ stops. It owns everything about the session's firewall that changes over time:
   session's network namespace, mino attaches to its agent (requests on its stdin, which only the
   engine's API reaches), installs the ruleset and verifies what was installed, chain by chain
   and rule by rule. Any failure raises :class:`FirewallError`: nothing runs on an open network.
+* ``start_from_host``: the same rules and checks for a bridge session of a local rootful engine,
+  with this machine's ``nft`` run in the session's network namespace (:class:`HostRules`): no
+  firewall container to create and start (a third of a new session's start). A bridge session
+  needs no process of its own in the namespace (no name server), so nothing else changes.
 * ``refresh``: after :data:`RESOLVE_REFRESH` seconds the names are resolved again; changed
   answers replace the rules and ``/etc/hosts``.
 * ``replace``: the cell's allow entries changed; new rules (flows to removed destinations stop
@@ -21,6 +25,8 @@ pure functions in :mod:`mino_jupyter.firewall`; this module only acts on them.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import time
 from typing import Callable
 
@@ -60,7 +66,7 @@ class SessionFirewall:
         self.notice = notice
         self.clock = clock
         self.container: str | None = None
-        self.channel: Attached | None = None
+        self.channel: Attached | HostRules | None = None
         self.resolved: firewall.Resolved | None = None
         self.resolved_at = 0.0
 
@@ -76,6 +82,12 @@ class SessionFirewall:
             limits=self.engine.host_limits(), command=firewall.agent_command(self.mode),
             seccomp_profile=seccomp_profile, engine=engine))
         self.channel = self.engine.attach(self.container)
+        self._install(resolved)
+
+    def start_from_host(self, rules: "HostRules", resolved: firewall.Resolved) -> None:
+        """Install the rules from this machine (:class:`HostRules`); the channel is the caller's
+        until this returns, then this firewall's (closed with it)."""
+        self.channel = rules
         self._install(resolved)
 
     def due(self) -> bool:
@@ -143,6 +155,10 @@ class SessionFirewall:
         self.resolved = resolved
         self.resolved_at = self.clock()
 
+    @property
+    def from_host(self) -> bool:
+        return isinstance(self.channel, HostRules)
+
     def _write_hosts(self, resolved: firewall.Resolved) -> None:
         """Rewrite the session's /etc/hosts from this machine: Podman bind-mounts that file from
         its own directory into the container. No process runs in the session for this (a process
@@ -167,3 +183,90 @@ class SessionFirewall:
         self._install(resolved)
         if self.mode == "allowlist":
             self._write_hosts(resolved)
+
+
+class HostRules:
+    """The firewall agent's two requests served from this machine: ``nft`` (this machine's, by
+    absolute path, with a fixed environment) run through ``nsenter`` in the session's network
+    namespace, held open as a file descriptor from the moment the session started.
+
+    For bridge sessions of a local rootful engine only (:func:`open_netns` decides): this process
+    is root there, the namespace is Podman's own (its ``SandboxKey`` under ``/run/netns``, checked
+    to be the one the container's init is in), and nothing here reads or runs anything a cell can
+    write. It speaks the agent's protocol (:func:`firewall.install_request`, ``REPORT_REQUEST``;
+    answers end with ``@@mino-end RC``), so :class:`SessionFirewall` treats both alike.
+    """
+
+    NSENTER = "/usr/bin/nsenter"
+    ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    TIMEOUT = 30.0
+
+    def __init__(self, netns_fd: int):
+        self.fd = netns_fd
+        self._request = b""
+
+    @classmethod
+    def usable(cls) -> bool:
+        return os.access(cls.NSENTER, os.X_OK) and os.access(firewall.NFT, os.X_OK)
+
+    def nft(self, *args: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+        try:
+            done = subprocess.run([self.NSENTER, f"--net=/proc/self/fd/{self.fd}", firewall.NFT, *args],
+                                  input=stdin, capture_output=True, env=self.ENV, cwd="/", pass_fds=(self.fd,),
+                                  timeout=self.TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ConnectionError(f"nft on this machine: {exc}") from None
+        return done.returncode, done.stdout, done.stderr
+
+    # The channel's side of SessionFirewall._request.
+    def send(self, data: bytes) -> None:
+        self._request += data
+
+    def read_until(self, marker: bytes) -> tuple[bytes, bytes]:
+        request, self._request = self._request, b""
+        head, _, body = request.partition(b"\n")
+        if head.startswith(b"install "):
+            code, out, err = self.nft("-f", "-", stdin=body)
+            if code != 0:
+                return err + out + b"@@mino-end 1\n", err
+            code, listing, err = self.nft("-j", "list", "table", "inet", firewall.TABLE)
+            return listing + b"@@mino-end %d\n" % (0 if code == 0 else 1), err
+        if request == firewall.REPORT_REQUEST:
+            code, counters, err = self.nft("-j", "reset", "counters", "table", "inet", firewall.TABLE)
+            if code != 0:
+                return b"@@mino-end 1\n", err
+            parts = [counters]
+            if re.search(rb'"packets":\s*[1-9]', counters):  # the sets fill only where these count
+                for name in ("refused4", "refused6"):
+                    parts.append(self.nft("-j", "list", "set", "inet", firewall.TABLE, name)[1])
+                    self.nft("flush", "set", "inet", firewall.TABLE, name)
+            return b"".join(parts) + b'{"asked": []}\n@@mino-end 0\n', b""
+        return b"@@mino-end 2\n", b""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_netns(sandbox_key: str | None, pid: int | None) -> int | None:
+    """The session's network namespace as a file descriptor, or None when it cannot be had for
+    sure: Podman's namespace file (``SandboxKey``, under ``/run/netns``, not a link) must be the
+    very namespace the container's init is in, as this machine sees it (same device and inode
+    as ``/proc/PID/ns/net``); a remote engine, or one in another mount namespace, fails that."""
+    if not sandbox_key or not pid or os.path.dirname(sandbox_key) != "/run/netns" \
+            or os.path.normpath(sandbox_key) != sandbox_key:
+        return None
+    try:
+        fd = os.open(sandbox_key, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        mine, theirs = os.fstat(fd), os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        os.close(fd)
+        return None
+    if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+        os.close(fd)
+        return None
+    return fd

@@ -45,7 +45,7 @@ VENV=$HOME_/.mino-venv
 NEW=$(runuser -u "$NAME" -- mktemp -d "$HOME_/.mino-copy.XXXXXX")
 trap 'rm -rf "$NEW"' EXIT
 tar -C "$ROOT" -c -f - \
-    --exclude=./.git --exclude=./.venv --exclude=./test-artifacts \
+    --exclude=./.git --exclude=./.venv --exclude=./.bench-venv --exclude=./test-artifacts \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude='*.egg-info' --exclude=node_modules \
     . | runuser -u "$NAME" -- tar -C "$NEW" -x -f - --no-same-owner
 chmod 755 "$NEW"

@@ -186,6 +186,41 @@ def test_host_mode_reaches_host_loopback_and_bridge_does_not(manager):
         listener.close()
 
 
+def test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine(manager, engine, gateway, monkeypatch):
+    """Rootful and local: a bridge session's rules are set by this machine's nft in Podman's own
+    namespace for it (no firewall container), and hold. The namespace is entered only when it is
+    the container's (another process's pid: refused). When nft here fails, the firewall container
+    does it, said once. Rootless: the firewall container, always."""
+    from tests.conftest import ROOTLESS
+
+    listener = TcpListener(gateway)
+    try:
+        code, out, _ = run(manager, f"{CURL} http://{gateway}:{listener.port}/; echo \" exit=$?\"")
+        assert out.strip().endswith("exit=7") and listener.hits == 0
+        session = manager.sessions["default"]
+        roles = sorted(c["Labels"]["io.mino.role"] for c in engine.list({"io.mino.owner": manager.owner.token}))
+        assert session.firewall.from_host is (not ROOTLESS)
+        assert roles == (["session"] if not ROOTLESS else ["firewall", "session"])
+        if ROOTLESS:
+            return
+        info = engine.inspect(session.container_id)
+        key, pid = info["NetworkSettings"]["SandboxKey"], info["State"]["Pid"]
+        fd = firewall_mod.open_netns(key, pid)
+        assert fd is not None
+        os.close(fd)
+        assert firewall_mod.open_netns(key, os.getpid()) is None  # the kernel's own namespace is not it
+
+        monkeypatch.setattr(firewall_mod.HostRules, "nft", lambda self, *a, stdin=b"": (1, b"", b"Error: no way\n"))
+        code, out, _ = run(manager, f"{CURL} http://{gateway}:{listener.port}/; echo \" exit=$?\"", session="other")
+        assert out.strip().endswith("exit=7") and listener.hits == 0
+        assert not manager.sessions["other"].firewall.from_host
+        assert sum("this machine's nft could not set a session's rules (nft failed (exit 1): Error: no way)" in n
+                   for n in manager.notices) == 1
+        assert "firewall" in [c["Labels"]["io.mino.role"] for c in engine.list({"io.mino.owner": manager.owner.token})]
+    finally:
+        listener.close()
+
+
 def test_none_mode_has_no_network(manager, gateway):
     listener = TcpListener(gateway)
     try:

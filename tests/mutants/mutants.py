@@ -165,4 +165,14 @@ MUTANTS = (
            "mino_jupyter/procs.py",
            (("            if p.uid != uid or p.pid == boundary:", "            if p.uid != uid:"),),
            (MAGIC + "test_interrupt_stops_the_whole_process_group",)),
+    # ---------------------------------------------------------------- rules from this machine
+    Mutant("host-rules-any-namespace", "this machine's nft enters only the session container's own namespace",
+           "mino_jupyter/session_firewall.py",
+           (("    if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):", "    if False:"),),
+           (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
+    Mutant("host-rules-unverified", "rules set from this machine are checked like the firewall container's",
+           "mino_jupyter/session_firewall.py",
+           (('            return listing + b"@@mino-end %d\\n" % (0 if code == 0 else 1), err',
+             '            return b"@@mino-end 0\\n", err'),),
+           (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
 )

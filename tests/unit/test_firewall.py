@@ -1,3 +1,4 @@
+import os
 import json
 from pathlib import Path
 
@@ -174,3 +175,57 @@ def test_names_are_resolved_again_only_after_the_refresh_interval():
     assert not fw.due()  # exactly the interval: not yet
     now[0] += 0.001
     assert fw.due()
+
+
+# ---------------------------------------------------------------------- rules from this machine
+class _Nft:
+    """HostRules with nft answering from a script (what it was asked is kept)."""
+
+    def __init__(self, answers):
+        from mino_jupyter import session_firewall
+
+        self.rules = session_firewall.HostRules(-1)
+        self.asked = []
+
+        def nft(*args, stdin=b""):
+            self.asked.append((args, stdin))
+            return answers[args[:2]] if args[:2] in answers else (0, b"", b"")
+        self.rules.nft = nft
+
+    def exchange(self, request):
+        self.rules.send(request)
+        return self.rules.read_until(firewall.END)
+
+
+def test_host_rules_speak_the_agent_s_protocol():
+    listing = b'{"nftables": [{"table": {"name": "mino"}}]}\n'
+    ok = _Nft({("-j", "list"): (0, listing, b"")})
+    out, _ = ok.exchange(firewall.install_request("table inet mino {}\n"))
+    assert firewall.split_answer(out) == (0, listing.decode())
+    assert ok.asked[0] == (("-f", "-"), b"table inet mino {}\n")  # the rules on stdin, never in argv
+
+    failing = _Nft({("-f", "-"): (1, b"", b"Error: syntax error\n")})
+    out, err = failing.exchange(firewall.install_request("table inet mino {\n"))
+    assert firewall.split_answer(out)[0] == 1 and b"syntax error" in err
+    assert len(failing.asked) == 1  # nothing listed after a failed install
+
+
+def test_host_rules_report_lists_and_empties_the_refused_sets_only_after_a_refusal():
+    quiet = _Nft({("-j", "reset"): (0, b'{"nftables": [{"counter": {"name": "refused_tcp", "packets": 0}}]}', b"")})
+    out, _ = quiet.exchange(firewall.REPORT_REQUEST)
+    assert firewall.parse_refused(firewall.split_answer(out)[1]) == firewall.Refused()
+    assert len(quiet.asked) == 1
+    refused = _Nft({("-j", "reset"): (0, b'{"nftables": [{"counter": {"name": "refused_tcp", "packets": 2}}]}', b""),
+                    ("-j", "list"): (0, b'{"nftables": [{"set": {"name": "refused4", "elem": '
+                                        b'[{"concat": ["10.0.0.1", "tcp", 22]}]}}]}', b"")})
+    out, _ = refused.exchange(firewall.REPORT_REQUEST)
+    got = firewall.parse_refused(firewall.split_answer(out)[1])
+    assert got.count == 2 and got.destinations == (("10.0.0.1", "tcp", 22),)
+    assert [a for a, _ in refused.asked].count(("flush", "set", "inet", "mino", "refused4")) == 1
+
+
+@pytest.mark.parametrize("key", [None, "/tmp/netns-1", "/run/netns/../../proc/self/ns/net", "/run/netns/missing"])
+def test_a_namespace_file_that_is_not_podman_s_is_never_entered(key):
+    from mino_jupyter import session_firewall
+
+    assert session_firewall.open_netns(key, os.getpid()) is None
