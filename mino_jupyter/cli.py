@@ -6,8 +6,17 @@ import argparse
 import sys
 
 from . import __version__
-from .commands import HelpShown, Parser, add_config_arguments
-from .errors import MinoError
+from .commands import HelpShown, Parser, add_config_arguments, cell_parser
+from .errors import MinoError, UsageError
+
+# The `%%mino` options that shape a new session, reused (declared once, in commands.cell_parser)
+# by `mino-jupyter kube`, with the help of the two whose meaning a Pod changes.
+KUBE_SESSION_OPTIONS = ("--session", "--image", "--timeout", "--network", "--network-preset", "--network-allow",
+                        "--memory", "--cpus", "--disk")
+KUBE_HELP = {
+    "--session": "the session: the Pod is named mino-NAME (default: %(default)s)",
+    "--timeout": "the Pod's activeDeadlineSeconds: it is stopped SECONDS after it starts (default: 8 hours)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("path", nargs="?", help="default: the nearest .mino.toml from here")
     sub.add_parser("presets", help="network presets: names, descriptions, entries")
 
+    kube = sub.add_parser("kube", help="write a session as a Kubernetes Pod manifest (YAML); talks to no cluster",
+                          description="Write a session as a Kubernetes Pod: the same hardening, limits and "
+                                      "firewall as a Podman session (README: Running containers elsewhere).")
+    add_kube_arguments(kube)
+
     prune = sub.add_parser("prune", help="remove containers whose kernel is gone")
     prune.add_argument("--all", action="store_true",
                        help="remove every mino container of this host, live owners included")
     return parser
+
+
+def add_kube_arguments(parser: argparse.ArgumentParser) -> None:
+    import copy
+
+    for action in cell_parser()._actions:
+        if set(action.option_strings) & set(KUBE_SESSION_OPTIONS):
+            action = copy.copy(action)
+            action.help = KUBE_HELP.get(action.option_strings[-1], action.help)
+            parser._add_action(action)  # what argparse's `parents=` does, for a chosen few
+    parser.add_argument("--cluster-dns", action="append", default=[], metavar="ADDRESS[,...]",
+                        help="bridge only: the cluster DNS Service's address(es), whose port 53 stays open "
+                             "(every other private address is refused)")
+    parser.add_argument("--firewall-image", metavar="IMAGE",
+                        help="image of the firewall init container (default: the mino base image; "
+                             "it needs nft and perl)")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the manifest to FILE instead of stdout")
+    parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +146,8 @@ def _dispatch(args) -> int:
 
         print(presets.render(presets.load()))
         return 0
+    if args.command == "kube":
+        return _kube(args)
     if args.command == "prune":
         from .cleanup import prune
         from .runtime import Engine
@@ -125,6 +159,61 @@ def _dispatch(args) -> int:
         print(f"removed {len(removed)} container(s)")
         return 0
     raise MinoError(f"unknown command {args.command!r}", "`mino-jupyter --help` lists the commands")
+
+
+def _kube(args) -> int:
+    """Gather what the Pod needs (the configuration, the network plan, the allowed names'
+    addresses, resolved now on this machine) and write :func:`mino_jupyter.kube.render`."""
+    import time
+    from pathlib import Path
+
+    from . import config, firewall, kube, presets
+    from .image import base_image_ref, resolve_ref
+    from .network import NetworkChoice, NetworkResolutionInput, resolve
+
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731 - stdout is the manifest's
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists() and not args.force:
+        raise UsageError(f"{output} exists; the manifest was not written", "add --force to overwrite it")
+    deadline = kube.deadline(args.timeout)
+    kube.check_session(args.session)
+    entries = presets.entries(presets.load())
+    loaded = config.load(Path.cwd(), None, entries)
+    for warning in loaded.warnings:
+        say(warning)
+    loaded.require_usable()
+    resolution = resolve(NetworkResolutionInput(
+        flags=NetworkChoice("cell flags", args.network, args.network_preset,
+                            tuple(args.network_allow) if args.network_allow else None),
+        project=config.network_choice(loaded.project, "project"),
+        global_=config.network_choice(loaded.global_, "global")), entries)
+    for warning in resolution.warnings:
+        say(f"mino: {warning}")
+    plan = resolution.plan
+    cluster_dns = kube.check_plan(plan, args.cluster_dns)
+    resources = kube.resources(args.memory, args.cpus, args.disk, loaded)
+    resolved = firewall.resolve_entries(plan.allow) if plan.allow else firewall.Resolved()
+    if resolved.unresolved:
+        say("mino: no address for " + ", ".join(resolved.unresolved) + " on this machine; they stay unreachable "
+            "from the Pod")
+    request = kube.KubeRequest(
+        session=args.session, image=resolve_ref(args.image or config.merged(loaded, "image")[0] or "base"),
+        firewall_image=args.firewall_image or base_image_ref(), plan=plan, resolved=resolved,
+        resources=resources, deadline=deadline,
+        cluster_dns=cluster_dns, resolved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if plan.allow else None)
+    text = kube.render(request)
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(output, "w" if args.force else "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise UsageError(f"{output} exists; the manifest was not written", "add --force to overwrite it") from None
+    except OSError as exc:
+        raise MinoError(f"could not write {output}: {exc.strerror}") from None
+    say(f"mino: wrote {output}: Pod {kube.POD_PREFIX}{args.session}, network {plan.describe()}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "mino_jupyter"
 
 # The pure layer: plain data in, plain data out. No engine, no kernel, no widgets.
-PURE = ("policy", "network", "firewall", "presets", "config", "paths", "errors", "redact", "seccomp")
+PURE = ("policy", "network", "firewall", "presets", "config", "paths", "errors", "redact", "seccomp", "kube")
 # What acts (engine, sessions, user interface) and outside libraries that act.
 ACTING = {"runtime", "sessions", "cell", "session_firewall", "cleanup", "magics", "widgets", "cli", "doctor",
           "image", "demo", "logs", "commands", "owner", "storage", "changes", "host", "procs", "choices",
