@@ -142,8 +142,8 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
     return all(c.ok for c in checks)
 
 
-# A cell that is a Podman exec of its own (a --fresh cell, or any cell when the resident executor
-# is off or cannot start) leaves a record and two conmon processes for exit_command_delay
+# A cell that is a Podman exec of its own (any cell when the resident executor is off or cannot
+# start, or beside a --bg cell) leaves a record and two conmon processes for exit_command_delay
 # seconds, and later execs get slower as the records pile up.
 EXEC_CLEANUP_WARN_ABOVE = 30
 
@@ -155,8 +155,8 @@ def _exec_cleanup(env, files: list | None = None) -> Check:
     if delay <= EXEC_CLEANUP_WARN_ABOVE:
         return Check("exec clean-up", True, f"finished cells' exec records go after {delay} s ({where})")
     return Check("exec clean-up", True,
-                 f"exit_command_delay is {delay} s ({where}): each cell that is an exec of its own (--fresh, "
-                 f"or without the executor) keeps a record and two conmon processes that long, and execs "
+                 f"exit_command_delay is {delay} s ({where}): each cell that is an exec of its own (without "
+                 f"the executor) keeps a record and two conmon processes that long, and execs "
                  f"get slower as they pile up",
                  "put `[engine]` / `exit_command_delay = 10` in a containers.conf drop-in "
                  "(`scripts/setup-host.sh` writes one), then restart the API service", warn=True)

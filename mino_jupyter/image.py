@@ -72,10 +72,12 @@ def variant_of(ref: str) -> Variant | None:
     return next((v for v in VARIANTS.values() if v.ref == ref), None)
 
 
-def ensure(engine: Engine, ref: str, progress: Progress) -> None:
-    """Make sure `ref` exists: mino's own images are built on first use, others must be present."""
-    if engine.image_exists(ref):
-        return
+def ensure(engine: Engine, ref: str, progress: Progress) -> str:
+    """Make sure `ref` exists: mino's own images are built on first use, others must be present.
+    Its image id (one look at the engine when it is there: a session start asks once)."""
+    info = engine.image_inspect(ref)
+    if info is not None:
+        return info["Id"]
     variant = variant_of(ref)
     if ref == base_image_ref():
         progress(f"mino: building {ref} (first use; about a minute) ...")
@@ -83,8 +85,11 @@ def ensure(engine: Engine, ref: str, progress: Progress) -> None:
     elif variant is not None:
         progress(f"mino: building {ref} (first use; a minute or two) ...")
         build_variant(engine, variant.name, progress=progress)
-    else:
-        engine.require_image(ref)
+    info = engine.image_inspect(ref)
+    if info is None:
+        engine.require_image(ref)  # says what is missing and how to get it
+        raise MinoError(f"image {ref} disappeared while mino was looking at it", "run the cell again")
+    return info["Id"]
 
 
 def build_variant(engine: Engine, name: str, *, force: bool = False, progress: Progress = print) -> str:

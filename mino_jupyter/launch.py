@@ -113,7 +113,7 @@ class EarlyExecutor:
 
 
 def start(engine: Engine, req: Request, k: Kernel) -> Started:
-    images.ensure(engine, req.image, k.notice)  # mino's own images are built on first use
+    image_id = images.ensure(engine, req.image, k.notice)  # mino's own images are built on first use
     kind = engine.facts()
     if kind.rootless and (problem := host.subordinate_ids_problem()):
         raise problem
@@ -135,14 +135,15 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     guarded = req.plan.mode in ("bridge", "allowlist")  # a firewall in the session's namespace
     resolved, resolver, networks = None, k.resolver, []
     if guarded:
-        engine.require_image(k.firewall_image)
+        if k.firewall_image != req.image:  # else just looked at
+            engine.require_image(k.firewall_image)
         networks = engine.networks()  # the session's (gateway) and every other container's subnets
         resolver = with_host_name(k.resolver, host.seen_from_sessions(kind, networks))
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
     k.before_container(engine)  # the watchdog runs before the first container (the image home's) is made
-    home_lower = storage.image_home(engine, req.image, k.state / "image-homes", k.owner, mounter.cell_uid)
+    home_lower = storage.image_home(engine, req.image, image_id, k.state / "image-homes", k.owner, mounter.cell_uid)
     timer.done("image home")
     store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
                             home_lower=home_lower, disk_bytes=req.resources.disk, mounter=mounter)

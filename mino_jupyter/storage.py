@@ -321,13 +321,11 @@ def prepare(storage_dir: Path, name: str, owner_labels: dict, *, notebook_dir: P
 
 # ---------------------------------------------------------------------------- image homes
 
-def image_home(engine, image: str, cache: Path, owner_labels: dict, cell_uid: int = policy.CELL_UID) -> Path:
+def image_home(engine, image: str, image_id: str, cache: Path, owner_labels: dict,
+               cell_uid: int = policy.CELL_UID) -> Path:
     """The image's /home/developer on this machine (the lower layer of every session's home),
     extracted once per image id through the engine's archive API; nothing runs to get it."""
-    info = engine.image_inspect(image)
-    if info is None:
-        raise StorageError(f"image {image} is not present", "build or pull it first")
-    target = cache / info["Id"][:24]
+    target = cache / image_id[:24]
     home = target / "developer"
     if home.is_dir():
         return home
