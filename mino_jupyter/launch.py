@@ -164,9 +164,22 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         warned: list[str] = []
         engine.warnings = lambda _name, said: warned.extend(said)
         try:
-            container = engine.run(policy.session_spec(shape.request))
+            container = engine.create(policy.session_spec(shape.request))
         finally:
             engine.warnings = None
+        try:
+            # The firewall container is made before the session starts (it joins the session's
+            # namespace once both run), so its creation is not in line with the starts. Not
+            # for a bridge session whose rules this machine's nft will likely set.
+            fw_container = session_firewall.create_container(
+                engine, session_container=container, mode=req.plan.mode, image=k.firewall_image,
+                name=f"{shape.request.name}-fw", labels=dict(shape.network_labels),
+                seccomp_profile=facts.seccomp_profile, engine_kind=kind) \
+                if guarded and not _host_rules_likely(engine, kind, req.plan) else None
+            engine.start(container)
+        except BaseException:
+            engine.remove(container)  # with the firewall container made for it
+            raise
         for warning in policy.unexplained_warnings(warned, kind):
             k.notice_once(f"mino: Podman warned when starting session '{req.name}': {warning}")
         timer.done("container")
@@ -192,10 +205,11 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
             started.firewall = session_firewall.SessionFirewall(
                 engine, session_container=container, plan=req.plan, resolver=resolver, notice=k.notice,
                 hosts_path=info.get("HostsPath"), local=local, files=mounter)
-            if not _rules_from_host(engine, kind, req.plan, info, started.firewall, resolved, k):
+            if fw_container is not None or not _rules_from_host(engine, kind, req.plan, info, started.firewall,
+                                                                resolved, k):
                 started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
                                        labels=dict(shape.network_labels), resolved=resolved,
-                                       seccomp_profile=facts.seccomp_profile, engine=kind)
+                                       seccomp_profile=facts.seccomp_profile, engine=kind, container=fw_container)
         except MinoError as exc:
             if started.early is not None:
                 started.early.discard()
@@ -210,14 +224,19 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     return started
 
 
+def _host_rules_likely(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan) -> bool:
+    """A bridge session of a local rootful engine with nft here: its rules come from this machine."""
+    return (plan.mode == "bridge" and not kind.rootless and bool(engine.endpoint.socket_path)
+            and session_firewall.HostRules.usable())
+
+
 def _rules_from_host(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan, info: dict,
                      fw: session_firewall.SessionFirewall, resolved: firewall.Resolved, k: Kernel) -> bool:
     """A bridge session of a local rootful engine gets its rules from this machine's nft in its
     network namespace (no firewall container to start). False: the firewall container does it
     (allowlist sessions, which need its name server; rootless or remote engines; no nft here;
-    or nft here failed, said once)."""
-    if plan.mode != "bridge" or kind.rootless or not engine.endpoint.socket_path \
-            or not session_firewall.HostRules.usable():
+    Podman's namespace file not the container's; or nft here failed, said once)."""
+    if not _host_rules_likely(engine, kind, plan):
         return False
     fd = session_firewall.open_netns((info.get("NetworkSettings") or {}).get("SandboxKey"),
                                      (info.get("State") or {}).get("Pid"))

@@ -50,6 +50,15 @@ def resolve(plan: NetworkPlan, resolver: firewall.Resolver, notice: Notice,
     return resolved
 
 
+def create_container(engine: Engine, *, session_container: str, mode: str, image: str, name: str, labels: dict,
+                     seccomp_profile: str | None, engine_kind: policy.EngineFacts) -> str:
+    """Create (not start) a session's firewall container, joining the session's namespace."""
+    return engine.create(policy.firewall_spec(
+        name=name, image=image, target_container=session_container, labels=labels, limits=engine.host_limits(),
+        command=firewall.agent_command("allowlist" if mode == "allowlist" else "bridge"),
+        seccomp_profile=seccomp_profile, engine=engine_kind))
+
+
 class SessionFirewall:
     def __init__(self, engine: Engine, *, session_container: str, plan: NetworkPlan,
                  resolver: firewall.Resolver, notice: Notice, hosts_path: str | None,
@@ -75,12 +84,14 @@ class SessionFirewall:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, image: str, name: str, labels: dict, resolved: firewall.Resolved,
-              seccomp_profile: str | None = None, engine: policy.EngineFacts = policy.ROOTFUL) -> None:
-        """Start the firewall container in the session's namespace and install the rules."""
-        self.container = self.engine.run(policy.firewall_spec(
-            name=name, image=image, target_container=self.session_container, labels=labels,
-            limits=self.engine.host_limits(), command=firewall.agent_command(self.mode),
-            seccomp_profile=seccomp_profile, engine=engine))
+              seccomp_profile: str | None = None, engine: policy.EngineFacts = policy.ROOTFUL,
+              container: str | None = None) -> None:
+        """Start the firewall container in the session's namespace (made now, or `container`,
+        made by :func:`create_container` before the session started) and install the rules."""
+        self.container = container or create_container(
+            self.engine, session_container=self.session_container, mode=self.mode, image=image, name=name,
+            labels=labels, seccomp_profile=seccomp_profile, engine_kind=engine)
+        self.engine.start(self.container)  # a failure: the caller removes the session, with this container
         self.channel = self.engine.attach(self.container)
         self._install(resolved)
 
