@@ -38,6 +38,9 @@ from .runtime import Engine
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 SPARE_WAIT = 15.0  # seconds shutdown waits for a spare being started (then the sweep takes it)
+# A spare's start waits this long after the --fresh cell that asked for it, so that the start's
+# own Python work does not compete (for the GIL and 2 cores) with that cell's last output and reply.
+SPARE_DELAY = 0.1
 
 Notice = Callable[[str], None]
 
@@ -455,6 +458,7 @@ class SessionManager:
         held: list[str] = []
         self._holding.notices = held
         session = None
+        time.sleep(SPARE_DELAY)
         try:
             with self._lock:  # the decisions; the start itself does not hold up other cells
                 loaded = self.choices.settings()
@@ -487,8 +491,7 @@ class SessionManager:
             same = self._new_session(opts, loaded, presets) == spare.prestarted
         finally:
             self._holding.notices = None
-        info = self.engine.inspect(spare.container_id) if same else None
-        if not (info or {}).get("State", {}).get("Running"):
+        if not same or not self._still_runs(spare):
             self._discard_spare(spare)
             return None
         spare.prestarted, spare.started_at = None, time.time()
@@ -497,6 +500,14 @@ class SessionManager:
         spare.held_notices = []
         self._register(spare)
         return spare
+
+    def _still_runs(self, spare: Session) -> bool:
+        """The spare's container runs: its executor's connection is open (it closes when the
+        container goes), or where it has none, the engine says so."""
+        if spare.executor is not None:
+            return not spare.executor.dead
+        info = self.engine.inspect(spare.container_id) or {}
+        return bool(info.get("State", {}).get("Running"))
 
     def drop_spare(self) -> None:
         """No spare any more (spares turned off): the one ready goes."""

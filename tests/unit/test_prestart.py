@@ -135,6 +135,13 @@ def test_a_spare_that_does_not_fit_or_runs_no_more_goes(manager, why):
     assert manager.spare is None and manager.said == []
 
 
+@pytest.mark.parametrize("dead", [None, "the cell executor ended"])
+def test_a_spare_s_executor_says_whether_its_container_still_runs(manager, dead):
+    s = _spare(manager, running=False)  # not asked: the executor's connection is the sign
+    s.executor = type("Ex", (), {"dead": dead, "disconnect": lambda self: None})()
+    assert (_take_spare(manager) is s) is (dead is None)
+
+
 def test_no_spare_is_started_when_spares_are_off(manager):
     manager.spares = False
     manager._refill_spare(CellOptions(fresh=True))
