@@ -225,8 +225,9 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
 
 
 def _host_rules_likely(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan) -> bool:
-    """A bridge session of a local rootful engine with nft here: its rules come from this machine."""
-    return (plan.mode == "bridge" and not kind.rootless and bool(engine.endpoint.socket_path)
+    """A bridge session of a local rootful engine, mino itself root (it enters the namespace), nft
+    here: its rules come from this machine."""
+    return (plan.mode == "bridge" and not kind.rootless and os.geteuid() == 0 and bool(engine.endpoint.socket_path)
             and session_firewall.HostRules.usable())
 
 

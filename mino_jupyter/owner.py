@@ -1,8 +1,11 @@
 """Who owns a container: a process identity that survives PID reuse and reboots.
 
 Every container mino starts carries its owner's pid, the pid's start time (clock ticks since
-boot, from /proc/<pid>/stat) and the boot id. A container whose owner no longer matches a live
-process is an orphan and may be reaped by anyone.
+boot, from /proc/<pid>/stat), the boot id, the host name and the machine id (``/etc/machine-id``).
+A container whose owner no longer matches a live process of this machine is an orphan and may be
+reaped by anyone here. Another machine's containers (an engine shared by several machines) are
+not judged, even when that machine has the same host name: its boot id differs from ours, which
+on this machine would mean "rebooted, so dead".
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class Owner:
     start_ticks: int
     boot_id: str
     host: str
+    machine: str = "unknown"
 
     def labels(self) -> dict[str, str]:
         return {
@@ -29,6 +33,7 @@ class Owner:
             "io.mino.owner-start": str(self.start_ticks),
             "io.mino.boot-id": self.boot_id,
             "io.mino.host": self.host,
+            "io.mino.machine-id": self.machine,
         }
 
 
@@ -54,6 +59,21 @@ def boot_id(proc: Path = Path("/proc")) -> str:
         return "unknown"
 
 
+MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
+
+
+def machine_id(files: tuple[Path, ...] = MACHINE_ID_FILES) -> str:
+    """This machine's id (systemd's /etc/machine-id, else D-Bus's copy), or "unknown"."""
+    for path in files:
+        try:
+            value = path.read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return "unknown"
+
+
 def current_owner() -> Owner:
     pid = os.getpid()
     return Owner(
@@ -62,16 +82,21 @@ def current_owner() -> Owner:
         start_ticks=process_start_ticks(pid) or 0,
         boot_id=boot_id(),
         host=socket.gethostname(),
+        machine=machine_id(),
     )
 
 
-def owner_alive(labels: dict[str, str], proc: Path = Path("/proc")) -> bool:
+def owner_alive(labels: dict[str, str], proc: Path = Path("/proc"), machine: str | None = None) -> bool:
     """True when the process named by a container's owner labels is still running.
 
-    Containers without owner labels, or owned from another host (a shared remote engine), are
-    not ours to judge: they count as alive.
+    Containers without owner labels, or owned from another machine (a shared remote engine;
+    another host name, or the same host name and another machine id), are not ours to judge:
+    they count as alive.
     """
     if labels.get("io.mino.host") != socket.gethostname():
+        return True
+    theirs = labels.get("io.mino.machine-id")
+    if theirs is not None and theirs != (machine or machine_id()):
         return True
     try:
         pid = int(labels["io.mino.owner-pid"])

@@ -168,3 +168,27 @@ def test_doctor_warns_about_a_long_exit_command_delay(tmp_path):
     line = doctor._exec_cleanup(None, []).render()
     assert line.startswith("[warn] exec clean-up: exit_command_delay is 300 s (Podman's default)")
     assert "fix: put `[engine]` / `exit_command_delay = 10`" in line
+
+
+def test_a_machine_with_the_same_host_name_is_not_judged_by_its_boot_id():
+    """Another machine sharing our host name (and the engine) boots with another boot id: read as
+    "this machine rebooted", its live kernel's containers were reaped. Its machine id says it is
+    another machine."""
+    from mino_jupyter.owner import machine_id
+
+    mine = current_owner()
+    assert mine.labels()["io.mino.machine-id"] == machine_id()
+    elsewhere = mine.labels() | {"io.mino.boot-id": "another-boot", "io.mino.owner-pid": "999999999"}
+    assert not owner_alive(elsewhere, machine=elsewhere["io.mino.machine-id"])  # here: rebooted, so dead
+    assert owner_alive(elsewhere | {"io.mino.machine-id": "f" * 32}, machine="0" * 32)  # there: not ours
+
+
+def test_machine_id_falls_back_and_says_unknown(tmp_path):
+    from mino_jupyter.owner import machine_id
+
+    files = (tmp_path / "machine-id", tmp_path / "dbus-machine-id")
+    assert machine_id(files) == "unknown"
+    files[1].write_text("from-dbus\n")
+    assert machine_id(files) == "from-dbus"
+    files[0].write_text("abc123\n")
+    assert machine_id(files) == "abc123"
