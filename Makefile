@@ -19,7 +19,7 @@ demo:
 	@$(PY) scripts/demo.py
 
 test:
-	@scripts/setup-host.sh --browser --toolchains
+	@scripts/setup-host.sh --browser --toolchains --ssh
 	MINO_REQUIRE_PODMAN=1 $(PY) -m pytest $(PYTEST_ARGS)
 	MINO_REQUIRE_PODMAN=1 MINO_EXECUTOR=0 $(PY) -m pytest $(PYTEST_ARGS) $(FALLBACK_TESTS)
 	$(PY) scripts/notebooks.py --check

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -11,7 +13,8 @@ from . import __version__, executor, host as host_facts, mounts, policy, storage
 from .errors import MinoError
 from .paths import state_dir
 from .image import base_image_ref, run_probe, verify_image
-from .runtime import Engine, podman_binary
+from .owner import current_owner
+from .runtime import Engine, containers_conf_files, discover, podman_binary
 
 PROBE = (
     "grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status; "
@@ -84,13 +87,21 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
         return check
 
     try:
-        binary = podman_binary()
-        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout.strip()
-        add(Check("podman", True, f"{version} ({binary})"))
+        endpoint = discover(os.environ if env is None else env, os.geteuid())
     except MinoError as exc:
-        add(Check("podman", False, exc.message, exc.hint or ""))
-    except (OSError, subprocess.SubprocessError) as exc:
-        add(Check("podman", False, f"`podman --version` failed: {exc}", "reinstall podman"))
+        add(Check("API service", False, exc.message, exc.hint or ""))
+        return False
+    if not endpoint.local:
+        add(Check("podman", True, f"not needed here: the engine is at {endpoint.url} ({endpoint.source})", note=True))
+    else:
+        try:
+            binary = podman_binary()
+            version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=20).stdout.strip()
+            add(Check("podman", True, f"{version} ({binary})"))
+        except MinoError as exc:
+            add(Check("podman", False, exc.message, exc.hint or ""))
+        except (OSError, subprocess.SubprocessError) as exc:
+            add(Check("podman", False, f"`podman --version` failed: {exc}", "reinstall podman"))
 
     notes: list[str] = []
     try:
@@ -116,7 +127,8 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
             add(_subordinate_ids())
         for gap in policy.unenforced(engine.facts()):
             add(Check("limits", True, gap, note=True))
-        add(_exec_cleanup(env))
+        if endpoint.local:  # the containers.conf files read here are the engine's
+            add(_exec_cleanup(env))
         add(_cell_executor(env))
     except MinoError as exc:
         add(Check("engine", False, exc.message, exc.hint or ""))
@@ -129,6 +141,7 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
         else:
             verify_image(engine, image)
             add(Check("base image", True, f"{image} has bash, capsh, iptables, nft, setsid; developer is UID 1000"))
+            add(_files(engine, env, image))
     except MinoError as exc:
         add(Check("base image", False, exc.message, exc.hint or ""))
 
@@ -150,7 +163,7 @@ EXEC_CLEANUP_WARN_ABOVE = 30
 
 def _exec_cleanup(env, files: list | None = None) -> Check:
     delay, source = host_facts.exit_command_delay(
-        host_facts.containers_conf_files(env) if files is None else files)
+        containers_conf_files(env) if files is None else files)
     where = f"set in {source}" if source else "Podman's default"
     if delay <= EXEC_CLEANUP_WARN_ABOVE:
         return Check("exec clean-up", True, f"finished cells' exec records go after {delay} s ({where})")
@@ -160,6 +173,17 @@ def _exec_cleanup(env, files: list | None = None) -> Check:
                  f"get slower as they pile up",
                  "put `[engine]` / `exit_command_delay = 10` in a containers.conf drop-in "
                  "(`scripts/setup-host.sh` writes one), then restart the API service", warn=True)
+
+
+def _files(engine: Engine, env, image: str) -> Check:
+    """Whether the engine sees this machine's files where sessions need them."""
+    elsewhere = host_facts.engine_files_problem(engine, state_dir(env), Path.cwd().resolve(), image,
+                                                current_owner().labels())
+    if elsewhere is None:
+        return Check("files", True, "the engine sees this machine's files (mino's state, this directory)")
+    return Check("files", False, f"the engine does not see this machine's files: {elsewhere}; sessions there "
+                                 "are refused (mino does not copy a workspace to another machine yet)",
+                 "use this machine's Podman (unset CONTAINER_HOST and CONTAINER_CONNECTION)")
 
 
 def _cell_executor(env) -> Check:

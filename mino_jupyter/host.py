@@ -6,7 +6,9 @@
 * mino's seccomp profile, derived from the engine's default and written once per content;
 * a container's PID namespace and its memory cgroup's OOM-kill count, read from ``/proc`` and
   the cgroup filesystem: what the kernel itself says happened;
-* the local engine's ``exit_command_delay``, read from the containers.conf files Podman reads.
+* the local engine's ``exit_command_delay``, read from the containers.conf files Podman reads;
+* whether the engine sees this machine's files where a session needs them (an engine on another
+  machine, or in another mount namespace, does not: its bind mounts would be its own files).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import stat
 from pathlib import Path
 
 from . import mounts, policy, seccomp
-from .errors import UsageError
+from .errors import MinoError, UsageError
 
 HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
                    "/etc/ssl/cert.pem")
@@ -256,22 +258,6 @@ def subordinate_ids_problem(user: str | None = None, uid: int | None = None, fil
 PODMAN_EXIT_COMMAND_DELAY = 300  # containers/common's default, in seconds
 
 
-def containers_conf_files(env, uid: int | None = None) -> list[Path]:
-    """The containers.conf files a local Podman 4 reads, lowest precedence first: the
-    ``CONTAINERS_CONF`` file alone when set; else the distribution's, the admin's and its
-    drop-ins, then (rootless only) the user's file and drop-ins."""
-    env = os.environ if env is None else env
-    if env.get("CONTAINERS_CONF"):
-        return [Path(env["CONTAINERS_CONF"])]
-    files = [Path("/usr/share/containers/containers.conf"), Path("/etc/containers/containers.conf")]
-    files += sorted(Path("/etc/containers/containers.conf.d").glob("*.conf"))
-    if (os.getuid() if uid is None else uid) != 0:
-        home = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")).expanduser() / ".config")
-        files.append(home / "containers" / "containers.conf")
-        files += sorted((home / "containers" / "containers.conf.d").glob("*.conf"))
-    return files
-
-
 def exit_command_delay(files: list[Path]) -> tuple[int, Path | None]:
     """(seconds, the file that set it, None for Podman's default): how long the engine keeps each
     finished exec's record and conmon processes. The last file that sets it wins."""
@@ -286,3 +272,89 @@ def exit_command_delay(files: list[Path]) -> tuple[int, Path | None]:
         if isinstance(engine.get("exit_command_delay"), int):
             value, source = int(engine["exit_command_delay"]), path
     return value, source
+
+
+# ---------------------------------------------------------------------------- the engine's view of our files
+
+def engine_files_problem(engine, state: Path, notebook_dir: Path, image: str, labels: dict) -> str | None:
+    """None when the engine sees this machine's files where sessions need them: mino's state
+    directory (the sessions' disks, overlays, the executor, the seccomp profile) and the notebook's
+    directory; else what it sees instead, in a few words. Asked once per engine connection and
+    pair of directories.
+
+    Every session binds paths of this machine into its container, and the engine resolves them on
+    *its* machine: an engine elsewhere (tcp://, ssh://) or in another mount namespace would give the
+    cell its own files at those paths (or none), silently. A local engine whose service is in our
+    mount namespace (or a local rootless one, whose namespace mino mounts into) sees ours by
+    construction; any other is asked: a container that is created and never started binds both
+    directories, and mino reads back through the engine a token it just wrote in the first and the
+    second's stat (its mtime to the nanosecond). The notebook's directory is only looked at.
+    """
+    key = (str(state), str(notebook_dir))
+    if key in engine.files_seen:
+        return engine.files_seen[key]
+    pid = engine.service_pid()
+    if pid and (engine.facts().rootless or _same_mounts(pid)):
+        engine.files_seen[key] = None
+        return None
+    probe = state / "engine-probe"
+    probe.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = hashlib.sha256(os.urandom(32)).hexdigest()
+    token_file = probe / f"token-{os.getpid()}"
+    token_file.write_text(token)
+    problem = None
+    try:
+        try:
+            cid = engine.create(policy.files_probe_spec(
+                name=f"mino-probe-{os.getpid()}-{token[:8]}", image=image, labels=policy.labels("verify", labels),
+                limits=engine.host_limits(), directories=[str(probe), str(notebook_dir)], engine=engine.facts()))
+        except MinoError as exc:  # "statfs ...: no such file or directory": not there at all
+            engine.files_seen[key] = f"it has no {probe} or {notebook_dir} ({exc.message[:120]})"
+            return engine.files_seen[key]
+        try:
+            data = engine.get_archive(cid, f"{policy.PROBE_DIR}/0/{token_file.name}")
+            seen = engine.path_stat(cid, f"{policy.PROBE_DIR}/1")
+        finally:
+            engine.remove(cid)
+        if data is None or _tar_member(data) != token.encode():
+            problem = f"its {probe} is another directory than this machine's"
+        elif seen is None or not _same_stat(seen, notebook_dir):
+            problem = f"its {notebook_dir} is another directory than this machine's"
+    finally:
+        token_file.unlink(missing_ok=True)
+    engine.files_seen[key] = problem
+    return problem
+
+
+def _same_mounts(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
+def _tar_member(data: bytes) -> bytes | None:
+    import io
+    import tarfile
+
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = next((m for m in tar.getmembers() if m.isfile()), None)
+            return tar.extractfile(member).read(256) if member is not None else None
+    except (tarfile.TarError, OSError):
+        return None
+
+
+def _same_stat(seen: dict, path: Path) -> bool:
+    """The engine's stat of a directory (mtime as RFC 3339 with nanoseconds) is this one's."""
+    import datetime
+
+    try:
+        st = os.stat(path)
+        text = str(seen.get("mtime", ""))
+        whole, _, rest = text.rstrip("Z").partition(".")
+        stamp = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.timezone.utc)
+        nanos = int(stamp.timestamp()) * 10**9 + int((rest + "000000000")[:9] or 0)
+    except (OSError, ValueError):
+        return False
+    return bool(seen.get("isDir")) and nanos == st.st_mtime_ns

@@ -117,6 +117,12 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     kind = engine.facts()
     if kind.rootless and (problem := host.subordinate_ids_problem()):
         raise problem
+    if elsewhere := host.engine_files_problem(engine, k.state, req.notebook_dir, req.image, k.owner):
+        raise MinoError(f"the Podman engine at {engine.endpoint.url} does not see this machine's files "
+                        f"({elsewhere}): a session there would get that machine's files at your paths, not "
+                        "yours, so none was started; mino does not copy a workspace to another machine yet",
+                        "use this machine's Podman (unset CONTAINER_HOST and CONTAINER_CONNECTION), or run "
+                        "the notebook on the engine's machine")
     mounter = mounts.for_engine(engine)  # where overlays are mounted: fails early, before anything is made
     for gap in policy.unenforced(kind):
         k.notice_once(f"mino: on this engine, {gap}")
@@ -227,7 +233,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
 def _host_rules_likely(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan) -> bool:
     """A bridge session of a local rootful engine, mino itself root (it enters the namespace), nft
     here: its rules come from this machine."""
-    return (plan.mode == "bridge" and not kind.rootless and os.geteuid() == 0 and bool(engine.endpoint.socket_path)
+    return (plan.mode == "bridge" and not kind.rootless and os.geteuid() == 0 and engine.endpoint.local
             and session_firewall.HostRules.usable())
 
 

@@ -19,10 +19,11 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+from . import ssh as ssh_engine
 from .errors import ImageMissing, MinoError, PodmanUnavailable
 from .paths import state_dir
 from .policy import EngineFacts, HostLimits
@@ -39,11 +40,15 @@ Notify = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Endpoint:
-    url: str  # unix:///path or tcp://host:port or ssh://...
+    url: str  # unix:///path or tcp://host:port or ssh://... (as the user gave it)
     source: str  # where it came from, for messages
     socket_path: str | None  # local unix socket we may start a service on, else None
     may_autostart: bool
     problem: str | None = None  # why the default socket's directory cannot be used (one line)
+    # The engine runs on this machine behind a unix socket: its process, /proc and namespaces are
+    # ours to read (limits, mounts, the session's network namespace). False for tcp:// and ssh://.
+    local: bool = True
+    ssh: ssh_engine.Target | None = None  # an ssh:// engine: mino forwards a local socket to it
 
 
 RUNTIME_DIR_HINT = ("unset XDG_RUNTIME_DIR (Podman then uses /run/user/$(id -u) or /tmp/podman-run-$(id -u)), "
@@ -99,11 +104,18 @@ def discover(env: Mapping[str, str], uid: int) -> Endpoint:
     the rootful socket for root, the rootless one in the user's runtime directory
     (:func:`runtime_dir`) for everyone else; mino may start the service on those.
     """
-    explicit = env.get("CONTAINER_HOST", "").strip()
+    explicit, source, identity = env.get("CONTAINER_HOST", "").strip(), "CONTAINER_HOST", None
+    if not explicit and env.get("CONTAINER_CONNECTION", "").strip():
+        name = env["CONTAINER_CONNECTION"].strip()
+        explicit, identity = ssh_engine.connection(name, containers_conf_files(env, uid, user=True))
+        source = f"the Podman connection {name}"
     if explicit:
         parsed = urllib.parse.urlparse(explicit)
+        if parsed.scheme in ("ssh", "http+ssh"):
+            target = ssh_engine.parse(explicit, env.get("CONTAINER_SSHKEY") or identity)
+            return Endpoint(explicit, source, None, may_autostart=False, local=False, ssh=target)
         path = parsed.path if parsed.scheme == "unix" else None
-        return Endpoint(explicit, "CONTAINER_HOST", path, may_autostart=False)
+        return Endpoint(explicit, source, path, may_autostart=False, local=parsed.scheme == "unix")
     if uid == 0:
         return Endpoint(f"unix://{ROOTFUL_SOCKET}", "rootful default", ROOTFUL_SOCKET, may_autostart=True)
     directory, problem = runtime_dir(env, uid)
@@ -117,6 +129,24 @@ def client_url(url: str) -> str:
     if url.startswith("unix://"):
         return "http+unix://" + url[len("unix://"):]
     return url
+
+
+def containers_conf_files(env, uid: int | None = None, *, user: bool | None = None) -> list[Path]:
+    """The containers.conf files a local Podman 4 reads, lowest precedence first: the
+    ``CONTAINERS_CONF`` file alone when set; else the distribution's, the admin's and its
+    drop-ins, then (rootless only, or `user`: connections are kept there for root too) the
+    user's file and drop-ins."""
+    env = os.environ if env is None else env
+    if env.get("CONTAINERS_CONF"):
+        return [Path(env["CONTAINERS_CONF"])]
+    files = [Path("/usr/share/containers/containers.conf"), Path("/etc/containers/containers.conf")]
+    files += sorted(Path("/etc/containers/containers.conf.d").glob("*.conf"))
+    if user if user is not None else (os.getuid() if uid is None else uid) != 0:
+        home = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")).expanduser() / ".config")
+        files.append(home / "containers" / "containers.conf")
+        files += sorted((home / "containers" / "containers.conf.d").glob("*.conf"))
+    return files
+
 
 
 # --------------------------------------------------------------------------- limits
@@ -334,6 +364,8 @@ class Engine:
         self.client = client
         self.api = client.api
         self.started_service = started_service
+        self.forward: ssh_engine.Forward | None = None  # an ssh:// engine's forward (its own socket)
+        self.files_seen: dict[tuple, str | None] = {}  # host.engine_files_problem's answers, per paths
         self._limits: HostLimits | None = None
         self._facts: EngineFacts | None = None
         self.warnings: Callable[[str, list[str]], None] | None = None  # (container name, Podman's warnings)
@@ -349,6 +381,8 @@ class Engine:
         except ImportError as exc:  # pragma: no cover - dependency of the package
             raise PodmanUnavailable("the podman Python package (podman-py) is not installed",
                                     "pip install podman") from exc
+        if endpoint.ssh is not None:
+            return cls._through_ssh(endpoint, env)
         problem = _ping(endpoint)
         started = False
         if problem is not None and endpoint.problem:
@@ -374,11 +408,31 @@ class Engine:
         client = PodmanClient(base_url=client_url(endpoint.url), timeout=60)
         return cls(endpoint, client, started)
 
+    @classmethod
+    def _through_ssh(cls, endpoint: Endpoint, env: Mapping[str, str]) -> "Engine":
+        """An ssh:// engine through mino's own forward (:mod:`mino_jupyter.ssh`): the client, and
+        every raw connection (attach, exec), use the forwarded socket like a local one."""
+        from podman import PodmanClient
+
+        forward = ssh_engine.Forward(endpoint.ssh, env)
+        forward.open(ping=_ping_unix)
+        client = PodmanClient(base_url=client_url(f"unix://{forward.socket}"), timeout=60)
+        engine = cls(replace(endpoint, socket_path=forward.socket), client)
+        engine.forward = forward
+        return engine
+
+    @property
+    def api_url(self) -> str:
+        """Where this process talks to the engine: the endpoint, or the ssh forward's socket."""
+        return f"unix://{self.forward.socket}" if self.forward is not None else self.endpoint.url
+
     def close(self) -> None:
         try:
             self.client.close()
         except Exception:
             pass
+        if self.forward is not None:
+            self.forward.close()
 
     # ----------------------------------------------------------------- plumbing
     def request(self, method: str, path: str, *, what: str, ok_missing: bool = False,
@@ -386,7 +440,13 @@ class Engine:
         from podman.errors import APIError
 
         try:
-            response = getattr(self.api, method)(path, **kwargs)
+            try:
+                response = getattr(self.api, method)(path, **kwargs)
+            except APIError:
+                if self.forward is None or self.forward.alive():
+                    raise
+                self.forward.open(ping=_ping_unix)  # the ssh forward died (the network dropped): once more
+                response = getattr(self.api, method)(path, **kwargs)
         except APIError as exc:
             raise PodmanUnavailable(
                 f"lost the Podman API at {self.endpoint.url} while trying to {what}: {exc}",
@@ -417,17 +477,15 @@ class Engine:
     def service_pid(self) -> int | None:
         """The API service's process on this machine (its namespaces are the containers'), or
         None when the engine is not a local unix socket."""
-        return _socket_peer_pid(self.endpoint.socket_path) if self.endpoint.socket_path else None
+        return _socket_peer_pid(self.endpoint.socket_path) if self.endpoint.local and self.endpoint.socket_path else None
 
     def host_limits(self) -> HostLimits:
         """Hard limits containers may ask for: the service's own (when local) and ours."""
         if self._limits is None:
             limits = _own_limits()
-            path = self.endpoint.socket_path
-            if path:
-                pid = _socket_peer_pid(path)
-                if pid:
-                    limits = min_limits(limits, _read_proc_limits(pid))
+            pid = self.service_pid()
+            if pid:
+                limits = min_limits(limits, _read_proc_limits(pid))
             self._limits = limits
         return self._limits
 
@@ -551,6 +609,18 @@ class Engine:
                                 what=f"read {path} from {cid[:12]}", ok_missing=True)
         return None if response is None else response.content
 
+    def path_stat(self, cid: str, path: str) -> dict | None:
+        """A path's stat in a (created or running) container, as the engine sees it (name, size,
+        mode, mtime to the nanosecond); None when it is missing. Nothing is copied, nothing runs."""
+        response = self.request("head", f"/containers/{cid}/archive", params={"path": path},
+                                what=f"look at {path} in {cid[:12]}", ok_missing=True)
+        header = None if response is None else response.headers.get("X-Docker-Container-Path-Stat")
+        if not header:
+            return None
+        import base64
+
+        return json.loads(base64.b64decode(header))
+
     # ----------------------------------------------------------------- exec
     def exec_create(self, cid: str, body: dict) -> str:
         response = self.request("post", f"/containers/{cid}/exec", data=json.dumps(body),
@@ -585,7 +655,7 @@ class Engine:
     def _upgrade(self, path: str, body: dict | None, what: str, timeout: float, *, blocking: bool) -> Attached:
         """POST to an API path that upgrades to a raw stream (unix:// and tcp:// engines).
         `blocking`: reads then wait as long as it takes (a reader thread's), else `timeout`."""
-        url = urllib.parse.urlparse(self.endpoint.url)
+        url = urllib.parse.urlparse(self.api_url)
         data = b"" if body is None else json.dumps(body).encode()
         try:
             if url.scheme == "unix":
@@ -635,23 +705,27 @@ class Engine:
 
 # --------------------------------------------------------------------------- the service
 
+def _ping_unix(path: str) -> str | None:
+    """None when an API service answers /_ping on this unix socket, else a short reason."""
+    if not os.path.exists(path):
+        return "no socket there"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(PING_TIMEOUT)
+            s.connect(path)
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
+            reply = s.recv(64)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not reply.startswith(b"HTTP/1.") or b" 200" not in reply[:16]:
+        return f"unexpected answer {reply[:32]!r}" if reply else "the connection closed without an answer"
+    return None
+
+
 def _ping(endpoint: Endpoint) -> str | None:
     """None when the API answers, else a short reason."""
     if endpoint.url.startswith("unix://"):
-        path = endpoint.socket_path or ""
-        if not os.path.exists(path):
-            return "no socket there"
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(PING_TIMEOUT)
-                s.connect(path)
-                s.sendall(b"GET /_ping HTTP/1.0\r\nHost: d\r\n\r\n")
-                reply = s.recv(64)
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        if not reply.startswith(b"HTTP/1.") or b" 200" not in reply[:16]:
-            return f"unexpected answer {reply[:32]!r}"
-        return None
+        return _ping_unix(endpoint.socket_path or "")
     parsed = urllib.parse.urlparse(endpoint.url)
     if parsed.scheme == "tcp":
         import http.client
@@ -666,7 +740,7 @@ def _ping(endpoint: Endpoint) -> str | None:
             return exc.strerror or str(exc)
         return None if status == 200 else f"HTTP {status} from /_ping"
     if parsed.scheme in ("ssh", "http+ssh"):
-        return None  # podman-py handles ssh; errors surface on first use
+        return None  # answered through mino's forward (Engine._through_ssh), never directly
     return f"unsupported scheme {parsed.scheme!r} (valid: unix://, tcp://, ssh://)"
 
 

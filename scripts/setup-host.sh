@@ -27,16 +27,18 @@ SOCKET=/run/podman/podman.sock
 WANT_IMAGE=1
 WANT_BROWSER=0
 WANT_TOOLCHAINS=0
+WANT_SSH=0
 ROOTLESS_USER=
 while [ $# -gt 0 ]; do
     case $1 in
         --no-image) WANT_IMAGE=0 ;;
         --browser) WANT_BROWSER=1 ;;
         --toolchains) WANT_TOOLCHAINS=1 ;;
+        --ssh) WANT_SSH=1 ;;
         --rootless-user) [ $# -ge 2 ] || { echo "setup-host: --rootless-user needs a user name" >&2; exit 2; }
                          ROOTLESS_USER=$2; shift ;;
         --rootless-user=*) ROOTLESS_USER=${1#*=} ;;
-        *) echo "setup-host: unknown option $1 (valid: --no-image, --browser, --toolchains, --rootless-user NAME)" >&2; exit 2 ;;
+        *) echo "setup-host: unknown option $1 (valid: --no-image, --browser, --toolchains, --ssh, --rootless-user NAME)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -57,6 +59,8 @@ fi
 PACKAGES=(podman catatonit netavark aardvark-dns runc iptables nftables libcap2-bin debootstrap iproute2 curl ca-certificates
           uidmap slirp4netns mmdebstrap tar make python3 python3-venv e2fsprogs mount gcc libc6-dev)
 [ "$WANT_BROWSER" = 1 ] && PACKAGES+=(chromium chromium-driver)
+# The ssh engine tests run their own sshd on loopback (never the system's service).
+[ "$WANT_SSH" = 1 ] && PACKAGES+=(openssh-client openssh-server)
 
 missing=()
 if command -v dpkg-query >/dev/null; then
@@ -92,7 +96,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # openssh-server is for the tests' own sshd on loopback: its package must not start (or
+    # enable) a system-wide one listening on port 22.
+    new_sshd=0
+    [[ " ${missing[*]} " == *" openssh-server "* ]] && new_sshd=1
+    quiet_rc=0
+    if [ "$new_sshd" = 1 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && quiet_rc=1
+    fi
     apt-get install -y -qq "${missing[@]}" >/dev/null
+    [ "$quiet_rc" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    if [ "$new_sshd" = 1 ] && command -v systemctl >/dev/null; then
+        systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+    fi
     if grep -qi ubuntu /etc/os-release 2>/dev/null; then
         apt-get install -y -qq debian-archive-keyring >/dev/null   # debootstrap of Debian bookworm
     fi

@@ -28,6 +28,7 @@ LAYERS = {
     "mounts": 17,
     "procs": 15, "changes": 15,
     "executor": 12,
+    "ssh": 8,
     "runtime": 10, "commands": 10, "owner": 10,
 }
 

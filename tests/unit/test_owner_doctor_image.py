@@ -144,19 +144,22 @@ def test_exit_command_delay_is_the_last_file_that_sets_it(tmp_path):
 
 
 def test_containers_conf_files_follow_podmans_order(tmp_path):
-    from mino_jupyter import host
+    from mino_jupyter import runtime
 
     only = tmp_path / "only.conf"
-    assert host.containers_conf_files({"CONTAINERS_CONF": str(only)}) == [only]
+    assert runtime.containers_conf_files({"CONTAINERS_CONF": str(only)}) == [only]
     user = tmp_path / "cfg" / "containers"
     (user / "containers.conf.d").mkdir(parents=True)
     (user / "containers.conf.d" / "b.conf").write_text("")
     (user / "containers.conf.d" / "a.conf").write_text("")
-    files = host.containers_conf_files({"XDG_CONFIG_HOME": str(tmp_path / "cfg")}, uid=1000)
+    files = runtime.containers_conf_files({"XDG_CONFIG_HOME": str(tmp_path / "cfg")}, uid=1000)
     assert files[:2] == [Path("/usr/share/containers/containers.conf"), Path("/etc/containers/containers.conf")]
     assert files[-3:] == [user / "containers.conf", user / "containers.conf.d" / "a.conf",
                           user / "containers.conf.d" / "b.conf"]
-    assert user / "containers.conf" not in host.containers_conf_files({"XDG_CONFIG_HOME": str(tmp_path / "cfg")}, uid=0)
+    assert user / "containers.conf" not in runtime.containers_conf_files({"XDG_CONFIG_HOME": str(tmp_path / "cfg")}, uid=0)
+    # connections (`podman system connection add`) are kept in the user's file, root's too
+    assert user / "containers.conf" in runtime.containers_conf_files({"XDG_CONFIG_HOME": str(tmp_path / "cfg")},
+                                                                      uid=0, user=True)
 
 
 def test_doctor_warns_about_a_long_exit_command_delay(tmp_path):

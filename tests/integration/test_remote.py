@@ -1,0 +1,211 @@
+"""Engines elsewhere: over ssh (mino's own forward to an sshd on loopback that the test starts
+with a throwaway key), and an engine that does not see this machine's files (a second API
+service in a mount namespace of its own, where the test's directories are an empty tmpfs).
+
+Traffic goes only to loopback and the Podman bridge gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mino_jupyter.errors import PodmanUnavailable
+from mino_jupyter.runtime import Engine
+from tests.conftest import ROOTLESS, give_to_cell
+from tests.kernel import Kernel, isolated_env
+from tests.listeners import TcpListener
+
+pytestmark = pytest.mark.podman
+SSHD = "/usr/sbin/sshd"
+ROOTFUL_ONLY = pytest.mark.skipif(ROOTLESS, reason="an sshd and a second API service need root; the rootful run tests them")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """An sshd of the test's own on loopback: root may log in with a throwaway key only; the
+    client's config (MINO_SSH_CONFIG) names that key and the host key it must see."""
+    if not os.access(SSHD, os.X_OK):
+        pytest.fail(f"{SSHD} is missing: `scripts/setup-host.sh --ssh` installs openssh-server", pytrace=False)
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = _free_port()
+    (d / "sshd_config").write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d / 'host_key'}
+PidFile {d / 'sshd.pid'}
+AuthorizedKeysFile {d / 'authorized_keys'}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowStreamLocalForwarding yes
+X11Forwarding no
+PermitTTY no
+""")
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text()}")
+    (d / "client_config").write_text(f"""Host 127.0.0.1
+  User root
+  Port {port}
+  IdentityFile {d / 'client_key'}
+  IdentitiesOnly yes
+  UserKnownHostsFile {d / 'known_hosts'}
+  StrictHostKeyChecking yes
+""")
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "wb"))
+    try:
+        _wait_port(port)
+        yield {"port": port, "config": str(d / "client_config")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _ssh_env(home: Path, sshd: dict, socket_path: str = "/run/podman/podman.sock") -> dict:
+    return {**isolated_env(home), "CONTAINER_HOST": f"ssh://root@127.0.0.1:{sshd['port']}{socket_path}",
+            "MINO_SSH_CONFIG": sshd["config"]}
+
+
+def _forwards() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "^/usr/bin/ssh -N .*mino-ssh-"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def test_a_closed_ssh_port_fails_fast_in_one_line(tmp_path):
+    port = _free_port()  # nothing listens there
+    env = {**os.environ, "CONTAINER_HOST": f"ssh://root@127.0.0.1:{port}/run/podman/podman.sock",
+           "MINO_SSH_CONFIG": "/dev/null"}
+    started = time.monotonic()
+    with pytest.raises(PodmanUnavailable) as e:
+        Engine.connect(env)
+    assert time.monotonic() - started < 5
+    assert e.value.message.startswith(f"cannot reach the Podman API at ssh://root@127.0.0.1:{port}/run/podman/podman.sock:")
+    assert "Connection refused" in e.value.message and "\n" not in e.value.message and e.value.hint
+
+
+@ROOTFUL_ONLY
+def test_a_remote_socket_that_does_not_answer_fails_fast(sshd, tmp_path):
+    env = {**os.environ, **_ssh_env(tmp_path / "home", sshd, "/run/nothing-here/podman.sock")}
+    started = time.monotonic()
+    with pytest.raises(PodmanUnavailable) as e:
+        Engine.connect(env)
+    assert time.monotonic() - started < 7
+    assert "no answer from its Podman API socket /run/nothing-here/podman.sock" in e.value.message
+    assert _forwards() == []  # the failed forward's ssh is gone
+
+
+@ROOTFUL_ONLY
+def test_cells_run_hardened_through_an_ssh_engine_and_its_forward_comes_back(sshd, engine, base_image, gateway,
+                                                                             tmp_path):
+    """Everything over mino's forward: the session, its firewall container, the executor's raw
+    connection. The forward's ssh killed (the network dropped): the next cell says its executor
+    ended and runs. The kernel gone: its containers and its ssh are gone."""
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    give_to_cell(notebook)
+    k = Kernel(cwd=str(notebook), env=_ssh_env(tmp_path / "home", sshd))
+    listener = TcpListener(gateway)
+    try:
+        k.ok("%load_ext mino_jupyter")
+        r = k.ok("%%mino\ngrep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; id -u\n"
+                 f"curl -sS -m 5 -o /dev/null http://{gateway}:{listener.port}/ 2>/dev/null; echo exit=$?")
+        assert r.stdout.splitlines() == ["CapEff:\t0000000000000000", "CapBnd:\t0000000000000000", "NoNewPrivs:\t1",
+                                         "1000", "exit=7"]
+        assert listener.hits == 0
+        token = k.owner_token()
+        assert engine.list({"io.mino.owner": token, "io.mino.role": "firewall"})  # not local: the container does it
+        forwards = _forwards()
+        assert len(forwards) == 1
+        os.kill(forwards[0], signal.SIGKILL)
+        r = k.ok("%%mino\necho again")
+        assert r.stdout == "again\n"
+        assert len(_forwards()) == 1 and _forwards() != forwards
+    finally:
+        listener.close()
+        k.shutdown()
+    deadline = time.monotonic() + 15
+    while (engine.list({"io.mino.owner": token}) or _forwards()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine.list({"io.mino.owner": token}) == [] and _forwards() == []
+
+
+@pytest.fixture
+def second_service(tmp_path):
+    """Another API service over tcp on loopback, on the same storage as the main one. `hide`:
+    in a mount namespace of its own where this test's directory is an empty tmpfs."""
+    started = []
+
+    def start(hide: bool) -> str:
+        port = _free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        serve = ["podman", "system", "service", "--time=0", url]
+        cmd = (["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount -t tmpfs -o size=1m mino-test "$0" && exec "$@"', str(tmp_path), *serve] if hide else serve)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+        started.append(proc)
+        _wait_port(port, 20)
+        return url
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@ROOTFUL_ONLY
+def test_an_engine_that_does_not_see_this_machine_s_files_starts_nothing(second_service, engine, base_image,
+                                                                       tmp_path):
+    """The engine would resolve the notebook's path on its side: an empty directory (or another
+    machine's). mino asks it first and refuses in one line; nothing is made. The same engine in
+    this machine's mount namespace sees the files, and cells run."""
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    give_to_cell(notebook)
+    (notebook / "data.txt").write_text("mine\n")
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"), "CONTAINER_HOST": second_service(hide=True)})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        r = k.execute("%%mino\ntouch /workspace/ran")
+        assert r.error is not None
+        said = r.error_text + r.stderr
+        assert "does not see this machine's files" in said and "none was started" in said
+        assert engine.list({"io.mino.owner": k.owner_token()}) == []
+        assert not (notebook / "ran").exists()
+    finally:
+        k.shutdown()
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home2"), "CONTAINER_HOST": second_service(hide=False)})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        assert k.ok("%%mino\ncat data.txt").stdout == "mine\n"
+    finally:
+        token = k.owner_token()
+        k.shutdown()
+    assert engine.list({"io.mino.owner": token}) == []

@@ -1,0 +1,60 @@
+"""An ssh:// engine: the URL and connection entries as Podman reads them, and the ssh command
+mino runs (a forward only, no prompt, nothing of the URL read as an option)."""
+
+from pathlib import Path
+
+import pytest
+
+from mino_jupyter import ssh
+from mino_jupyter.errors import PodmanUnavailable
+from mino_jupyter.runtime import discover
+
+
+def test_podman_s_ssh_url():
+    t = ssh.parse("ssh://core@build.example:2222/run/user/1000/podman/podman.sock", "/keys/id")
+    assert (t.destination, t.port, t.socket, t.identity) == ("core@build.example", 2222,
+                                                             "/run/user/1000/podman/podman.sock", "/keys/id")
+    assert ssh.parse("ssh://box/run/podman/podman.sock").destination == "box"
+
+
+@pytest.mark.parametrize("url, says", [
+    ("ssh://user@host", "does not say where the Podman socket is"),
+    ("ssh://user@host/", "does not say where the Podman socket is"),
+    ("ssh://-oProxyCommand=touch%20x/run/podman/podman.sock", "no usable host"),
+    ("ssh://-oProxyCommand=x@host/run/podman/podman.sock", "no usable user name"),
+    ("ssh://user@host:twenty/run/podman/podman.sock", "is not a number"),
+])
+def test_a_url_mino_cannot_use_is_one_line(url, says):
+    with pytest.raises(PodmanUnavailable) as e:
+        ssh.parse(url)
+    assert says in e.value.message and "\n" not in e.value.message and e.value.hint
+
+
+def test_the_ssh_command_forwards_only_and_never_prompts():
+    t = ssh.parse("ssh://core@host:2222/run/podman/podman.sock", "/keys/id")
+    cmd = ssh.command(t, "/tmp/mino-ssh-x/api.sock", "/cfg")
+    assert cmd[0] == "/usr/bin/ssh" and "-N" in cmd
+    assert cmd[-2:] == ["--", "core@host"]  # the destination is never an option
+    for option in ("BatchMode=yes", "ExitOnForwardFailure=yes", f"ConnectTimeout={ssh.CONNECT_TIMEOUT}"):
+        assert option in cmd
+    assert cmd[cmd.index("-L") + 1] == "/tmp/mino-ssh-x/api.sock:/run/podman/podman.sock"
+    assert cmd[cmd.index("-i") + 1] == "/keys/id" and cmd[cmd.index("-F") + 1] == "/cfg"
+    assert cmd[cmd.index("-p") + 1] == "2222"
+    assert "-F" not in ssh.command(ssh.parse("ssh://h/s.sock"), "/x", None)
+
+
+def test_connections_and_keys_as_podman_reads_them(tmp_path):
+    conf = tmp_path / "cfg" / "containers" / "containers.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text('[engine.service_destinations.builder]\nuri = "ssh://core@build:2222/run/podman/podman.sock"\n'
+                    'identity = "/keys/build"\n')
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg"), "CONTAINER_CONNECTION": "builder"}
+    e = discover(env, 0)  # root too: connections live in the user's file
+    assert e.url == "ssh://core@build:2222/run/podman/podman.sock" and not e.local
+    assert e.ssh.identity == "/keys/build" and e.source == "the Podman connection builder"
+    assert discover({**env, "CONTAINER_SSHKEY": "/keys/other"}, 0).ssh.identity == "/keys/other"
+    with pytest.raises(PodmanUnavailable) as err:
+        discover({**env, "CONTAINER_CONNECTION": "nope"}, 0)
+    assert err.value.message == 'no Podman connection named "nope" (CONTAINER_CONNECTION)'
+    assert discover({"CONTAINER_HOST": "tcp://127.0.0.1:8080"}, 0).local is False
+    assert discover({"CONTAINER_HOST": "unix:///run/podman/podman.sock"}, 0).local is True
