@@ -209,3 +209,26 @@ def test_an_engine_that_does_not_see_this_machine_s_files_starts_nothing(second_
         token = k.owner_token()
         k.shutdown()
     assert engine.list({"io.mino.owner": token}) == []
+
+
+@ROOTFUL_ONLY
+def test_a_killed_kernel_s_containers_go_over_ssh_too(sshd, engine, base_image, tmp_path):
+    """The watchdog (this machine) reaches the engine through a forward of its own."""
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    give_to_cell(notebook)
+    k = Kernel(cwd=str(notebook), env=_ssh_env(tmp_path / "home", sshd))
+    try:
+        k.ok("%load_ext mino_jupyter")
+        k.ok("%%mino\ntrue")
+        token = k.owner_token()
+        assert engine.list({"io.mino.owner": token})
+        os.kill(k.pid, signal.SIGKILL)
+    finally:
+        k.shutdown(now=True)
+    deadline = time.monotonic() + 30
+    while (engine.list({"io.mino.owner": token}) or _forwards()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine.list({"io.mino.owner": token}) == [] and _forwards() == []
+    log = tmp_path / "home" / "state" / "mino" / "watchdog.log"
+    assert f"kernel {token}" in log.read_text()
