@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
+
+
+def wait_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
+    """True once something accepts connections on host:port, False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 class TcpListener:

@@ -27,7 +27,7 @@ import nbformat
 import pytest
 
 from tests.kernel import isolated_env
-from tests.listeners import TcpListener
+from tests.listeners import TcpListener, wait_port
 
 pytestmark = [pytest.mark.podman, pytest.mark.browser]
 
@@ -70,14 +70,7 @@ def lab(request, tmp_path, engine, base_image):
          f"--LabApp.user_settings_dir={settings}",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
+    if not wait_port(port, 60):
         proc.kill()
         pytest.fail("JupyterLab did not start: " + (tmp_path / "lab.log").read_text()[-2000:])
     yield workdir, f"http://127.0.0.1:{port}", token

@@ -20,7 +20,7 @@ from mino_jupyter.errors import PodmanUnavailable
 from mino_jupyter.runtime import Engine
 from tests.conftest import ROOTLESS, give_to_cell
 from tests.kernel import Kernel, isolated_env
-from tests.listeners import TcpListener
+from tests.listeners import TcpListener, wait_port
 
 pytestmark = pytest.mark.podman
 SSHD = "/usr/sbin/sshd"
@@ -34,14 +34,7 @@ def _free_port() -> int:
 
 
 def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+    assert wait_port(port, timeout), f"nothing listens on 127.0.0.1:{port}"
 
 
 @pytest.fixture
