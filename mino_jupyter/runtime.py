@@ -148,7 +148,6 @@ def containers_conf_files(env, uid: int | None = None, *, user: bool | None = No
     return files
 
 
-
 # --------------------------------------------------------------------------- limits
 
 def _read_proc_limits(pid: int) -> HostLimits | None:
