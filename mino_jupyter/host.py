@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -283,47 +284,48 @@ def engine_files_problem(engine, state: Path, notebook_dir: Path, image: str, la
     pair of directories.
 
     Every session binds paths of this machine into its container, and the engine resolves them on
-    *its* machine: an engine elsewhere (tcp://, ssh://) or in another mount namespace would give the
-    cell its own files at those paths (or none), silently. A local engine whose service is in our
-    mount namespace (or a local rootless one, whose namespace mino mounts into) sees ours by
-    construction; any other is asked: a container that is created and never started binds both
-    directories, and mino reads back through the engine a token it just wrote in the first and the
-    second's stat (its mtime to the nanosecond). The notebook's directory is only looked at.
+    *its* machine: an engine elsewhere (tcp://, ssh://, a forwarded unix socket) or in another
+    mount namespace would give the cell its own files at those paths (or none), silently. The
+    default local engine, its service in our mount namespace (or rootless, whose namespace mino
+    mounts into), sees ours by construction; any other is asked: a container that is created and
+    never started binds both directories, and mino reads back through the engine a token it just
+    wrote in the first and the second's stat (its mtime to the nanosecond, which must be this
+    machine's before or after the look: a file saved there meanwhile moves it). The notebook's
+    directory is only looked at. Only a yes is kept: the next session asks again after a no.
     """
     key = (str(state), str(notebook_dir))
     if key in engine.files_seen:
-        return engine.files_seen[key]
-    pid = engine.service_pid()
+        return None
+    pid = engine.service_pid() if engine.endpoint.may_autostart else None  # the default socket, not one named
     if pid and (engine.facts().rootless or _same_mounts(pid)):
         engine.files_seen[key] = None
         return None
     probe = state / "engine-probe"
     probe.mkdir(mode=0o700, parents=True, exist_ok=True)
     token = hashlib.sha256(os.urandom(32)).hexdigest()
-    token_file = probe / f"token-{os.getpid()}"
+    token_file = probe / f"token-{token[:16]}"
     token_file.write_text(token)
-    problem = None
     try:
+        before = _mtime_ns(notebook_dir)
         try:
             cid = engine.create(policy.files_probe_spec(
                 name=f"mino-probe-{os.getpid()}-{token[:8]}", image=image, labels=policy.labels("verify", labels),
                 limits=engine.host_limits(), directories=[str(probe), str(notebook_dir)], engine=engine.facts()))
         except MinoError as exc:  # "statfs ...: no such file or directory": not there at all
-            engine.files_seen[key] = f"it has no {probe} or {notebook_dir} ({exc.message[:120]})"
-            return engine.files_seen[key]
+            return f"it has no {probe} or {notebook_dir} ({exc.message[:120]})"
         try:
             data = engine.get_archive(cid, f"{policy.PROBE_DIR}/0/{token_file.name}")
             seen = engine.path_stat(cid, f"{policy.PROBE_DIR}/1")
         finally:
             engine.remove(cid)
         if data is None or _tar_member(data) != token.encode():
-            problem = f"its {probe} is another directory than this machine's"
-        elif seen is None or not _same_stat(seen, notebook_dir):
-            problem = f"its {notebook_dir} is another directory than this machine's"
+            return f"its {probe} is another directory than this machine's"
+        if seen is None or not seen.get("isDir") or _stat_mtime_ns(seen) not in (before, _mtime_ns(notebook_dir)):
+            return f"its {notebook_dir} is another directory than this machine's"
     finally:
         token_file.unlink(missing_ok=True)
-    engine.files_seen[key] = problem
-    return problem
+    engine.files_seen[key] = None
+    return None
 
 
 def _same_mounts(pid: int) -> bool:
@@ -345,16 +347,23 @@ def _tar_member(data: bytes) -> bytes | None:
         return None
 
 
-def _same_stat(seen: dict, path: Path) -> bool:
-    """The engine's stat of a directory (mtime as RFC 3339 with nanoseconds) is this one's."""
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
+
+
+def _stat_mtime_ns(seen: dict) -> int | None:
+    """The engine's mtime (RFC 3339, nanoseconds, in the engine's own time zone) as ns since the epoch."""
     import datetime
 
-    try:
-        st = os.stat(path)
-        text = str(seen.get("mtime", ""))
-        whole, _, rest = text.rstrip("Z").partition(".")
-        stamp = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.timezone.utc)
-        nanos = int(stamp.timestamp()) * 10**9 + int((rest + "000000000")[:9] or 0)
-    except (OSError, ValueError):
-        return False
-    return bool(seen.get("isDir")) and nanos == st.st_mtime_ns
+    match = _RFC3339.match(str(seen.get("mtime", "")))
+    if not match:
+        return None
+    whole, fraction, zone = match.groups()
+    stamp = datetime.datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
+    return int(stamp.timestamp()) * 10**9 + int((fraction or "").ljust(9, "0"))

@@ -117,6 +117,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     kind = engine.facts()
     if kind.rootless and (problem := host.subordinate_ids_problem()):
         raise problem
+    k.before_container(engine)  # the watchdog runs before the first container (the files probe's) is made
     if elsewhere := host.engine_files_problem(engine, k.state, req.notebook_dir, req.image, k.owner):
         raise MinoError(f"the Podman engine at {engine.endpoint.url} does not see this machine's files "
                         f"({elsewhere}): a session there would get that machine's files at your paths, not "
@@ -148,7 +149,6 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
-    k.before_container(engine)  # the watchdog runs before the first container (the image home's) is made
     home_lower = storage.image_home(engine, req.image, image_id, k.state / "image-homes", k.owner, mounter.cell_uid)
     timer.done("image home")
     store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
@@ -216,13 +216,15 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                 started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
                                        labels=dict(shape.network_labels), resolved=resolved,
                                        seccomp_profile=facts.seccomp_profile, engine=kind, container=fw_container)
-        except MinoError as exc:
+        except BaseException as exc:  # an interrupt too: no container is left without its rules
             if started.early is not None:
                 started.early.discard()
             engine.remove(container)  # with its firewall container (removal with dependents)
             if started.firewall is not None:
                 started.firewall.close()
             store.teardown()
+            if not isinstance(exc, MinoError):
+                raise
             raise FirewallError(f"the {req.plan.mode} firewall could not be installed, so nothing ran: {exc.message}",
                                 "mino never falls back to an open network; `mino-jupyter doctor` checks "
                                 "the image (nft) and the engine") from None

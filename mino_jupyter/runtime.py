@@ -367,7 +367,7 @@ class Engine:
         self.files_seen: dict[tuple, str | None] = {}  # host.engine_files_problem's answers, per paths
         self._limits: HostLimits | None = None
         self._facts: EngineFacts | None = None
-        self.warnings: Callable[[str, list[str]], None] | None = None  # (container name, Podman's warnings)
+        self._thread = threading.local()  # per thread: sessions may start on two at once (a spare)
 
     # ----------------------------------------------------------------- connecting
     @classmethod
@@ -424,6 +424,15 @@ class Engine:
     def api_url(self) -> str:
         """Where this process talks to the engine: the endpoint, or the ssh forward's socket."""
         return f"unix://{self.forward.socket}" if self.forward is not None else self.endpoint.url
+
+    @property
+    def warnings(self) -> Callable[[str, list[str]], None] | None:
+        """Who hears Podman's warnings when this thread creates a container: (name, warnings)."""
+        return getattr(self._thread, "warnings", None)
+
+    @warnings.setter
+    def warnings(self, hear: Callable[[str, list[str]], None] | None) -> None:
+        self._thread.warnings = hear
 
     def close(self) -> None:
         try:

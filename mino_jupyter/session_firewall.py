@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 from typing import Callable
 
@@ -78,6 +79,9 @@ class SessionFirewall:
         self.channel: Attached | HostRules | None = None
         self.resolved: firewall.Resolved | None = None
         self.resolved_at = 0.0
+        # One request at a time on the channel (a background cell's report can meet a foreground
+        # cell's refresh), and no close while one is in flight.
+        self._turn = threading.RLock()
 
     def resolve(self, plan: NetworkPlan, previous: firewall.Resolved | None = None) -> firewall.Resolved:
         return resolve(plan, self.resolver, self.notice, previous)
@@ -138,20 +142,22 @@ class SessionFirewall:
         return firewall.describe_refused(refused, self.resolved or firewall.Resolved(), self.mode)
 
     def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
+        with self._turn:
+            if self.channel is not None:
+                self.channel.close()
+                self.channel = None
 
     # ------------------------------------------------------------------ acting
     def _request(self, request: bytes) -> tuple[int, str, str]:
-        if self.channel is None:
-            raise FirewallError("the firewall container's control channel is closed")
-        try:
-            self.channel.send(request)
-            out, err = self.channel.read_until(firewall.END)
-        except (OSError, ConnectionError) as exc:
-            self.close()
-            raise FirewallError(f"lost the firewall container's control channel: {exc}") from None
+        with self._turn:
+            if self.channel is None:
+                raise FirewallError("the firewall container's control channel is closed")
+            try:
+                self.channel.send(request)
+                out, err = self.channel.read_until(firewall.END)
+            except (OSError, ConnectionError) as exc:
+                self.close()
+                raise FirewallError(f"lost the firewall container's control channel: {exc}") from None
         code, text = firewall.split_answer(out)
         return code, text, err.decode(errors="replace") or (text if code else "")
 

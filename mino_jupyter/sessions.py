@@ -171,6 +171,7 @@ class SessionManager:
         self.spare: Session | None = None
         self.spares = True  # MinoMagics.prestart
         self._spare_thread: threading.Thread | None = None
+        self._spare_epoch = 0  # moved on by `stop --all` and spares off: a spare being started then goes
         self._shown: set[str] = set()  # once-per-kernel notices (what this engine cannot apply)
         self.jobs: dict[int, Job] = {}  # background cells (`%%mino --bg`), by number
         self._job_count = 0
@@ -462,8 +463,9 @@ class SessionManager:
         try:
             with self._lock:  # the decisions; the start itself does not hold up other cells
                 loaded = self.choices.settings()
-                if self._closed or self.spare is not None or loaded.errors:
+                if self._closed or not self.spares or self.spare is not None or loaded.errors:
                     return
+                epoch = self._spare_epoch
                 wanted = self._new_session(opts, loaded)
                 plan, image, workspace = wanted[:3]
                 resources = self.choices.resources_for(opts.memory, opts.cpus, opts.disk, loaded)
@@ -472,7 +474,7 @@ class SessionManager:
             session.prestarted, session.held_notices = wanted, held
             self._start_executor(session)
             with self._lock:
-                if not self._closed and self.spare is None:
+                if not self._closed and self.spares and self.spare is None and epoch == self._spare_epoch:
                     self.spare, session = session, None
         except Exception:  # noqa: BLE001 - the next --fresh cell starts its own container
             self._forget_notices(held)
@@ -513,6 +515,7 @@ class SessionManager:
         """No spare any more (spares turned off): the one ready goes."""
         with self._lock:
             spare, self.spare = self.spare, None
+            self._spare_epoch += 1
         if spare is not None:
             self._discard_spare(spare)
 
@@ -810,6 +813,7 @@ class SessionManager:
         with self._lock:
             live = [s for s in self.sessions.values() if s.state != "stopped"]
             spare, self.spare = self.spare, None
+            self._spare_epoch += 1
             if live or spare is not None:
                 remove_containers(self.engine, owned_by(self.engine, self.owner.token))
             for s in live + ([spare] if spare is not None else []):

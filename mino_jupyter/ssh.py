@@ -102,13 +102,13 @@ def command(target: Target, local_socket: str, config: str | None = None) -> lis
 
 def connection(name: str, files: list[Path]) -> tuple[str, str | None]:
     """(uri, identity) of a `podman system connection` entry, the last containers.conf that has it."""
-    import tomllib
+    import tomlkit
 
     found = None
     for path in files:
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, ValueError):
+            data = tomlkit.parse(path.read_text(encoding="utf-8")).unwrap()
+        except (OSError, ValueError, tomlkit.exceptions.ParseError):
             continue
         entry = ((data.get("engine") or {}).get("service_destinations") or {}).get(name)
         if isinstance(entry, dict) and entry.get("uri"):
@@ -120,13 +120,36 @@ def connection(name: str, files: list[Path]) -> tuple[str, str | None]:
     return found
 
 
+PREFIX = "mino-ssh-"
+STALE_AFTER = 60.0  # seconds: a forward's directory this old with no ssh answering on it was left
+
+
+def _sweep(tmp: Path) -> None:
+    """Remove the directories of forwards that ended without closing (their kernel was killed):
+    ours, older than a minute, and their socket does not accept a connection."""
+    import socket
+
+    for directory in tmp.glob(PREFIX + "*"):
+        try:
+            st = directory.lstat()
+            if not directory.is_dir() or directory.is_symlink() or st.st_uid != os.geteuid() \
+                    or time.time() - st.st_mtime < STALE_AFTER:
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(str(directory / "api.sock"))
+        except OSError:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 class Forward:
     """One ssh forward: a local unix socket in a private directory to the remote API socket."""
 
     def __init__(self, target: Target, env: Mapping[str, str]):
         self.target = target
         self.env = dict(env)
-        self.directory = tempfile.mkdtemp(prefix="mino-ssh-")  # 0700: the socket is nobody else's
+        _sweep(Path(tempfile.gettempdir()))
+        self.directory = tempfile.mkdtemp(prefix=PREFIX)  # 0700: the socket is nobody else's
         self.socket = os.path.join(self.directory, "api.sock")
         self._proc: subprocess.Popen | None = None
         self._errors = os.path.join(self.directory, "ssh.err")
@@ -135,6 +158,7 @@ class Forward:
         """Start ssh and wait until the remote API answers `ping` through it (None: it did); one
         line when it does not."""
         self._stop()
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # a failed open removed it
         if not os.access(SSH, os.X_OK):
             raise PodmanUnavailable(f"{self.target.url} needs ssh, and {SSH} is not installed",
                                     "install the OpenSSH client (`apt-get install openssh-client`)")
@@ -158,7 +182,7 @@ class Forward:
                    + (f" ({said})" if said else ""))
 
     def _fail(self, why: str) -> None:
-        self._stop()
+        self.close()
         raise PodmanUnavailable(f"cannot reach the Podman API at {self.target.url}: {why}",
                                 HINT.format(where=self.target.where))
 

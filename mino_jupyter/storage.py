@@ -41,6 +41,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,14 +331,14 @@ def image_home(engine, image: str, image_id: str, cache: Path, owner_labels: dic
     if home.is_dir():
         return home
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cid = engine.create(policy.inspection_spec(
-        name=f"mino-home-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=image,
+    cid = engine.create(policy.inspection_spec(  # from the id: the home stored under it is that image's
+        name=f"mino-home-{os.getpid()}-{int(time.time() * 1000) % 100000}", image=image_id,
         labels=policy.labels("verify", owner_labels), limits=engine.host_limits(), engine=engine.facts()))
     try:
         data = engine.get_archive(cid, policy.HOME)
     finally:
         engine.remove(cid)
-    tmp = cache / f".{target.name}.{os.getpid()}"
+    tmp = cache / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o755)
     if data is None:  # an image without the sandbox user's home: an empty one

@@ -97,15 +97,24 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # openssh-server is for the tests' own sshd on loopback: its package must not start (or
-    # enable) a system-wide one listening on port 22.
+    # enable) a system-wide one listening on port 22. Only when it was not there at all (an sshd
+    # the machine already has, held or half-configured, is left exactly as it is).
     new_sshd=0
-    [[ " ${missing[*]} " == *" openssh-server "* ]] && new_sshd=1
-    quiet_rc=0
+    if [[ " ${missing[*]} " == *" openssh-server "* ]] \
+            && [ "$(dpkg-query -W -f='${db:Status-Status}' openssh-server 2>/dev/null)" != installed ] \
+            && ! { command -v systemctl >/dev/null && systemctl is-enabled ssh.service >/dev/null 2>&1; }; then
+        new_sshd=1
+    fi
+    ours_rc=0
     if [ "$new_sshd" = 1 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && quiet_rc=1
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && ours_rc=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also when the install fails: services start again
     fi
     apt-get install -y -qq "${missing[@]}" >/dev/null
-    [ "$quiet_rc" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    if [ "$ours_rc" = 1 ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
     if [ "$new_sshd" = 1 ] && command -v systemctl >/dev/null; then
         systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
     fi

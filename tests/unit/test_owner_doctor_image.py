@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 import socket
 
@@ -195,3 +196,80 @@ def test_machine_id_falls_back_and_says_unknown(tmp_path):
     assert machine_id(files) == "from-dbus"
     files[0].write_text("abc123\n")
     assert machine_id(files) == "abc123"
+
+
+# ---------------------------------------------------------------------- does the engine see our files?
+class _ProbeEngine:
+    """An engine that reads the probe's bind sources from this machine (it shares our files) or
+    from `elsewhere` (a directory standing in for another machine's), and reports times in +02:00."""
+
+    def __init__(self, elsewhere=None, stat_dir=None):
+        import types
+
+        self.endpoint = types.SimpleNamespace(may_autostart=False)
+        self.files_seen, self.created, self.removed = {}, 0, 0
+        self.elsewhere, self.stat_dir, self.mounts = elsewhere, stat_dir, []
+
+    def service_pid(self):
+        return None
+
+    def facts(self):
+        from mino_jupyter import policy
+        return policy.ROOTFUL
+
+    def host_limits(self):
+        from mino_jupyter import policy
+        return policy.HostLimits(1024, 1024)
+
+    def create(self, spec):
+        self.created += 1
+        self.mounts = [m["source"] for m in spec["mounts"]]
+        return "probe"
+
+    def remove(self, cid):
+        self.removed += 1
+
+    def get_archive(self, cid, path):
+        import io
+        import tarfile
+        source = Path(self.elsewhere or self.mounts[0]) / Path(path).name
+        if not source.exists():
+            return None
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(source, arcname=source.name)
+        return buf.getvalue()
+
+    def path_stat(self, cid, path):
+        import datetime
+        ns = os.stat(self.stat_dir or self.mounts[1]).st_mtime_ns
+        zone = datetime.timezone(datetime.timedelta(hours=2))
+        when = datetime.datetime.fromtimestamp(ns // 10**9, zone).strftime("%Y-%m-%dT%H:%M:%S")
+        return {"isDir": True, "mtime": f"{when}.{ns % 10**9:09d}+02:00"}
+
+
+def test_an_engine_that_shares_our_files_is_asked_once(tmp_path):
+    from mino_jupyter import host
+
+    (tmp_path / "nb").mkdir()
+    engine = _ProbeEngine()
+    assert host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {}) is None
+    assert host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {}) is None
+    assert engine.created == engine.removed == 1  # once, and never left
+    assert list((tmp_path / "state" / "engine-probe").iterdir()) == []  # the token is gone
+
+
+@pytest.mark.parametrize("what", ["another state directory", "another notebook directory"])
+def test_an_engine_with_other_files_is_refused_and_asked_again_next_time(tmp_path, what):
+    from mino_jupyter import host
+
+    (tmp_path / "nb").mkdir()
+    other = tmp_path / "other-machine"
+    other.mkdir()
+    engine = _ProbeEngine(elsewhere=other) if what == "another state directory" else _ProbeEngine(stat_dir=other)
+    if what == "another notebook directory":
+        os.utime(other, ns=(1, 1))
+    problem = host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {})
+    assert problem.endswith("is another directory than this machine's")
+    assert host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {}) == problem
+    assert engine.created == engine.removed == 2  # a no is not kept

@@ -58,3 +58,23 @@ def test_connections_and_keys_as_podman_reads_them(tmp_path):
     assert err.value.message == 'no Podman connection named "nope" (CONTAINER_CONNECTION)'
     assert discover({"CONTAINER_HOST": "tcp://127.0.0.1:8080"}, 0).local is False
     assert discover({"CONTAINER_HOST": "unix:///run/podman/podman.sock"}, 0).local is True
+
+
+def test_forwards_left_by_killed_kernels_are_swept_and_live_ones_kept(tmp_path):
+    import os
+    import socket
+
+    stale, fresh, live = (tmp_path / f"{ssh.PREFIX}{name}" for name in ("stale", "fresh", "live"))
+    for d in (stale, fresh, live):
+        d.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(live / "api.sock"))
+    listener.listen(1)
+    (stale / "ssh.err").write_text("")
+    for d in (stale, live):
+        os.utime(d, (1, 1))
+    try:
+        ssh._sweep(tmp_path)
+    finally:
+        listener.close()
+    assert not stale.exists() and fresh.exists() and live.exists()
