@@ -9,6 +9,7 @@ this machine and the engine, in order, and times each phase (benchmarks read the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -154,8 +155,11 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
                             home_lower=home_lower, disk_bytes=req.resources.disk, mounter=mounter)
     timer.done("storage")
+    starting = contextlib.ExitStack()  # what must hold until the container runs
     try:
         caches = policy.package_caches(settings.toolchain, settings.package_cache)
+        if caches:  # no reaper unmounts the project's caches between their mount and this start
+            starting.enter_context(storage.caches_in_use(k.state / "caches", req.notebook_dir))
         facts = policy.HostFacts(
             limits=engine.host_limits(), storage=store.mounts(), ca_bundle=ca,
             caches=storage.project_caches(k.state / "caches", req.notebook_dir, tuple(c for c, _ in caches),
@@ -186,10 +190,13 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         except BaseException:
             engine.remove(container)  # with the firewall container made for it
             raise
+        finally:
+            starting.close()
         for warning in policy.unexplained_warnings(warned, kind):
             k.notice_once(f"mino: Podman warned when starting session '{req.name}': {warning}")
         timer.done("container")
     except BaseException:
+        starting.close()
         store.teardown()
         raise
     info = engine.inspect(container) or {}

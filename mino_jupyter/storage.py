@@ -45,7 +45,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import mounts, policy
 from .mounts import Local, StorageError
@@ -462,6 +462,7 @@ def project_key(notebook_dir: Path) -> str:
 
 
 LEGACY_CACHE_USERNS = f"cell-uid={policy.CELL_UID} disk=1"  # caches made before the mode was recorded
+USERS = "users"  # a project's caches: held (shared) by each session start that binds them
 
 
 def project_caches(caches_root: Path, notebook_dir: Path, names: tuple[str, ...], size: int,
@@ -510,8 +511,21 @@ def _drop_caches(paths: CachePaths) -> None:
             os.unlink(paths.image)
 
 
+@contextlib.contextmanager
+def caches_in_use(caches_root: Path, notebook_dir: Path) -> Iterator[None]:
+    """Held by a session's start from before its project's caches are mounted until its container
+    runs (their bind mounts made): :func:`release_caches`, which judges from the containers that
+    exist, leaves them mounted meanwhile."""
+    root = caches_root / project_key(notebook_dir)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(root / USERS, "a") as users:
+        fcntl.flock(users, fcntl.LOCK_SH)
+        yield
+
+
 def release_caches(caches_root: Path, in_use: set[str]) -> None:
-    """Unmount project cache disks that no container uses (`in_use`: project keys)."""
+    """Unmount project cache disks that no container uses (`in_use`: project keys) and no
+    session is starting with (:func:`caches_in_use`)."""
     try:
         roots = [d for d in caches_root.iterdir() if d.is_dir() and not d.is_symlink()]
     except OSError:
@@ -520,7 +534,11 @@ def release_caches(caches_root: Path, in_use: set[str]) -> None:
         paths = CachePaths(root)
         if root.name in in_use or not is_mounted(paths.mount):
             continue
-        with open(root / "lock", "a") as lock:
+        with open(root / USERS, "a") as users, open(root / "lock", "a") as lock:
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a session is starting with them
             fcntl.flock(lock, fcntl.LOCK_EX)
             with contextlib.suppress(StorageError):
                 unmount(paths.mount)

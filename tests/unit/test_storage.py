@@ -74,3 +74,21 @@ def test_deleting_what_is_already_gone_is_fine(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage.os, "geteuid", lambda: 1000)  # the rootless path, which walks first
     assert storage.remove_tree(tmp_path / "never-made")
+
+
+def test_caches_a_session_is_starting_with_stay_mounted(tmp_path, monkeypatch):
+    """The reaper judges caches from the containers that exist; a session that mounted its
+    project's caches and has not made its container yet holds them (a reaper once unmounted them
+    between the two, and the container's start failed on the missing directory)."""
+    from mino_jupyter import storage
+
+    unmounted = []
+    monkeypatch.setattr(storage, "is_mounted", lambda path: True)
+    monkeypatch.setattr(storage, "unmount", lambda path: unmounted.append(path))
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    with storage.caches_in_use(tmp_path / "caches", notebook):
+        storage.release_caches(tmp_path / "caches", in_use=set())
+        assert unmounted == []
+    storage.release_caches(tmp_path / "caches", in_use=set())
+    assert len(unmounted) == 1
