@@ -95,11 +95,13 @@ class Kernel:
                        f"print(_cm().sessions[{session!r}].container_id)").stdout.strip()
 
     def spare(self, timeout: float = 60.0) -> str:
-        """The spare container for the next --fresh cell, once it is ready (its executor too)."""
+        """The spare container for the next --fresh cell, once it is ready (its executor too, when
+        cells go through one)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             cid = self.ok("from mino_jupyter.magics import current_manager as _cm\n"
-                          "s = _cm().spare\nprint(s.container_id if s and s.executor else '')").stdout.strip()
+                          "s = _cm().spare\nprint(s.container_id if s and (s.executor or not s.executor_mounted)"
+                          " else '')").stdout.strip()
             if cid:
                 return cid
             time.sleep(0.1)
