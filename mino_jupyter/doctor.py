@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from . import __version__, executor, host as host_facts, mounts, policy, storage
