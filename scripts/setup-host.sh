@@ -271,8 +271,24 @@ if [ "$IS_ROOT" != 1 ]; then
     # Storage: without a storage.conf rootless Podman may pick vfs, a full copy of the image per
     # container (5-6 s per start). Overlay is native for unprivileged users on Linux >= 5.13.
     STORAGE_CONF=$CONF_HOME/storage.conf
-    driver=$(podman info --format '{{.Store.GraphDriverName}}' 2>/dev/null) \
-        || die "'podman info' fails for $ME" "run 'podman info' to see why (subordinate IDs, $XDG_RUNTIME_DIR)"
+    info_err=$(mktemp)
+    if ! driver=$(podman info --format '{{.Store.GraphDriverName}}' 2>"$info_err"); then
+        # The user's pause process (it holds the user namespace) is gone but its pid file is
+        # not: after a reboot without a fresh /run, or when something killed it. Its containers
+        # died with it; Podman's own remedy rebuilds the state and changes no image or volume.
+        if grep -q 'podman system migrate' "$info_err"; then
+            say "$ME's Podman pause process is gone (stale state in $XDG_RUNTIME_DIR): running 'podman system migrate'"
+            podman system migrate >/dev/null 2>"$info_err" || true
+            driver=$(podman info --format '{{.Store.GraphDriverName}}' 2>"$info_err") || driver=
+        fi
+        if [ -z "$driver" ]; then
+            cat "$info_err" >&2
+            rm -f "$info_err"
+            die "'podman info' fails for $ME (its message is above)" \
+                "check the subordinate IDs (/etc/subuid, /etc/subgid) and $XDG_RUNTIME_DIR"
+        fi
+    fi
+    rm -f "$info_err"
     storage_is_empty() {  # nothing a reset would destroy: containers, images, volumes, pods, networks
         local out
         out=$(podman ps -aq --external) && [ -z "$out" ] || return 1
