@@ -289,6 +289,8 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
 def _stopper(engine: Engine, container: str, exec_id: str, namespace: str | None, cgroup: str | None,
              clock: int, cell_uid: int) -> Callable[[], procs.Stopped]:
     def stop() -> procs.Stopped:
+        if not namespace:  # the engine's processes are not this machine's: its pids name others here
+            return _stop_inside(engine, container, lambda: not engine.exec_inspect(exec_id).get("Running"))
         info = engine.exec_inspect(exec_id)
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
         stopped = procs.stop(pid, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid)
@@ -315,10 +317,32 @@ def _executor_stopper(run: CellRun, engine: Engine, container: str, namespace: s
                 used = name
                 if run.wait_end(wait):
                     break
+            if not namespace:  # what left the group is not visible from here: everything goes
+                return _stop_inside(engine, container, run.ended.is_set, first=used)
             stopped = procs.stop(0, ns=namespace, started=clock, cgroup=cgroup, uid=cell_uid, boundary=boundary)
             stopped = procs.Stopped(used or stopped.signal, stopped.survivors, stopped.everything)
         return _last_resort(stopped, engine, container, namespace, cgroup, clock, cell_uid, boundary)
     return stop
+
+
+def _stop_inside(engine: Engine, container: str, ended: Callable[[], bool], first: str | None = None) -> procs.Stopped:
+    """Where the engine's processes are not this machine's (an engine elsewhere), a cell is
+    stopped from inside its container: every process of the cell's uid (INT unless the executor
+    already signalled the cell, then KILL: nothing it started outside its group is visible from
+    here), the session's executor too (the next cell starts a new one). Earlier cells'
+    background processes go with it; mino says so."""
+    how = first
+    try:
+        if not first:
+            engine.exec_run(container, policy.kill_all_exec("INT"))
+            end = time.monotonic() + procs.GRACE
+            while not ended() and time.monotonic() < end:
+                time.sleep(0.02)
+            how = "INT" if ended() else None
+        engine.exec_run(container, policy.kill_all_exec("KILL"))
+    except MinoError:  # the container is gone: so is the cell
+        pass
+    return procs.Stopped(how or "KILL", (), everything=True)
 
 
 def _last_resort(stopped: procs.Stopped, engine: Engine, container: str, namespace: str | None, cgroup: str | None,

@@ -243,16 +243,23 @@ def _read_exact(fd: int, size: int) -> bytes:
 
 # ---------------------------------------------------------------------------- listing
 
-def list_changes(upper: Path, lower: Path, opaque_xattr: str = OPAQUE_XATTR) -> list[Change]:
+def list_changes(upper: Path, lower: Path, opaque_xattr: str | None = OPAQUE_XATTR,
+                 protected: Sequence[Path] = ()) -> list[Change]:
     """Every change the session made to the notebook's directory, sorted by path. `opaque_xattr`:
     the xattr overlayfs marks a replaced directory with (``user.overlay.opaque`` when the overlay
-    was mounted in a user namespace, rootless)."""
+    was mounted in a user namespace, rootless).
+
+    `opaque_xattr=None`: UPPER is not an overlay's layer but a complete copy of the workspace
+    (read back from an engine elsewhere, :mod:`mino_jupyter.copied`): what it lacks was
+    deleted, except what was never copied in (anything but files, directories and symlinks, and
+    the `protected` directories)."""
     up = _open_root(upper, "the workspace's upper layer")
     try:
         low = _open_root(lower, "the notebook's directory")
         try:
             out: list[Change] = []
-            _walk(up, low, "", False, 0, out, opaque_xattr)
+            complete = opaque_xattr is None
+            _walk(up, low, "", complete, 0, out, _Opaque(opaque_xattr, _identities(protected) if complete else frozenset()))
         finally:
             os.close(low)
     finally:
@@ -264,7 +271,25 @@ def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: list[Change], opaque: str) -> bool:
+@dataclass(frozen=True)
+class _Opaque:
+    """How directories hide what is below: overlayfs's mark (`xattr`), or, None, UPPER is a
+    complete copy (every directory hides its lower one; `skip`: lower directories never copied)."""
+
+    xattr: str | None
+    skip: frozenset = frozenset()
+
+    def copied(self, below: os.stat_result) -> bool:
+        """Was this lower entry part of the copy? (Always, for an overlay.)"""
+        if self.xattr is not None:
+            return True
+        return _kind(below.st_mode) in COPIED_KINDS and (below.st_dev, below.st_ino) not in self.skip
+
+
+COPIED_KINDS = ("file", "dir", "symlink")  # what a copy of the workspace holds
+
+
+def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: list[Change], opaque: _Opaque) -> bool:
     """The changes in one upper directory (`hidden`: below an opaque one). True if any listed."""
     before = len(out)
     names = sorted(os.listdir(up))
@@ -274,7 +299,7 @@ def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: lis
         present = set(names)
         for name in sorted(os.listdir(low)):
             below = _lstat(low, name)
-            if name not in present and below is not None:
+            if name not in present and below is not None and opaque.copied(below):
                 out.append(_deleted(_join(rel, name), below))
     return len(out) > before
 
@@ -285,7 +310,7 @@ def _deleted(rel: str, below: os.stat_result) -> Change:
 
 
 def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: int, out: list[Change],
-           opaque: str) -> None:
+           opaque: _Opaque) -> None:
     st = _lstat(up, name)
     if st is None:  # gone since the listing
         return
@@ -315,7 +340,7 @@ def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: i
 
 
 def _directory(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: int,
-               below: os.stat_result | None, out: list[Change], opaque: str) -> None:
+               below: os.stat_result | None, out: list[Change], opaque: _Opaque) -> None:
     """An upper directory: its listed descendants, else itself when it is new (or unreadable)."""
     lower_dir = below is not None and stat.S_ISDIR(below.st_mode)
     before, walked = len(out), False
@@ -326,7 +351,8 @@ def _directory(up: int, low: int | None, name: str, rel: str, hidden: bool, dept
     if fd is not None and depth < MAX_DEPTH:
         child = _open_child(low, name) if lower_dir else None
         try:
-            _walk(fd, child, rel, hidden or (child is not None and _opaque(fd, opaque)), depth + 1, out, opaque)
+            _walk(fd, child, rel, hidden or (child is not None and opaque.xattr is not None and _opaque(fd, opaque.xattr)),
+                  depth + 1, out, opaque)
             walked = True
         except OSError:
             pass
@@ -435,7 +461,8 @@ def _read_text(root: Path, path: str, limit: int) -> str | None:
 # ---------------------------------------------------------------------------- applying
 
 def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
-          budget: int | None = None, opaque_xattr: str = OPAQUE_XATTR, protected: Sequence[Path] = ()) -> list[Outcome]:
+          budget: int | None = None, opaque_xattr: str | None = OPAQUE_XATTR,
+          protected: Sequence[Path] = ()) -> list[Outcome]:
     """Apply changes to the notebook's directory: by default every plain added or modified file;
     with `paths`, the named changes (a directory name: the plain ones under it). Every change
     considered gets one Outcome; one path failing never stops the others.
@@ -448,7 +475,7 @@ def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
     `protected`: directories nothing is ever written or deleted in, wherever they sit under the
     notebook's directory (mino's state and configuration: a notebook opened from the home
     directory has them below it)."""
-    found = list_changes(upper, lower, opaque_xattr)
+    found = list_changes(upper, lower, opaque_xattr, protected)
     chosen = {c.path: "default" for c in found} if paths is None else _select(found, paths)
     spend = _Budget(budget, _identities(protected))
     up = _open_root(upper, "the workspace's upper layer")

@@ -30,6 +30,7 @@ import socket
 import stat
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -75,10 +76,7 @@ def ensure_binary(state: Path) -> Path:
     directory = binary_dir(state)
     if _made_by_us(directory):
         return directory
-    compiler = shutil.which("gcc", path=COMPILER_ENV["PATH"])
-    if compiler is None:
-        raise MinoError("no C compiler for mino's cell executor, so every cell is its own exec (slower)",
-                        "install gcc and libc6-dev (scripts/setup-host.sh does)")
+    compiler = _compiler()
     directory.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     try:
         os.mkdir(directory, 0o755)
@@ -90,20 +88,54 @@ def ensure_binary(state: Path) -> Path:
     os.chmod(directory, 0o755)  # the cell user reaches the file through the mount (it cannot read it)
     tmp = directory / f".mino-exec.{os.getpid()}.{secrets.token_hex(4)}"
     try:
-        done = subprocess.run([compiler, "-O2", "-static", "-o", str(tmp), str(SOURCE)], env=COMPILER_ENV,
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise MinoError(f"building mino's cell executor failed: {(done.stderr or done.stdout).strip()[-300:]}",
-                            "install gcc and libc6-dev (a static libc); meanwhile every cell is its own exec")
+        _compile(compiler, tmp)
         os.chmod(tmp, 0o111)
         os.replace(tmp, directory / "mino-exec")
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         raise MinoError(f"building mino's cell executor failed: {exc}", "every cell is its own exec meanwhile") from exc
     finally:
         tmp.unlink(missing_ok=True)
     if not _made_by_us(directory):
         raise MinoError(f"mino's cell executor in {directory} is not as it was made", "remove that directory")
     return directory
+
+
+_UPLOAD: dict[str, bytes] = {}
+
+
+def upload_copy(state: Path) -> bytes:
+    """The executor's bytes, for an engine elsewhere (:mod:`mino_jupyter.copied` writes them into
+    its support volume): built again into a private directory, since the copy mounted here is
+    not readable (mode 0111) and must never be made readable, even for a moment. Once per process."""
+    key = binary_dir(state).name
+    if key in _UPLOAD:
+        return _UPLOAD[key]
+    compiler = _compiler()
+    with tempfile.TemporaryDirectory(prefix="mino-exec-") as scratch:  # mode 0700
+        out = Path(scratch) / "mino-exec"
+        _compile(compiler, out)
+        _UPLOAD[key] = out.read_bytes()
+    return _UPLOAD[key]
+
+
+def _compiler() -> str:
+    compiler = shutil.which("gcc", path=COMPILER_ENV["PATH"])
+    if compiler is None:
+        raise MinoError("no C compiler for mino's cell executor, so every cell is its own exec (slower)",
+                        "install gcc and libc6-dev (scripts/setup-host.sh does)")
+    return compiler
+
+
+def _compile(compiler: str, out: Path) -> None:
+    """A static executor at `out`, built with a fixed environment: nothing of the kernel's steers it."""
+    try:
+        done = subprocess.run([compiler, "-O2", "-static", "-o", str(out), str(SOURCE)], env=COMPILER_ENV,
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise MinoError(f"building mino's cell executor failed: {exc}", "every cell is its own exec meanwhile") from exc
+    if done.returncode != 0:
+        raise MinoError(f"building mino's cell executor failed: {(done.stderr or done.stdout).strip()[-300:]}",
+                        "install gcc and libc6-dev (a static libc); meanwhile every cell is its own exec")
 
 
 def _made_by_us(directory: Path) -> bool:
@@ -383,7 +415,7 @@ class Executor:
         except MinoError:
             info = {}
         pid = int(info.get("Pid") or 0) if info.get("Running") else 0
-        if pid:
+        if pid and self.engine.processes_here():  # elsewhere, that pid is another process here
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

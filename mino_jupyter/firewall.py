@@ -126,13 +126,14 @@ PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192
 
 
 def local_networks(host_addresses: Iterable[tuple[str, int]], container_subnets: Iterable[str],
-                   dns: Iterable[str] = ()) -> LocalNetworks:
+                   dns: Iterable[str] = (), *, engine_elsewhere: bool = False) -> LocalNetworks:
     """Pure. `host_addresses`: (address, prefix length) of every interface of this machine;
     `container_subnets`: the engine's networks. Refused: every address of this machine, every
     container network, link-local and multicast ranges, and the private subnets this machine is
     attached to (its LAN, a cloud VPC); public subnets stay reachable, the machine's own
-    address in them excepted."""
-    nets = [ipaddress.ip_network(n) for n in ALWAYS_LOCAL]
+    address in them excepted. `engine_elsewhere`: the containers run on another machine, whose
+    networks mino cannot list: every private range is refused."""
+    nets = [ipaddress.ip_network(n) for n in ALWAYS_LOCAL] + (list(PRIVATE) if engine_elsewhere else [])
     for address, prefix in host_addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
         nets.append(ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}"))

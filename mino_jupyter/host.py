@@ -151,13 +151,17 @@ def host_addresses() -> list[tuple[str, int]]:
 
 def nameservers(resolv_conf: str | None) -> list[str]:
     """The name servers a container was given (its resolv.conf, as Podman wrote it)."""
-    import ipaddress
-
-    found = []
     try:
         text = Path(resolv_conf).read_text() if resolv_conf else ""
     except OSError:
-        return found
+        return []
+    return nameservers_in(text)
+
+
+def nameservers_in(text: str) -> list[str]:
+    import ipaddress
+
+    found = []
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 2 and fields[0] == "nameserver":
@@ -318,7 +322,7 @@ def engine_files_problem(engine, state: Path, notebook_dir: Path, image: str, la
             seen = engine.path_stat(cid, f"{policy.PROBE_DIR}/1")
         finally:
             engine.remove(cid)
-        if data is None or _tar_member(data) != token.encode():
+        if data is None or tar_member(data) != token.encode():
             return f"its {probe} is another directory than this machine's"
         if seen is None or not seen.get("isDir") or _stat_mtime_ns(seen) not in (before, _mtime_ns(notebook_dir)):
             return f"its {notebook_dir} is another directory than this machine's"
@@ -335,14 +339,15 @@ def _same_mounts(pid: int) -> bool:
         return False
 
 
-def _tar_member(data: bytes) -> bytes | None:
+def tar_member(data: bytes, limit: int = 256) -> bytes | None:
+    """The first regular file of a tar (up to `limit` bytes), or None."""
     import io
     import tarfile
 
     try:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             member = next((m for m in tar.getmembers() if m.isfile()), None)
-            return tar.extractfile(member).read(256) if member is not None else None
+            return tar.extractfile(member).read(limit) if member is not None else None
     except (tarfile.TarError, OSError):
         return None
 

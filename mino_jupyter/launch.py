@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import config, firewall, host, image as images, mounts, policy, session_firewall, storage
+from . import config, copied, firewall, host, image as images, mounts, policy, session_firewall, storage
 from .errors import FirewallError, MinoError
 from . import executor
 from .network import NetworkPlan
@@ -47,6 +47,7 @@ class Kernel:
 
     owner: dict
     kernel_id: str | None
+    protected: tuple[Path, ...]  # mino's state and configuration: never copied to an engine elsewhere
     state: Path  # mino's state directory: image homes, caches, the seccomp profile
     storage_dir: Path  # this kernel's sessions' disks
     firewall_image: str
@@ -66,7 +67,7 @@ class Kernel:
 class Started:
     container: str
     workspace: str  # as mounted (a home directory is never shared read-write)
-    storage: storage.SessionStorage
+    storage: "storage.SessionStorage | copied.CopiedFiles"
     firewall: session_firewall.SessionFirewall | None
     namespace: str | None  # the container's PID namespace, as seen from here
     cgroup: str | None
@@ -119,19 +120,22 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     if kind.rootless and (problem := host.subordinate_ids_problem()):
         raise problem
     k.before_container(engine)  # the watchdog runs before the first container (the files probe's) is made
-    if elsewhere := host.engine_files_problem(engine, k.state, req.notebook_dir, req.image, k.owner):
-        raise MinoError(f"the Podman engine at {engine.endpoint.url} does not see this machine's files "
-                        f"({elsewhere}): a session there would get that machine's files at your paths, not "
-                        "yours, so none was started; mino does not copy a workspace to another machine yet",
-                        "use this machine's Podman (unset CONTAINER_HOST and CONTAINER_CONNECTION), or run "
-                        "the notebook on the engine's machine")
-    mounter = mounts.for_engine(engine)  # where overlays are mounted: fails early, before anything is made
+    elsewhere = host.engine_files_problem(engine, k.state, req.notebook_dir, req.image, k.owner)
+    workspace, note = policy.workspace_mode(req.workspace, str(req.notebook_dir), req.home)
+    if elsewhere:  # nothing of this machine can be bound in: the workspace is copied
+        workspace = copied.workspace_mode(workspace)
+        k.notice_once(f"mino: the Podman engine at {engine.endpoint.url} does not see this machine's files "
+                      f"({elsewhere}): each session gets a copy of {req.notebook_dir}, and what cells change "
+                      "there comes back with `%mino changes` and `%mino apply`")
+        k.notice_once(f"mino: on this engine, {COPIED_GAPS}")
+        mounter = None
+    else:
+        mounter = mounts.for_engine(engine)  # where overlays are mounted: fails early, before anything is made
     for gap in policy.unenforced(kind):
         k.notice_once(f"mino: on this engine, {gap}")
-    workspace, note = policy.workspace_mode(req.workspace, str(req.notebook_dir), req.home)
     if note:
         k.notice(f"mino: {note}")
-    if kind.cell_uid_mapped and _inside(k.state, req.notebook_dir):
+    if mounter is not None and kind.cell_uid_mapped and _inside(k.state, req.notebook_dir):
         k.notice_once(f"mino: mino's state directory {k.state} is inside this notebook's directory, and under "
                       "rootless Podman the cell is you: cells can read it (other sessions' files and logs); "
                       "`%mino apply` never writes there. Set XDG_STATE_HOME outside the notebooks, or open "
@@ -150,23 +154,38 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
-    home_lower = storage.image_home(engine, req.image, image_id, k.state / "image-homes", k.owner, mounter.cell_uid)
-    timer.done("image home")
-    store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
-                            home_lower=home_lower, disk_bytes=req.resources.disk, mounter=mounter)
+    seccomp_profile, support, has_executor = host.seccomp_profile(k.state), None, False
+    if mounter is None:
+        if seccomp_profile or k.executor:  # the engine reads the profile on its machine, from mino's volume
+            support, seccomp_profile, has_executor = copied.support_volume(
+                engine, image=req.image, seccomp_profile=seccomp_profile, state=k.state, labels=k.owner,
+                notice=k.notice_once, with_executor=k.executor)
+        timer.done("support volume")
+        store = copied.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
+                               disk=req.resources.disk)
+    else:
+        home_lower = storage.image_home(engine, req.image, image_id, k.state / "image-homes", k.owner,
+                                        mounter.cell_uid)
+        timer.done("image home")
+        store = storage.prepare(k.storage_dir, req.name, k.owner, notebook_dir=req.notebook_dir, mode=workspace,
+                                home_lower=home_lower, disk_bytes=req.resources.disk, mounter=mounter)
     timer.done("storage")
     starting = contextlib.ExitStack()  # what must hold until the container runs
     try:
-        caches = policy.package_caches(settings.toolchain, settings.package_cache)
+        caches = policy.package_caches(settings.toolchain, settings.package_cache) if mounter else ()
         if caches:  # no reaper unmounts the project's caches between their mount and this start
             starting.enter_context(storage.caches_in_use(k.state / "caches", req.notebook_dir))
         facts = policy.HostFacts(
-            limits=engine.host_limits(), storage=store.mounts(), ca_bundle=ca,
+            limits=engine.host_limits(),
+            storage=store.mounts() if mounter else policy.CopiedStorage(
+                read_only=workspace == "ro", tmp_bytes=min(req.resources.disk, req.resources.memory // 2),
+                support_volume=support),
+            ca_bundle=ca,
             caches=storage.project_caches(k.state / "caches", req.notebook_dir, tuple(c for c, _ in caches),
                                           req.resources.disk, mounter) if caches else None,
             project=storage.project_key(req.notebook_dir) if caches else None,
-            seccomp_profile=host.seccomp_profile(k.state), kernel_id=k.kernel_id, engine=kind,
-            executor=_executor_dir(k))
+            seccomp_profile=seccomp_profile, kernel_id=k.kernel_id, engine=kind,
+            executor=_executor_dir(k) if mounter else None)
         shape = policy.session_request(req.name, req.plan, settings, facts, k.owner, fresh=req.fresh,
                                        hosts=resolved.hosts if resolved and req.plan.mode == "allowlist" else (),
                                        container_name=f"mino-{k.owner['io.mino.owner'][:8]}-{req.name}")
@@ -186,6 +205,12 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                 name=f"{shape.request.name}-fw", labels=dict(shape.network_labels),
                 seccomp_profile=facts.seccomp_profile, engine_kind=kind) \
                 if guarded and not _host_rules_likely(engine, kind, req.plan) else None
+            if mounter is None:  # before the start: the cell never sees a half-copied workspace
+                copied.copy_in(engine, container, req.notebook_dir, limit=req.resources.disk,
+                               protected=k.protected, notice=k.notice)
+                if ca:
+                    copied.copy_ca(engine, container, ca)
+                timer.done("copy in")
             engine.start(container)
         except BaseException:
             engine.remove(container)  # with the firewall container made for it
@@ -201,23 +226,28 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         raise
     info = engine.inspect(container) or {}
     state = info.get("State", {})
-    # Its own cgroup only where the engine applies limits: rootless on cgroup v1 reports the
-    # service's, which mino must never freeze or read as the session's.
-    cgroup = state.get("CgroupPath") if kind.cgroup_limits else None
+    # The pids, cgroups and files the engine reports are this machine's only when its processes
+    # are (elsewhere they name other things here, never to be read or signalled). Its own
+    # cgroup only where the engine applies limits: rootless on cgroup v1 reports the service's,
+    # which mino must never freeze or read as the session's.
+    here = engine.processes_here()
+    cgroup = state.get("CgroupPath") if kind.cgroup_limits and here else None
     started = Started(container, workspace, store, None,
-                      host.pid_namespace(int(state["Pid"])) if state.get("Pid") else None,
-                      cgroup, host.oom_kills(cgroup) or 0, timer.phases, cell_uid=mounter.cell_uid,
-                      executor=facts.executor is not None)
+                      host.pid_namespace(int(state["Pid"])) if state.get("Pid") and here else None,
+                      cgroup, host.oom_kills(cgroup) or 0, timer.phases,
+                      cell_uid=mounter.cell_uid if mounter else policy.CELL_UID,
+                      executor=facts.executor is not None or has_executor)
     if started.executor:
         started.early = EarlyExecutor(engine, container)
     if guarded:
         try:
             local = firewall.local_networks(
                 host.host_addresses(), [n["subnet"] for net in networks for n in net.get("subnets", [])],
-                host.nameservers(info.get("ResolvConfPath")) if req.plan.mode == "bridge" else ())
+                _nameservers(engine, container, info, here) if req.plan.mode == "bridge" else (),
+                engine_elsewhere=not here)
             started.firewall = session_firewall.SessionFirewall(
                 engine, session_container=container, plan=req.plan, resolver=resolver, notice=k.notice,
-                hosts_path=info.get("HostsPath"), local=local, files=mounter)
+                hosts_path=info.get("HostsPath") if mounter else None, local=local, files=mounter)
             if fw_container is not None or not _rules_from_host(engine, kind, req.plan, info, started.firewall,
                                                                 resolved, k):
                 started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
@@ -237,6 +267,19 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                 "the image (nft) and the engine") from None
         timer.done("firewall")
     return started
+
+
+COPIED_GAPS = ("the disk limit is not applied to a copied workspace or home (volumes on the engine's machine; "
+               "`%mino changes` reads back at most the disk limit), /tmp and /var/tmp are memory (within the "
+               "memory limit), and package caches are not shared")
+
+
+def _nameservers(engine: Engine, container: str, info: dict, here: bool) -> list[str]:
+    """The name servers the session was given: Podman's file for it when the engine's files are
+    this machine's, else read through the engine (no cell has run yet)."""
+    if here:
+        return host.nameservers(info.get("ResolvConfPath"))
+    return host.nameservers_in(copied.read_file(engine, container, "/etc/resolv.conf").decode("utf-8", "replace"))
 
 
 def _host_rules_likely(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan) -> bool:

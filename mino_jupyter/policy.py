@@ -188,6 +188,39 @@ class StorageMounts:
     control: str
 
 
+@dataclass(frozen=True)
+class CopiedStorage:
+    """A session on an engine that does not see this machine's files (another machine, another
+    mount namespace): nothing of this machine is bound in. The workspace and the home are
+    volumes of the container's own (removed with it): mino copies the notebook's directory into
+    the first through the engine's archive API before the container starts, and reads it back
+    for `%mino changes` and `apply`; the home starts as the image's. /tmp and /var/tmp are
+    size-limited tmpfs (counted in the memory limit). The cell executor comes from mino's
+    support volume on the engine (:data:`SUPPORT_VOLUME_PREFIX`), read-only."""
+
+    read_only: bool = False  # `--workspace ro`: the copy is mounted read-only
+    tmp_bytes: int = 256 * MIB
+    support_volume: str | None = None  # holds the executor (and the seccomp profile the engine reads)
+
+
+SUPPORT_VOLUME_PREFIX = "mino-support-"
+
+
+def copied_storage_spec(s: CopiedStorage) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) of a copied session: anonymous volumes go with their container."""
+    options = ["nosuid", "nodev"]
+    volumes = [
+        {"Name": "", "Dest": WORKDIR, "Options": options + (["ro"] if s.read_only else [])},
+        {"Name": "", "Dest": HOME, "Options": list(options)},  # filled from the image at first start
+    ]
+    if s.support_volume:
+        volumes.append({"Name": s.support_volume, "Dest": EXECUTOR_DIR, "Options": options + ["ro"]})
+    tmpfs = [{"type": "tmpfs", "source": "tmpfs", "destination": target,
+              "options": ["rw", "nosuid", "nodev", "mode=1777", f"size={s.tmp_bytes}"]}
+             for target in ("/tmp", "/var/tmp")]
+    return volumes, tmpfs
+
+
 def storage_mounts(s: StorageMounts) -> list[Mount]:
     """/workspace, the home, /tmp and /var/tmp on the session's disk; /run/mino read-only."""
     return [
@@ -236,8 +269,8 @@ class SessionRequest:
     network: str  # "bridge" | "host" | "none": the namespace; allowlist mode is bridge + firewall
     labels: Mapping[str, str]
     limits: HostLimits
-    storage: StorageMounts | None = None  # None: a throwaway probe with no writable place
-    ca_bundle: str | None = None  # host path of a CA bundle to trust inside
+    storage: StorageMounts | CopiedStorage | None = None  # None: a throwaway probe with no writable place
+    ca_bundle: str | None = None  # host path of a CA bundle to trust inside (bound, or for copied storage, copied in)
     hosts: Sequence[tuple[str, str]] = ()  # (name, address) for /etc/hosts
     no_dns: bool = False  # allowlist mode: names come from `hosts` or the firewall's name server
     resources: Resources = Resources()
@@ -282,12 +315,18 @@ def session_spec(req: SessionRequest) -> dict:
     if req.network == "none":
         # Nothing can ever connect: package managers should fail at once instead of retrying.
         env.update({"PIP_RETRIES": "0", "NPM_CONFIG_FETCH_RETRIES": "0"})
-    mounts = [_mount(m) for m in storage_mounts(req.storage)] if req.storage else []
+    copied = isinstance(req.storage, CopiedStorage)
+    volumes: list[dict] = []
+    if copied:
+        volumes, mounts = copied_storage_spec(req.storage)
+    else:
+        mounts = [_mount(m) for m in storage_mounts(req.storage)] if req.storage else []
     if req.ca_bundle:
-        mounts.append(_mount(Mount(req.ca_bundle, CONTAINER_CA_BUNDLE, read_only=True)))
+        if not copied:  # else mino copies the file in before the container starts
+            mounts.append(_mount(Mount(req.ca_bundle, CONTAINER_CA_BUNDLE, read_only=True)))
         env.update({name: CONTAINER_CA_BUNDLE for name in CA_ENV_VARS})
     mounts.extend(_mount(m) for m in req.caches)
-    if req.executor:
+    if req.executor and not copied:
         mounts.append(_mount(Mount(req.executor, EXECUTOR_DIR, read_only=True)))
     spec = {
         "name": req.name,
@@ -301,6 +340,7 @@ def session_spec(req: SessionRequest) -> dict:
         "hostname": "mino",
         "netns": {"nsmode": req.network},
         "mounts": mounts,
+        **({"volumes": volumes} if volumes else {}),
         "hostadd": [f"{name}:{addr}" for name, addr in req.hosts],
         "stop_timeout": 1,
         "remove": False,
@@ -420,12 +460,15 @@ def executor_exec() -> dict:
     return body
 
 
-def kill_all_exec() -> dict:
+def kill_all_exec(signal: str = "KILL") -> dict:
     """The last resort where no freezer stops a cell that keeps changing pid (rootless on cgroup
-    v1): kill(-1) as the cell's uid, which the kernel delivers to every process of that uid in
-    the container's PID namespace at once (a process in the middle of a fork dies with its
-    child). It ends what earlier cells left running too; mino says so."""
-    return exec_body(["/bin/kill", "-KILL", "-1"])  # procps kill: no "--" before -1
+    v1), and the way to stop cells where the engine's processes are not this machine's:
+    kill(-1) as the cell's uid, which the kernel delivers to every process of that uid in the
+    container's PID namespace at once (a process in the middle of a fork dies with its child).
+    It ends what earlier cells left running too; mino says so."""
+    if signal not in ("INT", "TERM", "KILL"):
+        raise ValueError(f"signal must be INT, TERM or KILL, not {signal!r}")
+    return exec_body(["/bin/kill", f"-{signal}", "-1"])  # procps kill: no "--" before -1
 
 
 def probe_exec(script: str) -> dict:
@@ -466,7 +509,7 @@ class HostFacts:
     """What mino found and prepared on this host for a new session (gathered, not decided)."""
 
     limits: HostLimits
-    storage: StorageMounts | None = None
+    storage: StorageMounts | CopiedStorage | None = None
     ca_bundle: str | None = None  # a checked host path, or None
     caches: Mapping[str, str] | None = None  # cache name ("pip", "npm") -> host directory
     project: str | None = None  # the project's key (its caches are its own)

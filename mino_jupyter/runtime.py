@@ -7,6 +7,7 @@ specs that :mod:`mino_jupyter.policy` builds and adds none of its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -365,6 +366,8 @@ class Engine:
         self.started_service = started_service
         self.forward: ssh_engine.Forward | None = None  # an ssh:// engine's forward (its own socket)
         self.files_seen: dict[tuple, str | None] = {}  # host.engine_files_problem's answers, per paths
+        self._processes_here: bool | None = None
+        self.support: dict[tuple, tuple] = {}  # copied.support_volume's answers (engines elsewhere)
         self._limits: HostLimits | None = None
         self._facts: EngineFacts | None = None
         self._thread = threading.local()  # per thread: sessions may start on two at once (a spare)
@@ -443,7 +446,7 @@ class Engine:
             self.forward.close()
 
     # ----------------------------------------------------------------- plumbing
-    def request(self, method: str, path: str, *, what: str, ok_missing: bool = False,
+    def request(self, method: str, path: str, *, what: str, ok_missing: bool = False, ok_exists: bool = False,
                  **kwargs):
         from podman.errors import APIError
 
@@ -463,6 +466,8 @@ class Engine:
         if ok_missing and (response.status_code == 404 or (
                 response.status_code >= 400 and "no such" in _api_message(response).lower())):
             return None  # also a container removed while we looked ("does not exist in database")
+        if ok_exists and response.status_code == 409:
+            return None
         if response.status_code >= 400:
             raise MinoError(f"Podman could not {what}: {_api_message(response)}",
                             "`mino-jupyter doctor` checks the whole stack")
@@ -486,6 +491,27 @@ class Engine:
         """The API service's process on this machine (its namespaces are the containers'), or
         None when the engine is not a local unix socket."""
         return _socket_peer_pid(self.endpoint.socket_path) if self.endpoint.local and self.endpoint.socket_path else None
+
+    def processes_here(self) -> bool:
+        """Are the engine's containers' processes this machine's (the pids it reports are ours to
+        read in /proc and to signal)? Only when its socket's peer is a Podman process here, in
+        our mount namespace or rootless (whose namespace mino enters). A forwarded socket's peer
+        (ssh, a virtual machine's proxy) is not Podman; tcp:// and ssh:// engines have no peer.
+        Every pid the engine reports is used on this machine only when this holds: elsewhere it
+        names some other process of this machine."""
+        if self._processes_here is None:
+            pid = self.service_pid()
+            here = False
+            if pid:
+                try:
+                    exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+                    here = exe.startswith("podman") and (
+                        self.facts().rootless
+                        or os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino)
+                except OSError:
+                    here = False
+            self._processes_here = here
+        return self._processes_here
 
     def host_limits(self) -> HostLimits:
         """Hard limits containers may ask for: the service's own (when local) and ours."""
@@ -556,6 +582,22 @@ class Engine:
         self.request("post", "/networks/create", data=json.dumps(spec),
                      headers={"Content-Type": "application/json"}, what=f"create network {spec.get('name')}")
 
+    def volume(self, name: str) -> dict | None:
+        response = self.request("get", f"/volumes/{_quote(name)}/json", what=f"inspect volume {name}",
+                                ok_missing=True)
+        return None if response is None else response.json()
+
+    def create_volume(self, name: str, labels: Mapping[str, str]) -> bool:
+        """True if made now, False if a volume of that name was there already."""
+        response = self.request("post", "/volumes/create", data=json.dumps({"Name": name, "Label": dict(labels)}),
+                                headers={"Content-Type": "application/json"}, what=f"create volume {name}",
+                                ok_exists=True)
+        return response is not None
+
+    def remove_volume(self, name: str) -> None:
+        self.request("delete", f"/volumes/{_quote(name)}", params={"force": "true"}, what=f"remove volume {name}",
+                     ok_missing=True)
+
     def remove_network(self, name: str) -> None:
         self.request("delete", f"/networks/{_quote(name)}", what=f"remove network {name}", ok_missing=True)
 
@@ -593,7 +635,9 @@ class Engine:
         for attempt in range(3):
             try:
                 self.request("delete", f"/containers/{cid}",
-                             params={"force": "true", "v": "true", "depend": "true", "timeout": str(timeout)},
+                             # `volumes` (libpod's name; `v` is the Docker API's and libpod ignores it):
+                             # the container's anonymous volumes go with it
+                             params={"force": "true", "volumes": "true", "depend": "true", "timeout": str(timeout)},
                              what=f"remove container {cid[:12]}", ok_missing=True)
                 return
             except MinoError as exc:
@@ -616,6 +660,26 @@ class Engine:
         response = self.request("get", f"/containers/{cid}/archive", params={"path": path},
                                 what=f"read {path} from {cid[:12]}", ok_missing=True)
         return None if response is None else response.content
+
+    @contextlib.contextmanager
+    def archive_stream(self, cid: str, path: str):
+        """Like :meth:`get_archive`, as a stream (a file-like object) that is never held whole
+        in memory; None when the path is missing."""
+        response = self.request("get", f"/containers/{cid}/archive", params={"path": path}, stream=True,
+                                what=f"read {path} from {cid[:12]}", ok_missing=True)
+        try:
+            if response is not None:
+                response.raw.decode_content = True
+            yield None if response is None else response.raw
+        finally:
+            if response is not None:
+                response.close()
+
+    def put_archive(self, cid: str, path: str, data) -> None:
+        """Unpack a tar (bytes or a file object) at a directory of a created or running
+        container. The engine writes the files with the container's user as their owner."""
+        self.request("put", f"/containers/{cid}/archive", params={"path": path}, data=data,
+                     headers={"Content-Type": "application/x-tar"}, what=f"copy files to {path} in {cid[:12]}")
 
     def path_stat(self, cid: str, path: str) -> dict | None:
         """A path's stat in a (created or running) container, as the engine sees it (name, size,

@@ -108,8 +108,17 @@ class SessionFirewall:
     def due(self) -> bool:
         return self.clock() - self.resolved_at > RESOLVE_REFRESH
 
+    @property
+    def names_pinned(self) -> bool:
+        """An allowlist session whose /etc/hosts mino cannot rewrite (its engine's files are not
+        this machine's): its names keep the answers they were created with."""
+        return self.mode == "allowlist" and not self.hosts_path
+
     def refresh(self) -> None:
         """Resolve again; replace the rules and hosts only when the answers changed."""
+        if self.names_pinned:
+            self.resolved_at = self.clock()
+            return
         resolved = self.resolve(self.plan, self.resolved)
         if firewall.same_answers(resolved, self.resolved):
             self.resolved_at = self.clock()
@@ -118,6 +127,10 @@ class SessionFirewall:
 
     def replace(self, plan: NetworkPlan) -> None:
         """New allowlist entries for the live session."""
+        if self.names_pinned:
+            raise FirewallError("this session's engine is elsewhere, so mino cannot rewrite its /etc/hosts: "
+                                "its allowlist is fixed while it runs; nothing was changed",
+                                "stop the session (`%mino stop`) and run the next cell with the new entries")
         resolved = self.resolve(plan)
         old = self.plan
         self.plan = plan

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from . import changes, config, executor as executors, firewall, host, launch, mounts, policy, storage
+from . import changes, config, copied, executor as executors, firewall, host, launch, mounts, policy, storage
 from .choices import Choices, size_text
 from .cell import CellResult, Sink, run_script
 from .cleanup import Cleanup, owned_by, prune, remove_containers, state_key
@@ -103,8 +103,8 @@ class Session:
     stopped_at: float | None = None
     stop_reason: str | None = None
     firewall: SessionFirewall | None = None
-    storage: storage.SessionStorage | None = None
-    namespace: str | None = None  # the container's PID namespace, as seen from here
+    storage: "storage.SessionStorage | copied.CopiedFiles | None" = None
+    namespace: str | None = None  # the container's PID namespace, as seen from here (None: not visible here)
     cgroup: str | None = None  # its own cgroup, when the engine gave it one
     cell_uid: int = policy.CELL_UID  # the cell's uid as this machine sees it
     oom_kills: int = 0
@@ -420,7 +420,7 @@ class SessionManager:
             state=self.state, storage_dir=self.storage_dir,
             firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
             before_container=self.cleanup.ensure_watchdog, shown=self._shown,
-            executor=executors.enabled(self.env)))
+            executor=executors.enabled(self.env), protected=tuple(self._own_dirs())))
         previous = self.sessions.get(name)  # a restarted session goes on in the same log: so do its numbers
         return Session(name=name, image=image, plan=plan, fresh=fresh, log_path=self.log_dir / f"{name}.log",
                        workspace=started.workspace, resources=resources, container_id=started.container,
@@ -587,6 +587,7 @@ class SessionManager:
                 session.executor_busy.release()
             if session.fresh:  # whatever happened, a --fresh container goes now, its replacement comes
                 self._refill_spare(opts)
+                self._keep_changes(session)
                 self._mark_stopped(session)
                 self.cleanup.remove_soon(self.engine, session.container_id, session.name,
                                          after=lambda s=session: self._release_fresh(s))
@@ -599,7 +600,8 @@ class SessionManager:
                     executor: executors.Executor | None) -> CellResult:
         def run(through: executors.Executor | None) -> CellResult:
             return run_script(self.engine, session.container_id, script, env=env, sink=sink, timeout=opts.timeout,
-                              control=session.storage, namespace=session.namespace, cgroup=session.cgroup,
+                              control=session.storage if getattr(session.storage, "control_files", False) else None,
+                              namespace=session.namespace, cgroup=session.cgroup,
                               cell_uid=session.cell_uid, cancel=opts.cancel, executor=through)
         if executor is not None:
             try:
@@ -690,14 +692,28 @@ class SessionManager:
         if store is None:
             return
         store.release()
-        upper = store.upper
-        if upper is None or not any(os.scandir(upper)):
+        if not self._holds_changes(store):
             store.teardown()
             session.storage = None
 
+    def _holds_changes(self, store) -> bool:
+        upper = store.upper
+        if upper is None:
+            return False
+        if store.opaque_xattr is None:  # a complete copy (an engine elsewhere): compared, not just looked at
+            return bool(changes.list_changes(upper, store.notebook_dir, None, self._own_dirs()))
+        return any(os.scandir(upper))
+
+    def _keep_changes(self, session: Session) -> None:
+        """Before a container goes: a copied workspace is read back (an overlay's stays here)."""
+        if isinstance(session.storage, copied.CopiedFiles) and session.container_id:
+            session.storage.before_removal(self.engine, session.container_id, self.notice)
+
     # ------------------------------------------------------------------ what cells wrote
-    def _storage_of(self, name: str) -> storage.SessionStorage:
+    def _storage_of(self, name: str) -> "storage.SessionStorage | copied.CopiedFiles":
         session = self.get(name)
+        if isinstance(session.storage, copied.CopiedFiles) and session.state != "stopped":
+            session.storage.refresh(self.engine, session.container_id)  # what the cells wrote until now
         if session.storage is None or session.storage.upper is None:
             mode = session.workspace
             why = ("its workspace is not an overlay (" + mode + ")") if mode != "overlay" else "its disk is gone"
@@ -707,7 +723,7 @@ class SessionManager:
 
     def changes(self, name: str = DEFAULT_SESSION) -> list[changes.Change]:
         store = self._storage_of(name)
-        return changes.list_changes(store.upper, store.notebook_dir, store.opaque_xattr)
+        return changes.list_changes(store.upper, store.notebook_dir, store.opaque_xattr, self._own_dirs())
 
     def diff(self, name: str, change: changes.Change) -> str | None:
         store = self._storage_of(name)
@@ -731,6 +747,12 @@ class SessionManager:
         return min(session.resources.disk, host.disk_free(session.storage.notebook_dir) // 2)
 
     def _auto_apply(self, session: Session) -> None:
+        if isinstance(session.storage, copied.CopiedFiles) and session.state != "stopped":
+            try:
+                session.storage.refresh(self.engine, session.container_id)
+            except MinoError as exc:
+                self.notice(f"mino: auto_apply could not read the workspace back: {exc.message}")
+                return
         if session.storage is None or session.storage.upper is None:
             return
         store = session.storage
@@ -823,6 +845,7 @@ class SessionManager:
 
     def _remove(self, session: Session) -> None:
         if session.container_id:
+            self._keep_changes(session)
             self.engine.remove(session.container_id)
         self._mark_stopped(session)
 
