@@ -409,15 +409,23 @@ def prepare(storage_dir: Path, name: str, owner_labels: dict, *, notebook_dir: P
     return CopiedFiles(root, notebook_dir, mode, disk)
 
 
-def copy_in(engine: Engine, container: str, notebook_dir: Path, *, limit: int, protected: Sequence[Path],
-            notice: Callable[[str], None]) -> None:
-    """The notebook's directory into the created (not yet started) container's workspace."""
+def copy_in(engine: Engine, container: str, notebook_dir: Path, *, image: str, labels: dict, limit: int,
+            protected: Sequence[Path], notice: Callable[[str], None]) -> None:
+    """The notebook's directory into the created (not yet started) container's workspace,
+    through a loader that shares its volumes and runs as the cell user (the files are the
+    cell's, as the notebook's directory is under an overlay)."""
     data, files, size = pack(notebook_dir, limit=limit, protected=protected)
     with data:
         if size > PROGRESS_BYTES:
             notice(f"mino: copying {files} entries ({_size(size)}) of {notebook_dir} to the engine at "
                    f"{engine.endpoint.url}")
-        engine.put_archive(container, policy.WORKDIR, data)
+        loader = engine.create(policy.loader_spec(
+            name=f"mino-copy-{os.getpid()}-{container[:12]}", image=image, labels=policy.labels("verify", labels),
+            limits=engine.host_limits(), engine=engine.facts(), volumes_from=container))
+        try:
+            engine.put_archive(loader, policy.WORKDIR, data)
+        finally:
+            engine.remove(loader)  # its volumes are the session's: they stay
 
 
 def copy_ca(engine: Engine, container: str, bundle: str) -> None:
@@ -477,15 +485,13 @@ def support_volume(engine: Engine, *, image: str, seccomp_profile: str | None, s
     digest = hashlib.sha256(b"".join(n.encode() + b"\0" + d for n, (d, _) in sorted(files.items()))).hexdigest()[:16]
     name = policy.SUPPORT_VOLUME_PREFIX + digest
     engine.create_volume(name, {**labels, "io.mino.support": digest})
-    loader = engine.create({**policy.inspection_spec(name=f"mino-support-{os.getpid()}-{digest[:8]}", image=image,
-                                                     labels=policy.labels("verify", labels), limits=engine.host_limits(),
-                                                     engine=engine.facts()),
-                            "user": "0:0",
-                            "volumes": [{"Name": name, "Dest": "/support", "Options": ["nosuid", "nodev"]}]})
+    loader = engine.create(policy.loader_spec(
+        name=f"mino-support-{os.getpid()}-{digest[:8]}", image=image, labels=policy.labels("verify", labels),
+        limits=engine.host_limits(), engine=engine.facts(), support_volume=name))
     try:
-        if _read_tar(engine, loader, "/support") != {n: d for n, (d, _) in files.items()}:
-            engine.put_archive(loader, "/support", _tar(files))
-            if _read_tar(engine, loader, "/support") != {n: d for n, (d, _) in files.items()}:
+        if _read_tar(engine, loader, policy.SUPPORT_DIR) != {n: d for n, (d, _) in files.items()}:
+            engine.put_archive(loader, policy.SUPPORT_DIR, _tar(files))
+            if _read_tar(engine, loader, policy.SUPPORT_DIR) != {n: d for n, (d, _) in files.items()}:
                 raise CopyError(f"mino's support volume {name} on the engine does not hold what mino wrote")
     finally:
         engine.remove(loader)

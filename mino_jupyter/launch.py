@@ -206,8 +206,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                 seccomp_profile=facts.seccomp_profile, engine_kind=kind) \
                 if guarded and not _host_rules_likely(engine, kind, req.plan) else None
             if mounter is None:  # before the start: the cell never sees a half-copied workspace
-                copied.copy_in(engine, container, req.notebook_dir, limit=req.resources.disk,
-                               protected=k.protected, notice=k.notice)
+                copied.copy_in(engine, container, req.notebook_dir, image=req.image, labels=k.owner,
+                               limit=req.resources.disk, protected=k.protected, notice=k.notice)
                 if ca:
                     copied.copy_ca(engine, container, ca)
                 timer.done("copy in")

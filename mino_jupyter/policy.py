@@ -409,6 +409,28 @@ def inspection_spec(*, name: str, image: str, labels: Mapping[str, str], limits:
     return spec
 
 
+SUPPORT_DIR = "/run/mino-support"  # where a loader mounts mino's support volume
+
+
+def loader_spec(*, name: str, image: str, labels: Mapping[str, str], limits: HostLimits,
+                engine: EngineFacts = ROOTFUL, volumes_from: str | None = None,
+                support_volume: str | None = None) -> dict:
+    """A container that is created and never started: mino writes files into volumes through it
+    (the archive API), and the engine makes them the container user's. With `volumes_from` (a
+    created session): that session's copied workspace, as the cell user, so cells own their
+    files (the session's own user is its init's). With `support_volume`: mino's volume, at
+    :data:`SUPPORT_DIR`, as root, so no cell can change what is in it. Nothing ever runs in it."""
+    if (volumes_from is None) == (support_volume is None):
+        raise ValueError("a loader is for a session's volumes or for the support volume")
+    spec = inspection_spec(name=name, image=image, labels=labels, limits=limits, engine=engine)
+    if volumes_from is not None:
+        spec["volumes_from"] = [volumes_from]
+    else:
+        spec["user"] = "0:0"
+        spec["volumes"] = [{"Name": support_volume, "Dest": SUPPORT_DIR, "Options": ["nosuid", "nodev"]}]
+    return spec
+
+
 PROBE_DIR = "/run/mino-probe"  # where a files probe binds the directories it asks about
 
 

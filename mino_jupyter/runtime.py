@@ -466,7 +466,8 @@ class Engine:
         if ok_missing and (response.status_code == 404 or (
                 response.status_code >= 400 and "no such" in _api_message(response).lower())):
             return None  # also a container removed while we looked ("does not exist in database")
-        if ok_exists and response.status_code == 409:
+        if ok_exists and response.status_code >= 400 and (
+                response.status_code == 409 or "already exists" in _api_message(response).lower()):
             return None
         if response.status_code >= 400:
             raise MinoError(f"Podman could not {what}: {_api_message(response)}",

@@ -173,31 +173,119 @@ def second_service(tmp_path):
         proc.wait(timeout=15)
 
 
+def _volumes(engine) -> set[str]:
+    return {v["Name"] for v in engine.request("get", "/volumes/json", what="list volumes").json()}
+
+
 @ROOTFUL_ONLY
-def test_an_engine_that_does_not_see_this_machine_s_files_starts_nothing(second_service, engine, base_image,
-                                                                       tmp_path):
-    """The engine would resolve the notebook's path on its side: an empty directory (or another
-    machine's). mino asks it first and refuses in one line; nothing is made. The same engine in
-    this machine's mount namespace sees the files, and cells run."""
+def test_an_engine_that_does_not_see_this_machine_s_files_gets_a_copy_and_changes_come_back(
+        second_service, engine, base_image, gateway, tmp_path):
+    """The engine would resolve the notebook's path on its side (here an empty tmpfs): mino asks
+    it first, and copies the notebook's directory in instead of binding it. Cells run hardened
+    (mino's seccomp profile, read by the engine from mino's volume; the executor from there,
+    closed to the cell), with this machine's CA bundle; what they change stays in the engine
+    until `%mino apply`, which takes plain files only. A timeout stops what the cell started
+    without using a pid of the engine's here. The kernel gone, so are its containers and their
+    volumes."""
+    from mino_jupyter import host
+
+    notebook = tmp_path / "nb"
+    (notebook / "sub").mkdir(parents=True)
+    give_to_cell(notebook)
+    (notebook / "data.txt").write_text("mine\n")
+    (notebook / "gone.txt").write_text("delete me\n")
+    (notebook / "sub" / "nested.txt").write_text("deep\n")
+    (notebook / "link").symlink_to("data.txt")
+    bundle = host.ca_bundle("auto")
+    url = second_service(hide=True)
+    # Asked through the same service: the main one cannot list containers whose network
+    # namespace files exist only in the other mount namespace.
+    engine = Engine.connect({"CONTAINER_HOST": url}, autostart=False)
+    volumes_before = _volumes(engine)
+    listener = TcpListener(gateway)
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"), "CONTAINER_HOST": url})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        r = k.ok("%%mino\ncat data.txt sub/nested.txt link; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status\n"
+                 "id -u; unshare -r true 2>/dev/null; echo userns=$?\n"
+                 "cat /usr/local/libexec/mino/mino-exec >/dev/null 2>&1; echo read=$?\n"
+                 f"curl -sS -m 5 -o /dev/null http://{gateway}:{listener.port}/ 2>/dev/null; echo bridge=$?\n"
+                 "sha256sum < /etc/ssl/certs/ca-certificates.crt | cut -c1-64")
+        said = r.stderr
+        assert "does not see this machine's files" in said and "gets a copy" in said, said
+        import hashlib
+        assert r.stdout.splitlines() == ["mine", "deep", "mine", "CapEff:\t0000000000000000", "NoNewPrivs:\t1",
+                                         "Seccomp:\t2", "1000", "userns=1", "read=1", "bridge=7",
+                                         hashlib.sha256(Path(bundle).read_bytes()).hexdigest()]
+        assert listener.hits == 0
+        assert "no changes" not in k.ok("%mino sessions").stdout
+        # what a cell writes stays in the engine
+        k.ok("%%mino\necho changed > data.txt; echo new > new.txt; rm gone.txt\n"
+             "ln -s /etc/passwd evil; mkdir -p d && echo x > d/f; ln -sfn /etc sub2")
+        assert (notebook / "data.txt").read_text() == "mine\n" and not (notebook / "new.txt").exists()
+        listed = k.ok("%mino changes").stdout
+        for line in ("new.txt", "data.txt", "gone.txt", "evil", "d/f"):
+            assert line in listed, listed
+        k.ok("%mino apply")
+        assert (notebook / "data.txt").read_text() == "changed\n" and (notebook / "new.txt").read_text() == "new\n"
+        assert (notebook / "d" / "f").read_text() == "x\n"
+        assert not os.path.lexists(notebook / "evil") and not os.path.lexists(notebook / "sub2")
+        assert (notebook / "gone.txt").exists()  # a deletion is applied only when named
+        k.ok("%mino apply gone.txt")
+        assert not (notebook / "gone.txt").exists()
+        # a timeout stops the cell and what it left behind, from inside the container
+        r = k.execute("%%mino --timeout 2\n(setsid sleep 300 &); sleep 60")
+        assert r.error is not None
+        r = k.ok("%%mino\npgrep -u 1000 -x sleep; echo left=$?")
+        assert r.stdout.strip().endswith("left=1"), r.stdout
+        token = k.owner_token()
+        assert engine.list({"io.mino.owner": token})
+    finally:
+        listener.close()
+        k.shutdown()
+    deadline = time.monotonic() + 15
+    while engine.list({"io.mino.owner": token}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine.list({"io.mino.owner": token}) == []
+    assert {v for v in _volumes(engine) - volumes_before if not v.startswith("mino-support-")} == set()
+
+
+@ROOTFUL_ONLY
+def test_a_fresh_cell_s_changes_on_an_engine_elsewhere_outlive_its_container(second_service, engine, base_image,
+                                                                             tmp_path):
+    """The workspace is read back before the container goes (it takes its volume with it)."""
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    give_to_cell(notebook)
+    url = second_service(hide=True)
+    engine = Engine.connect({"CONTAINER_HOST": url}, autostart=False)  # as above
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"), "CONTAINER_HOST": url})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        k.ok("%%mino --fresh\necho kept > out.csv")
+        deadline = time.monotonic() + 15  # its container goes in the background
+        while engine.list({"io.mino.owner": k.owner_token(), "io.mino.role": "fresh"}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "out.csv" in k.ok("%mino changes fresh-1").stdout
+        k.ok("%mino apply --session fresh-1")
+        assert (notebook / "out.csv").read_text() == "kept\n"
+    finally:
+        k.shutdown()
+
+
+@ROOTFUL_ONLY
+def test_the_same_engine_in_this_machine_s_mount_namespace_binds_the_files(second_service, engine, base_image,
+                                                                          tmp_path):
     notebook = tmp_path / "nb"
     notebook.mkdir()
     give_to_cell(notebook)
     (notebook / "data.txt").write_text("mine\n")
-    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"), "CONTAINER_HOST": second_service(hide=True)})
-    try:
-        k.ok("%load_ext mino_jupyter")
-        r = k.execute("%%mino\ntouch /workspace/ran")
-        assert r.error is not None
-        said = r.error_text + r.stderr
-        assert "does not see this machine's files" in said and "none was started" in said
-        assert engine.list({"io.mino.owner": k.owner_token()}) == []
-        assert not (notebook / "ran").exists()
-    finally:
-        k.shutdown()
     k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home2"), "CONTAINER_HOST": second_service(hide=False)})
     try:
         k.ok("%load_ext mino_jupyter")
-        assert k.ok("%%mino\ncat data.txt").stdout == "mine\n"
+        r = k.ok("%%mino\ncat data.txt; touch /workspace/ran")
+        assert r.stdout == "mine\n" and "gets a copy" not in r.stderr
+        assert k.ok("%mino changes").stdout.count("ran") == 1
     finally:
         token = k.owner_token()
         k.shutdown()
