@@ -181,9 +181,9 @@ def _files(engine: Engine, env, image: str) -> Check:
                                                 current_owner().labels())
     if elsewhere is None:
         return Check("files", True, "the engine sees this machine's files (mino's state, this directory)")
-    return Check("files", False, f"the engine does not see this machine's files: {elsewhere}; sessions there "
-                                 "are refused (mino does not copy a workspace to another machine yet)",
-                 "use this machine's Podman (unset CONTAINER_HOST and CONTAINER_CONNECTION)")
+    return Check("files", True, f"the engine does not see this machine's files ({elsewhere}): each session "
+                                "gets a copy of the notebook's directory; cells' changes come back with "
+                                "`%mino changes` and `%mino apply`", note=True)
 
 
 def _cell_executor(env) -> Check:

@@ -270,3 +270,43 @@ def test_engine_facts_come_from_its_info(host, expected):
 
     facts = engine_facts({"host": host})
     assert (facts.rootless, facts.cgroup_limits) == (expected.rootless, expected.cgroup_limits)
+
+
+def test_a_copied_session_binds_nothing_of_this_machine():
+    """An engine elsewhere: the workspace and home are the container's own volumes, /tmp is
+    size-limited tmpfs, the executor comes read-only from mino's support volume, the CA bundle
+    is copied in (its variables still point at it), the seccomp profile is the engine's path."""
+    spec = _spec(storage=policy.CopiedStorage(read_only=False, tmp_bytes=64 << 20, support_volume="mino-support-x"),
+                 ca_bundle="/etc/ssl/x.pem", executor="/state/executor/abc", seccomp_profile="/vol/seccomp.json")
+    assert all(m["type"] == "tmpfs" for m in spec["mounts"])
+    assert {m["destination"]: m["options"] for m in spec["mounts"]} == {
+        t: ["rw", "nosuid", "nodev", "mode=1777", f"size={64 << 20}"] for t in ("/tmp", "/var/tmp")}
+    assert spec["volumes"] == [
+        {"Name": "", "Dest": "/workspace", "Options": ["nosuid", "nodev"]},
+        {"Name": "", "Dest": "/home/developer", "Options": ["nosuid", "nodev"]},
+        {"Name": "mino-support-x", "Dest": policy.EXECUTOR_DIR, "Options": ["nosuid", "nodev", "ro"]}]
+    assert all(spec["env"][var] == policy.CONTAINER_CA_BUNDLE for var in policy.CA_ENV_VARS)
+    assert spec["seccomp_profile_path"] == "/vol/seccomp.json" and spec["read_only_filesystem"] is True
+    ro = _spec(storage=policy.CopiedStorage(read_only=True))
+    assert ro["volumes"][0]["Options"] == ["nosuid", "nodev", "ro"] and len(ro["volumes"]) == 2
+
+
+def test_loaders_never_run_and_own_files_as_the_cell_or_as_root():
+    kw = dict(name="l", image="img", labels={}, limits=HostLimits(20000, 96364))
+    cells = policy.loader_spec(**kw, volumes_from="abc")
+    assert cells["user"] == policy.CELL_USER and cells["volumes_from"] == ["abc"] and cells["cap_drop"] == ["ALL"]
+    support = policy.loader_spec(**kw, support_volume="mino-support-x")
+    assert support["user"] == "0:0" and support["volumes"][0]["Name"] == "mino-support-x"
+    assert support["netns"] == {"nsmode": "none"}
+    with pytest.raises(ValueError):
+        policy.loader_spec(**kw)
+    with pytest.raises(ValueError):
+        policy.loader_spec(**kw, volumes_from="abc", support_volume="x")
+
+
+@pytest.mark.parametrize("signal_name", ["INT", "TERM", "KILL"])
+def test_the_kill_of_every_cell_process_runs_as_the_cell_user(signal_name):
+    body = policy.kill_all_exec(signal_name)
+    assert body["Cmd"] == ["/bin/kill", f"-{signal_name}", "-1"] and body["User"] == policy.CELL_USER
+    with pytest.raises(ValueError):
+        policy.kill_all_exec("HUP; rm -rf /")

@@ -1,0 +1,97 @@
+"""An engine whose processes are not this machine's (another machine, a virtual machine behind a
+forwarded socket): every pid it reports names some other process here, so none is ever read
+or signalled here; cells are stopped from inside their container."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+from mino_jupyter import cell, executor, firewall, procs
+from mino_jupyter.errors import MinoError
+
+
+class Engine:
+    """Reports the pid of a live process of this machine (this test's own), as an engine
+    elsewhere would report one of its own that happens to be a pid here."""
+
+    def __init__(self, here: bool):
+        self.here = here
+        self.execs: list[list[str]] = []
+
+    def processes_here(self) -> bool:
+        return self.here
+
+    def exec_inspect(self, _exec_id):
+        return {"Running": True, "Pid": os.getpid()}
+
+    def exec_run(self, _container, body):
+        self.execs.append(body["Cmd"])
+        return 0, b"", b""
+
+
+@pytest.fixture
+def no_local_signals(monkeypatch):
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(procs, "stop", lambda *a, **kw: pytest.fail("a pid of the engine's was used here"))
+    return sent
+
+
+def test_an_exec_s_cell_is_stopped_from_inside_without_its_pid(no_local_signals):
+    engine = Engine(here=False)
+    stopped = cell._stopper(engine, "ctr", "exec", None, None, 0, 1000)()
+    assert no_local_signals == []
+    assert engine.execs == [["/bin/kill", "-INT", "-1"], ["/bin/kill", "-KILL", "-1"]]
+    assert stopped.everything
+
+
+def test_the_executor_s_cell_is_signalled_through_it_then_everything_goes_from_inside(no_local_signals):
+    engine = Engine(here=False)
+
+    class Run:
+        pid = 7  # in the container
+        ended = threading.Event()
+        executor = type("E", (), {"host_pid": os.getpid()})()
+        signals: list = []
+
+        def signal(self, sig):
+            self.signals.append(sig)
+            return True
+
+        def wait_end(self, _timeout):
+            return True
+
+    run = Run()
+    stopped = cell._executor_stopper(run, engine, "ctr", None, None, 0, 1000)()
+    assert run.signals == [signal.SIGINT] and no_local_signals == []
+    assert engine.execs == [["/bin/kill", "-KILL", "-1"]] and stopped.signal == "INT"
+
+
+def test_an_executor_of_an_engine_elsewhere_is_never_killed_here(no_local_signals):
+    ex = executor.Executor.__new__(executor.Executor)
+    ex.engine, ex.exec_id = Engine(here=False), "exec"
+    ex.disconnect = lambda: None
+    ex.kill()
+    assert no_local_signals == []
+    ex.engine = Engine(here=True)
+    ex.kill()
+    assert no_local_signals == [(os.getpid(), signal.SIGKILL)]
+
+
+def test_the_bridge_refuses_every_private_range_when_the_engine_is_elsewhere():
+    here = firewall.local_networks([("192.168.1.5", 24)], ["10.88.0.0/16"])
+    elsewhere = firewall.local_networks([("192.168.1.5", 24)], ["10.88.0.0/16"], engine_elsewhere=True)
+    assert "10.0.0.0/8" not in here.v4 and "172.16.0.0/12" not in here.v4
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"} <= set(elsewhere.v4)
+    assert "fc00::/7" in elsewhere.v6
+
+
+def test_a_container_gone_meanwhile_ends_the_stop(no_local_signals):
+    class Gone(Engine):
+        def exec_run(self, _container, body):
+            raise MinoError("no such container")
+
+    assert cell._stopper(Gone(here=False), "ctr", "exec", None, None, 0, 1000)().signal == "KILL"
