@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import mounts, storage
 from .owner import Owner, owner_alive, process_start_ticks
-from .policy import MANAGED
+from .policy import LEASE_DIR, LEASE_FILE, MANAGED
 from .runtime import Engine
 
 Notice = Callable[[str], None]
@@ -112,6 +112,11 @@ class Cleanup:
         self._watchdog: subprocess.Popen | None = None
         self._watchdog_pipe: int | None = None
         self._removals: list[threading.Thread] = []
+        self._lease_lock = threading.Lock()
+        self._leased: dict[str, Engine] = {}
+        self._lease_every = 30.0
+        self._lease_count = 0
+        self._lease_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ reaping
     def start_background_reap(self) -> None:
@@ -166,6 +171,42 @@ class Cleanup:
         for thread in list(self._removals):
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    # ------------------------------------------------------------------ leases
+    def lease(self, engine: Engine, cid: str, seconds: int) -> None:
+        """Renew this container's lease (:data:`mino_jupyter.policy.LEASE_SCRIPT`) every quarter
+        of it, from a thread of this kernel, until it is gone: if this kernel dies or loses the
+        engine, no one renews it and the container ends itself."""
+        with self._lease_lock:
+            self._leased[cid] = engine
+            self._lease_every = min(self._lease_every, seconds / 4)
+            if self._lease_thread is None or not self._lease_thread.is_alive():
+                self._lease_thread = threading.Thread(target=self._renew, name="mino-lease", daemon=True)
+                self._lease_thread.start()
+
+    def unlease(self, cid: str) -> None:
+        with self._lease_lock:
+            self._leased.pop(cid, None)
+
+    def _renew(self) -> None:
+        while True:
+            with self._lease_lock:
+                leased = dict(self._leased)
+            if not leased:
+                with self._lease_lock:
+                    if not self._leased:
+                        self._lease_thread = None
+                        return
+                continue
+            self._lease_count += 1
+            data = lease_tar(self._lease_count)
+            for cid, engine in leased.items():
+                try:
+                    engine.put_archive(cid, LEASE_DIR, data)
+                except Exception as exc:  # noqa: BLE001 - a container gone, or the engine lost for now
+                    if "no such container" in str(exc).lower() or "does not exist" in str(exc).lower():
+                        self.unlease(cid)
+            time.sleep(self._lease_every)
+
     # ------------------------------------------------------------------ the watchdog
     def ensure_watchdog(self, engine: Engine) -> None:
         if not self.want_watchdog or (self._watchdog and self._watchdog.poll() is None):
@@ -210,6 +251,37 @@ class Cleanup:
         _release_caches(engine, self.storage_root)
 
 
+LEASE_ENV = "MINO_LEASE"
+LEASE_DEFAULT = 120
+
+
+def lease_seconds(env: Mapping[str, str] | None) -> int:
+    """How long a container on an engine elsewhere outlives its kernel's last renewal."""
+    text = (os.environ if env is None else env).get(LEASE_ENV, "")
+    if not text:
+        return LEASE_DEFAULT
+    if not text.isdigit() or int(text) < 8:
+        from .errors import UsageError
+
+        raise UsageError(f"{LEASE_ENV}={text!r}: a lease is a whole number of seconds, 8 or more",
+                         f"unset it for the default ({LEASE_DEFAULT} s)")
+    return int(text)
+
+
+def lease_tar(count: int) -> bytes:
+    """The lease file with a new number (what the container's main process looks for)."""
+    import io
+    import tarfile
+
+    data = f"{count}\n".encode()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo(LEASE_FILE)
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 def watchdog_main(argv: list[str]) -> int:
     token, url, pid, start = argv[1], argv[2], int(argv[3]), int(argv[4])
     sessions = Path(argv[5]) if len(argv) > 5 else None
@@ -230,14 +302,19 @@ def watchdog_main(argv: list[str]) -> int:
     env = dict(os.environ)
     if discover(env, os.geteuid()).url != url:
         env["CONTAINER_HOST"] = url  # the engine the kernel used, not a default of ours
+    failure = None
     for attempt in range(3):
         try:
             engine = Engine.connect(env)
             removed = remove_containers(engine, owned_by(engine, token))
             break
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - tried again, then logged
+            failure = exc
             time.sleep(1 + attempt)
     else:
+        if sessions is not None:
+            _log(sessions.parent.parent / "watchdog.log",
+                 f"could not remove the containers of kernel {token} (pid {pid}), which died: {failure}")
         return 1
     if sessions is not None:  # the kernel's session disks and mounts, now that no container uses them
         storage.teardown_owner(sessions, mounts.for_cleanup(engine))

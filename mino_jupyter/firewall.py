@@ -323,8 +323,9 @@ AGENT = r"""
 use strict; use warnings; use IO::Socket::INET; use IO::Select;
 my $NFT = '/usr/sbin/nft';
 $| = 1; binmode STDIN; binmode STDOUT; $SIG{PIPE} = 'IGNORE';
-my $dns;
-if (@ARGV && $ARGV[0] eq 'dns') {
+my ($dns, $lease);
+for (@ARGV) { $lease = $1 if /\Alease=(\d+)\z/; }
+if (grep { $_ eq 'dns' } @ARGV) {
   $dns = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 53, Proto => 'udp')
     or die "mino firewall: cannot answer names on 127.0.0.1:53: $!\n";
 }
@@ -374,8 +375,16 @@ sub serve {
   }
 }
 my $sel = IO::Select->new(\*STDIN); $sel->add($dns) if $dns;
+my ($last, $renewed) = ('', time);
+sub leased {  # an engine elsewhere: no renewal of the lease for $lease seconds ends the firewall too
+  return 1 unless $lease;
+  if (open(my $f, '<', '/run/mino-lease/seq')) { my $seq = <$f> // ''; close $f;
+    if ($seq ne '' && $seq ne $last) { ($last, $renewed) = ($seq, time); } }
+  return time - $renewed < $lease;
+}
 while (1) {
-  for my $fh ($sel->can_read) {
+  exit 0 unless leased();
+  for my $fh ($sel->can_read($lease ? 2 : undef)) {
     if ($dns && $fh == $dns) { answer(); next; }
     my $got = sysread(STDIN, my $chunk, 65536);
     exit 0 unless $got;
@@ -385,8 +394,9 @@ while (1) {
 """
 
 
-def agent_command(mode: str) -> tuple[str, ...]:
-    return ("/usr/bin/perl", "-e", AGENT) + (("dns",) if mode == "allowlist" else ())
+def agent_command(mode: str, lease: int | None = None) -> tuple[str, ...]:
+    return ("/usr/bin/perl", "-e", AGENT) + (("dns",) if mode == "allowlist" else ()) + \
+        ((f"lease={int(lease)}",) if lease else ())
 
 
 def install_request(text: str) -> bytes:

@@ -56,6 +56,7 @@ class Kernel:
     before_container: Callable[[Engine], None]  # e.g. make sure the watchdog runs
     shown: set = field(default_factory=set)  # notices this kernel has shown once
     executor: bool = True  # mount the resident cell executor (False: one exec per cell)
+    lease: int = 120  # seconds a container on an engine elsewhere outlives its kernel's last renewal
 
     def notice_once(self, text: str) -> None:
         if text not in self.shown:
@@ -75,6 +76,7 @@ class Started:
     phases: dict[str, float] = field(default_factory=dict)
     cell_uid: int = policy.CELL_UID  # the cell's uid as this machine sees it
     executor: bool = False  # the cell executor is mounted (cells may go through it)
+    lease: int | None = None  # the containers end themselves without the kernel's renewals
     early: "EarlyExecutor | None" = None  # the executor, starting while the firewall is set up
 
 
@@ -185,7 +187,9 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                           req.resources.disk, mounter) if caches else None,
             project=storage.project_key(req.notebook_dir) if caches else None,
             seccomp_profile=seccomp_profile, kernel_id=k.kernel_id, engine=kind,
-            executor=_executor_dir(k) if mounter else None)
+            executor=_executor_dir(k) if mounter else None,
+            # Elsewhere, the kernel (and its watchdog) may lose the engine: the container ends itself.
+            lease=None if engine.processes_here() else k.lease)
         shape = policy.session_request(req.name, req.plan, settings, facts, k.owner, fresh=req.fresh,
                                        hosts=resolved.hosts if resolved and req.plan.mode == "allowlist" else (),
                                        container_name=f"mino-{k.owner['io.mino.owner'][:8]}-{req.name}")
@@ -203,7 +207,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
             fw_container = session_firewall.create_container(
                 engine, session_container=container, mode=req.plan.mode, image=k.firewall_image,
                 name=f"{shape.request.name}-fw", labels=dict(shape.network_labels),
-                seccomp_profile=facts.seccomp_profile, engine_kind=kind) \
+                seccomp_profile=facts.seccomp_profile, engine_kind=kind, lease=facts.lease) \
                 if guarded and not _host_rules_likely(engine, kind, req.plan) else None
             if mounter is None:  # before the start: the cell never sees a half-copied workspace
                 copied.copy_in(engine, container, req.notebook_dir, image=req.image, labels=k.owner,
@@ -236,7 +240,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                       host.pid_namespace(int(state["Pid"])) if state.get("Pid") and here else None,
                       cgroup, host.oom_kills(cgroup) or 0, timer.phases,
                       cell_uid=mounter.cell_uid if mounter else policy.CELL_UID,
-                      executor=facts.executor is not None or has_executor)
+                      executor=facts.executor is not None or has_executor, lease=facts.lease)
     if started.executor:
         started.early = EarlyExecutor(engine, container)
     if guarded:
@@ -252,7 +256,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                                                 resolved, k):
                 started.firewall.start(image=k.firewall_image, name=f"{shape.request.name}-fw",
                                        labels=dict(shape.network_labels), resolved=resolved,
-                                       seccomp_profile=facts.seccomp_profile, engine=kind, container=fw_container)
+                                       seccomp_profile=facts.seccomp_profile, engine=kind, container=fw_container,
+                                       lease=facts.lease)
         except BaseException as exc:  # an interrupt too: no container is left without its rules
             if started.early is not None:
                 started.early.discard()

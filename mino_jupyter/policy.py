@@ -205,6 +205,22 @@ class CopiedStorage:
 
 SUPPORT_VOLUME_PREFIX = "mino-support-"
 
+# A lease, for sessions on an engine elsewhere: the kernel may lose the engine (its machine
+# sleeps, the network drops) and then neither it nor its watchdog can remove the containers.
+# Their main process (the init's user, never the cell's) then ends the container itself when
+# the kernel has not renewed the lease for LEASE seconds; renewing is writing a new number in
+# LEASE_DIR through the engine's archive API (a tmpfs the cell cannot write). Bash builtins
+# only in the loop's test, so a cell that uses up the process limit cannot fake a renewal.
+LEASE_DIR = "/run/mino-lease"
+LEASE_FILE = "seq"
+LEASE_SCRIPT = f"""lease=$1; last=; renewed=$SECONDS
+while :; do
+  cur=; {{ read -r cur; }} 2>/dev/null < {LEASE_DIR}/{LEASE_FILE}
+  if [[ -n $cur && $cur != "$last" ]]; then last=$cur; renewed=$SECONDS; fi
+  (( SECONDS - renewed < lease )) || exit 0
+  sleep 2
+done"""
+
 
 def copied_storage_spec(s: CopiedStorage) -> tuple[list[dict], list[dict]]:
     """(volumes, mounts) of a copied session: anonymous volumes go with their container."""
@@ -278,6 +294,19 @@ class SessionRequest:
     seccomp_profile: str | None = None  # host path of mino's profile
     engine: EngineFacts = ROOTFUL
     executor: str | None = None  # host directory of mino's cell executor (mounted read-only)
+    lease: int | None = None  # seconds without a renewal after which the container ends itself
+
+
+def lease_command(seconds: int) -> list[str]:
+    if seconds < 4:
+        raise ValueError(f"a lease is at least 4 seconds, not {seconds}")
+    return [BASH, "--noprofile", "--norc", "-c", LEASE_SCRIPT, "mino-lease", str(seconds)]
+
+
+def lease_mount() -> dict:
+    """Root's (the engine writes the lease as the container's user, its init's): no cell writes it."""
+    return {"type": "tmpfs", "source": "tmpfs", "destination": LEASE_DIR,
+            "options": ["rw", "nosuid", "nodev", "noexec", "mode=0755", "size=16k"]}
 
 
 def _hardening(limits: HostLimits, resources: Resources, seccomp_profile: str | None,
@@ -346,6 +375,11 @@ def session_spec(req: SessionRequest) -> dict:
         "remove": False,
         **_hardening(req.limits, req.resources, req.seccomp_profile, req.engine),
     }
+    if req.lease:
+        # The main process keeps the lease; a container whose lease ran out removes itself
+        # (with its anonymous volumes) as it ends.
+        spec.update({"command": lease_command(req.lease), "remove": True})
+        spec["mounts"].append(lease_mount())
     if req.engine.rootless:
         # The cell (uid 1000) is the kernel's user on this machine: what it writes in the
         # workspace and caches is theirs, and it is no one else's uid. PID 1 (1001) and
@@ -362,7 +396,7 @@ def session_spec(req: SessionRequest) -> dict:
 
 def firewall_spec(*, name: str, image: str, target_container: str, labels: Mapping[str, str],
                   limits: HostLimits, command: Sequence[str], seccomp_profile: str | None = None,
-                  engine: EngineFacts = ROOTFUL) -> dict:
+                  engine: EngineFacts = ROOTFUL, lease: int | None = None) -> dict:
     """A session's firewall container: joins the session's network namespace only.
 
     It holds NET_ADMIN (rules) and NET_BIND_SERVICE (the loopback name server of allowlist
@@ -390,6 +424,11 @@ def firewall_spec(*, name: str, image: str, target_container: str, labels: Mappi
         **_hardening(limits, HELPER_RESOURCES, seccomp_profile, engine, runs_cells=False),
     }
     spec["cap_add"] = ["NET_ADMIN", "NET_BIND_SERVICE"]
+    if lease:
+        # Its agent keeps the session's lease (and ends on its stdin's end): it goes as it ends,
+        # so the session's own removal never waits for it.
+        spec["remove"] = True
+        spec["mounts"].append(lease_mount())
     if engine.rootless:
         # Pinned to the rootless user namespace, which owns the session's network namespace
         # (a containers.conf `userns = "keep-id"` would otherwise give it one that cannot even
@@ -539,6 +578,7 @@ class HostFacts:
     kernel_id: str | None = None
     engine: EngineFacts = ROOTFUL
     executor: str | None = None  # host directory of the cell executor, None: one exec per cell
+    lease: int | None = None  # an engine elsewhere: the containers end themselves without renewals
 
 
 # The package caches of each toolchain: (cache name, path in the container).
@@ -589,5 +629,6 @@ def session_request(name: str, plan, settings: SessionSettings, facts: HostFacts
         seccomp_profile=facts.seccomp_profile,
         engine=facts.engine,
         executor=facts.executor,
+        lease=facts.lease,
     )
     return SessionShape(request, labels("firewall", owner, identity))

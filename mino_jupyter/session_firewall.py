@@ -52,12 +52,13 @@ def resolve(plan: NetworkPlan, resolver: firewall.Resolver, notice: Notice,
 
 
 def create_container(engine: Engine, *, session_container: str, mode: str, image: str, name: str, labels: dict,
-                     seccomp_profile: str | None, engine_kind: policy.EngineFacts) -> str:
-    """Create (not start) a session's firewall container, joining the session's namespace."""
+                     seccomp_profile: str | None, engine_kind: policy.EngineFacts, lease: int | None = None) -> str:
+    """Create (not start) a session's firewall container, joining the session's namespace.
+    `lease`: it keeps the session's lease too, and goes when it ends (an engine elsewhere)."""
     return engine.create(policy.firewall_spec(
         name=name, image=image, target_container=session_container, labels=labels, limits=engine.host_limits(),
-        command=firewall.agent_command("allowlist" if mode == "allowlist" else "bridge"),
-        seccomp_profile=seccomp_profile, engine=engine_kind))
+        command=firewall.agent_command("allowlist" if mode == "allowlist" else "bridge", lease),
+        seccomp_profile=seccomp_profile, engine=engine_kind, lease=lease))
 
 
 class SessionFirewall:
@@ -89,12 +90,12 @@ class SessionFirewall:
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, image: str, name: str, labels: dict, resolved: firewall.Resolved,
               seccomp_profile: str | None = None, engine: policy.EngineFacts = policy.ROOTFUL,
-              container: str | None = None) -> None:
+              container: str | None = None, lease: int | None = None) -> None:
         """Start the firewall container in the session's namespace (made now, or `container`,
         made by :func:`create_container` before the session started) and install the rules."""
         self.container = container or create_container(
             self.engine, session_container=self.session_container, mode=self.mode, image=image, name=name,
-            labels=labels, seccomp_profile=seccomp_profile, engine_kind=engine)
+            labels=labels, seccomp_profile=seccomp_profile, engine_kind=engine, lease=lease)
         self.engine.start(self.container)  # a failure: the caller removes the session, with this container
         self.channel = self.engine.attach(self.container)
         self._install(resolved)

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 from . import changes, config, copied, executor as executors, firewall, host, launch, mounts, policy, storage
 from .choices import Choices, size_text
 from .cell import CellResult, Sink, run_script
-from .cleanup import Cleanup, owned_by, prune, remove_containers, state_key
+from .cleanup import Cleanup, lease_seconds, owned_by, prune, remove_containers, state_key
 from .commands import DEFAULT_SESSION
 from .errors import FirewallError, MinoError, UsageError
 from .image import base_image_ref
@@ -420,7 +420,12 @@ class SessionManager:
             state=self.state, storage_dir=self.storage_dir,
             firewall_image=self.firewall_image, resolver=self.resolver, notice=self.notice,
             before_container=self.cleanup.ensure_watchdog, shown=self._shown,
-            executor=executors.enabled(self.env), protected=tuple(self._own_dirs())))
+            executor=executors.enabled(self.env), protected=tuple(self._own_dirs()),
+            lease=lease_seconds(self.env)))
+        if started.lease:
+            for cid in (started.container, started.firewall.container if started.firewall else None):
+                if cid:
+                    self.cleanup.lease(engine, cid, started.lease)
         previous = self.sessions.get(name)  # a restarted session goes on in the same log: so do its numbers
         return Session(name=name, image=image, plan=plan, fresh=fresh, log_path=self.log_dir / f"{name}.log",
                        workspace=started.workspace, resources=resources, container_id=started.container,
@@ -847,6 +852,7 @@ class SessionManager:
         if session.container_id:
             self._keep_changes(session)
             self.engine.remove(session.container_id)
+            self.cleanup.unlease(session.container_id)
         self._mark_stopped(session)
 
     def wait_for_removals(self, timeout: float = 10.0) -> None:

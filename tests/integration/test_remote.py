@@ -167,7 +167,24 @@ def second_service(tmp_path):
         _wait_port(port, 20)
         return url
 
-    yield start
+    before = {c["Id"] for c in Engine.connect().list({})}
+    urls = []
+
+    def start_and_remember(hide: bool) -> str:
+        urls.append(start(hide))
+        return urls[-1]
+
+    yield start_and_remember
+    # A container the other service made (and a failed test left) would break every listing of
+    # the main service: its network namespace file exists only in the other mount namespace.
+    for url in urls:
+        try:
+            other = Engine.connect({"CONTAINER_HOST": url}, autostart=False)
+            for c in other.list({}):
+                if c["Id"] not in before:
+                    other.remove(c["Id"])
+        except Exception:  # noqa: BLE001 - best effort; the assertions above have spoken
+            pass
     for proc in started:
         proc.terminate()
         proc.wait(timeout=15)
@@ -315,3 +332,52 @@ def test_a_killed_kernel_s_containers_go_over_ssh_too(sshd, engine, base_image, 
     assert engine.list({"io.mino.owner": token}) == [] and _forwards() == []
     log = tmp_path / "home" / "state" / "mino" / "watchdog.log"
     assert f"kernel {token}" in log.read_text()
+
+
+def _watchdogs(token: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mino_jupyter.cleanup" in argv and token.encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+@ROOTFUL_ONLY
+def test_containers_on_an_engine_elsewhere_end_themselves_when_the_kernel_is_lost(second_service, base_image,
+                                                                                  tmp_path):
+    """The kernel and its watchdog both SIGKILLed (as when this machine loses the engine): no
+    one removes the containers, and no one renews their lease; they end themselves within it,
+    with their volumes. A cell cannot renew it (the lease's directory is not the cell's)."""
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    give_to_cell(notebook)
+    url = second_service(hide=True)
+    engine = Engine.connect({"CONTAINER_HOST": url}, autostart=False)
+    lease = 10
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"), "CONTAINER_HOST": url,
+                                       "MINO_LEASE": str(lease)})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        r = k.ok("%%mino\necho 999999 > /run/mino-lease/seq 2>/dev/null; echo wrote=$?; sleep 12; echo alive")
+        assert r.stdout == "wrote=1\nalive\n"  # renewed meanwhile, by the kernel only
+        token = k.owner_token()
+        containers = engine.list({"io.mino.owner": token})
+        assert {c["Labels"]["io.mino.role"] for c in containers} == {"session", "firewall"}
+        used = {m["Name"] for c in containers for m in (engine.inspect(c["Id"]) or {}).get("Mounts", [])
+                if m.get("Type") == "volume" and not m["Name"].startswith("mino-support-")}
+        assert len(used) == 2  # the workspace and the home
+        watchdogs = _watchdogs(token)
+        assert len(watchdogs) == 1
+        os.kill(watchdogs[0], signal.SIGKILL)
+        os.kill(k.pid, signal.SIGKILL)
+        killed = time.monotonic()
+    finally:
+        k.shutdown(now=True)
+    while engine.list({"io.mino.owner": token}) and time.monotonic() < killed + lease + 20:
+        time.sleep(0.5)
+    assert engine.list({"io.mino.owner": token}) == []
+    assert used & _volumes(engine) == set()
