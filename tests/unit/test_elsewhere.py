@@ -95,3 +95,19 @@ def test_a_container_gone_meanwhile_ends_the_stop(no_local_signals):
             raise MinoError("no such container")
 
     assert cell._stopper(Gone(here=False), "ctr", "exec", None, None, 0, 1000)().signal == "KILL"
+
+
+def test_the_lease_setting_is_checked():
+    from mino_jupyter.cleanup import LEASE_DEFAULT, lease_seconds, lease_tar
+    from mino_jupyter.errors import UsageError
+
+    assert lease_seconds({}) == LEASE_DEFAULT and lease_seconds({"MINO_LEASE": "30"}) == 30
+    for bad in ("3", "ten", "-5", "1e3"):
+        with pytest.raises(UsageError, match="whole number of seconds"):
+            lease_seconds({"MINO_LEASE": bad})
+    import io
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(lease_tar(7))) as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == [("seq", b"7\n")]
+    assert firewall.agent_command("allowlist", 30)[-2:] == ("dns", "lease=30")
+    assert not any(a.startswith("lease=") for a in firewall.agent_command("bridge"))

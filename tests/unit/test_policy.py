@@ -310,3 +310,17 @@ def test_the_kill_of_every_cell_process_runs_as_the_cell_user(signal_name):
     assert body["Cmd"] == ["/bin/kill", f"-{signal_name}", "-1"] and body["User"] == policy.CELL_USER
     with pytest.raises(ValueError):
         policy.kill_all_exec("HUP; rm -rf /")
+
+
+def test_a_leased_session_and_its_firewall_end_themselves_and_go():
+    spec = _spec(storage=policy.CopiedStorage(), lease=30)
+    assert spec["command"] == [policy.BASH, "--noprofile", "--norc", "-c", policy.LEASE_SCRIPT, "mino-lease", "30"]
+    assert spec["remove"] is True and spec["user"] == policy.INIT_USER  # never the cell's uid
+    lease_dir = next(m for m in spec["mounts"] if m["destination"] == policy.LEASE_DIR)
+    assert lease_dir["type"] == "tmpfs" and "mode=0755" in lease_dir["options"]  # root's: no cell writes it
+    assert _spec()["command"] == ["sleep", "infinity"] and _spec()["remove"] is False
+    fw = policy.firewall_spec(name="f", image="i", target_container="s", labels={}, limits=HostLimits(20000, 96364),
+                              command=["x"], lease=30)
+    assert fw["remove"] is True and any(m["destination"] == policy.LEASE_DIR for m in fw["mounts"])
+    with pytest.raises(ValueError):
+        policy.lease_command(1)
