@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import changes, executor, host, policy, storage
+from . import changes, executor, policy, storage
 from .errors import MinoError, UsageError
 from .runtime import Engine
 
@@ -505,7 +505,12 @@ def support_volume(engine: Engine, *, image: str, seccomp_profile: str | None, s
 
 def read_file(engine: Engine, container: str, path: str, limit: int = 1 << 20) -> bytes:
     """A small file of a container, through the engine (b"" when missing or not a file)."""
-    return host.tar_member(engine.get_archive(container, path) or b"", limit) or b""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(engine.get_archive(container, path) or b"")) as tar:
+            member = next((m for m in tar.getmembers() if m.isfile()), None)
+            return tar.extractfile(member).read(limit) if member is not None else b""
+    except (tarfile.TarError, OSError):
+        return b""
 
 
 def _read_tar(engine: Engine, container: str, path: str) -> dict[str, bytes]:

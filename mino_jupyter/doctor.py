@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, executor, host as host_facts, mounts, policy, storage
+from . import __version__, copied, executor, host as host_facts, mounts, policy, storage
 from .errors import MinoError
 from .paths import state_dir
 from .image import base_image_ref, run_probe, verify_image
@@ -130,6 +130,7 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
         if endpoint.local:  # the containers.conf files read here are the engine's
             add(_exec_cleanup(env))
         add(_cell_executor(env))
+        add(_files(engine))
     except MinoError as exc:
         add(Check("engine", False, exc.message, exc.hint or ""))
 
@@ -141,13 +142,19 @@ def run_checks(emit: Callable[[Check], None], env=None) -> bool:
         else:
             verify_image(engine, image)
             add(Check("base image", True, f"{image} has bash, capsh, iptables, nft, setsid; developer is UID 1000"))
-            add(_files(engine, env, image))
     except MinoError as exc:
         add(Check("base image", False, exc.message, exc.hint or ""))
 
     profile = host_facts.seccomp_profile(state_dir(env))
     if checks[-1].ok:
-        add(_hardened_container(engine, image, profile))
+        try:
+            if profile and host_facts.engine_elsewhere(engine):  # the engine reads it on its machine
+                profile = copied.support_volume(engine, image=image, seccomp_profile=profile, state=state_dir(env),
+                                                labels=current_owner().labels(), notice=lambda _said: None,
+                                                with_executor=False)[1]
+            add(_hardened_container(engine, image, profile))
+        except MinoError as exc:
+            add(Check("hardened container", False, exc.message, exc.hint or ""))
     else:
         add(Check("hardened container", False, "skipped: no usable base image", "fix the base image first"))
     add(_session_storage(engine, env))
@@ -175,15 +182,15 @@ def _exec_cleanup(env, files: list | None = None) -> Check:
                  "(`scripts/setup-host.sh` writes one), then restart the API service", warn=True)
 
 
-def _files(engine: Engine, env, image: str) -> Check:
-    """Whether the engine sees this machine's files where sessions need them."""
-    elsewhere = host_facts.engine_files_problem(engine, state_dir(env), Path.cwd().resolve(), image,
-                                                current_owner().labels())
+def _files(engine: Engine) -> Check:
+    """Whether sessions bind this machine's files or get a copy."""
+    elsewhere = host_facts.engine_elsewhere(engine)
     if elsewhere is None:
-        return Check("files", True, "the engine sees this machine's files (mino's state, this directory)")
-    return Check("files", True, f"the engine does not see this machine's files ({elsewhere}): each session "
-                                "gets a copy of the notebook's directory; cells' changes come back with "
-                                "`%mino changes` and `%mino apply`", note=True)
+        return Check("files", True, "the engine runs on this machine: sessions bind the notebook's directory "
+                                    "(an overlay)")
+    return Check("files", True, f"the engine is not on this machine ({elsewhere}): each session gets a copy of "
+                                "the notebook's directory; cells' changes come back with `%mino changes` and "
+                                "`%mino apply`", note=True)
 
 
 def _cell_executor(env) -> Check:
@@ -208,8 +215,7 @@ def _subordinate_ids() -> Check:
 def _session_storage(engine: Engine, env) -> Check:
     """Can mino make a session's disk and overlay here? (a small one, made and removed)"""
     import tempfile
-    from pathlib import Path
-
+    
     try:
         mounter = mounts.for_engine(engine)
     except MinoError as exc:

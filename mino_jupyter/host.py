@@ -17,12 +17,11 @@ import functools
 import hashlib
 import json
 import os
-import re
 import stat
 from pathlib import Path
 
 from . import mounts, policy, seccomp
-from .errors import MinoError, UsageError
+from .errors import UsageError
 
 HOST_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
                    "/etc/ssl/cert.pem")
@@ -279,96 +278,20 @@ def exit_command_delay(files: list[Path]) -> tuple[int, Path | None]:
     return value, source
 
 
-# ---------------------------------------------------------------------------- the engine's view of our files
+# ---------------------------------------------------------------------------- where the engine is
 
-def engine_files_problem(engine, state: Path, notebook_dir: Path, image: str, labels: dict) -> str | None:
-    """None when the engine sees this machine's files where sessions need them: mino's state
-    directory (the sessions' disks, overlays, the executor, the seccomp profile) and the notebook's
-    directory; else what it sees instead, in a few words. Asked once per engine connection and
-    pair of directories.
-
-    Every session binds paths of this machine into its container, and the engine resolves them on
-    *its* machine: an engine elsewhere (tcp://, ssh://, a forwarded unix socket) or in another
-    mount namespace would give the cell its own files at those paths (or none), silently. The
-    default local engine, its service in our mount namespace (or rootless, whose namespace mino
-    mounts into), sees ours by construction; any other is asked: a container that is created and
-    never started binds both directories, and mino reads back through the engine a token it just
-    wrote in the first and the second's stat (its mtime to the nanosecond, which must be this
-    machine's before or after the look: a file saved there meanwhile moves it). The notebook's
-    directory is only looked at. Only a yes is kept: the next session asks again after a no.
-    """
-    key = (str(state), str(notebook_dir))
-    if key in engine.files_seen:
+def engine_elsewhere(engine) -> str | None:
+    """None when the engine's containers live on this machine, where mino binds its files and
+    mounts into them; else, in a few words, why not (then sessions get a copy,
+    :mod:`mino_jupyter.copied`). Only a Podman process of this machine, in our mount namespace
+    or rootless (whose namespace mino mounts into), sees the overlays and disks mino mounts here:
+    an engine over tcp:// or ssh://, behind a forwarded socket (a virtual machine, ``podman
+    machine``) or in another mount namespace would resolve the same paths on its own side, even
+    where a share makes some of them look alike."""
+    if engine.processes_here():
         return None
-    pid = engine.service_pid() if engine.endpoint.may_autostart else None  # the default socket, not one named
-    if pid and (engine.facts().rootless or _same_mounts(pid)):
-        engine.files_seen[key] = None
-        return None
-    probe = state / "engine-probe"
-    probe.mkdir(mode=0o700, parents=True, exist_ok=True)
-    token = hashlib.sha256(os.urandom(32)).hexdigest()
-    token_file = probe / f"token-{token[:16]}"
-    token_file.write_text(token)
-    try:
-        before = _mtime_ns(notebook_dir)
-        try:
-            cid = engine.create(policy.files_probe_spec(
-                name=f"mino-probe-{os.getpid()}-{token[:8]}", image=image, labels=policy.labels("verify", labels),
-                limits=engine.host_limits(), directories=[str(probe), str(notebook_dir)], engine=engine.facts()))
-        except MinoError as exc:  # "statfs ...: no such file or directory": not there at all
-            return f"it has no {probe} or {notebook_dir} ({exc.message[:120]})"
-        try:
-            data = engine.get_archive(cid, f"{policy.PROBE_DIR}/0/{token_file.name}")
-            seen = engine.path_stat(cid, f"{policy.PROBE_DIR}/1")
-        finally:
-            engine.remove(cid)
-        if data is None or tar_member(data) != token.encode():
-            return f"its {probe} is another directory than this machine's"
-        if seen is None or not seen.get("isDir") or _stat_mtime_ns(seen) not in (before, _mtime_ns(notebook_dir)):
-            return f"its {notebook_dir} is another directory than this machine's"
-    finally:
-        token_file.unlink(missing_ok=True)
-    engine.files_seen[key] = None
-    return None
-
-
-def _same_mounts(pid: int) -> bool:
-    try:
-        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
-    except OSError:
-        return False
-
-
-def tar_member(data: bytes, limit: int = 256) -> bytes | None:
-    """The first regular file of a tar (up to `limit` bytes), or None."""
-    import io
-    import tarfile
-
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            member = next((m for m in tar.getmembers() if m.isfile()), None)
-            return tar.extractfile(member).read(limit) if member is not None else None
-    except (tarfile.TarError, OSError):
-        return None
-
-
-def _mtime_ns(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return None
-
-
-_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
-
-
-def _stat_mtime_ns(seen: dict) -> int | None:
-    """The engine's mtime (RFC 3339, nanoseconds, in the engine's own time zone) as ns since the epoch."""
-    import datetime
-
-    match = _RFC3339.match(str(seen.get("mtime", "")))
-    if not match:
-        return None
-    whole, fraction, zone = match.groups()
-    stamp = datetime.datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone))
-    return int(stamp.timestamp()) * 10**9 + int((fraction or "").ljust(9, "0"))
+    if not engine.endpoint.local:
+        return "it is reached over the network"
+    if engine.service_pid() is None:
+        return "its socket has no process of this machine behind it"
+    return "its socket's process is not a Podman of this machine's mount namespace"

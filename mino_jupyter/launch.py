@@ -121,14 +121,15 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     kind = engine.facts()
     if kind.rootless and (problem := host.subordinate_ids_problem()):
         raise problem
-    k.before_container(engine)  # the watchdog runs before the first container (the files probe's) is made
-    elsewhere = host.engine_files_problem(engine, k.state, req.notebook_dir, req.image, k.owner)
+    k.before_container(engine)  # the watchdog runs before the first container (a loader) is made
+    elsewhere = host.engine_elsewhere(engine)
     workspace, note = policy.workspace_mode(req.workspace, str(req.notebook_dir), req.home)
     if elsewhere:  # nothing of this machine can be bound in: the workspace is copied
         workspace = copied.workspace_mode(workspace)
-        k.notice_once(f"mino: the Podman engine at {engine.endpoint.url} does not see this machine's files "
-                      f"({elsewhere}): each session gets a copy of {req.notebook_dir}, and what cells change "
-                      "there comes back with `%mino changes` and `%mino apply`")
+        k.notice_once(f"mino: the Podman engine at {engine.endpoint.url} is not on this machine ({elsewhere}), "
+                      f"so nothing of this machine is bound into its containers: each session gets a copy of "
+                      f"{req.notebook_dir}, and what cells change there comes back with `%mino changes` and "
+                      "`%mino apply`")
         k.notice_once(f"mino: on this engine, {COPIED_GAPS}")
         mounter = None
     else:

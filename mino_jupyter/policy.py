@@ -470,19 +470,6 @@ def loader_spec(*, name: str, image: str, labels: Mapping[str, str], limits: Hos
     return spec
 
 
-PROBE_DIR = "/run/mino-probe"  # where a files probe binds the directories it asks about
-
-
-def files_probe_spec(*, name: str, image: str, labels: Mapping[str, str], limits: HostLimits,
-                     directories: Sequence[str], engine: EngineFacts = ROOTFUL) -> dict:
-    """A container that is created and never started: does the engine see these directories of
-    this machine? Each is bound read-only at ``PROBE_DIR/N``; mino reads them back through the
-    engine's archive API (a token it wrote, a directory's stat). Nothing ever runs in it."""
-    spec = inspection_spec(name=name, image=image, labels=labels, limits=limits, engine=engine)
-    spec["mounts"] = [_mount(Mount(d, f"{PROBE_DIR}/{i}", read_only=True)) for i, d in enumerate(directories)]
-    return spec
-
-
 # ---------------------------------------------------------------------------- the execs mino makes
 # Every process mino starts in a container is built by one of the functions below.
 

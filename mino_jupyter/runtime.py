@@ -365,7 +365,6 @@ class Engine:
         self.api = client.api
         self.started_service = started_service
         self.forward: ssh_engine.Forward | None = None  # an ssh:// engine's forward (its own socket)
-        self.files_seen: dict[tuple, str | None] = {}  # host.engine_files_problem's answers, per paths
         self._processes_here: bool | None = None
         self.support: dict[tuple, tuple] = {}  # copied.support_volume's answers (engines elsewhere)
         self._limits: HostLimits | None = None
@@ -681,18 +680,6 @@ class Engine:
         container. The engine writes the files with the container's user as their owner."""
         self.request("put", f"/containers/{cid}/archive", params={"path": path}, data=data,
                      headers={"Content-Type": "application/x-tar"}, what=f"copy files to {path} in {cid[:12]}")
-
-    def path_stat(self, cid: str, path: str) -> dict | None:
-        """A path's stat in a (created or running) container, as the engine sees it (name, size,
-        mode, mtime to the nanosecond); None when it is missing. Nothing is copied, nothing runs."""
-        response = self.request("head", f"/containers/{cid}/archive", params={"path": path},
-                                what=f"look at {path} in {cid[:12]}", ok_missing=True)
-        header = None if response is None else response.headers.get("X-Docker-Container-Path-Stat")
-        if not header:
-            return None
-        import base64
-
-        return json.loads(base64.b64decode(header))
 
     # ----------------------------------------------------------------- exec
     def exec_create(self, cid: str, body: dict) -> str:

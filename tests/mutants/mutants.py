@@ -26,6 +26,7 @@ EXEC_PATH = (("MINO_EXECUTOR", "0"),)  # the mutant is in the exec-per-cell path
 
 INT = "tests/integration/"
 MAGIC, NET, CONT, ISO = INT + "test_magic.py::", INT + "test_network.py::", INT + "test_containment.py::", INT + "test_isolation.py::"
+REMOTE = INT + "test_remote.py::"
 
 MUTANTS = (
     # ---------------------------------------------------------------- the first audit's twelve
@@ -175,4 +176,29 @@ MUTANTS = (
            (('            return listing + b"@@mino-end %d\\n" % (0 if code == 0 else 1), err',
              '            return b"@@mino-end 0\\n", err'),),
            (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
+    # ---------------------------------------------------------------- engines elsewhere
+    Mutant("elsewhere-taken-for-here", "only an engine whose processes are this machine's gets its files bound",
+           "mino_jupyter/runtime.py",
+           (('                    here = exe.startswith("podman") and (', '                    here = True or ('),),
+           ("tests/unit/test_owner_doctor_image.py", REMOTE + "test_an_engine_over_tcp_gets_a_copy_even_where_it_"
+            "shares_this_machine_s_files")),
+    Mutant("elsewhere-pid-signalled-here", "a pid an engine elsewhere reports is never signalled here",
+           "mino_jupyter/cell.py",
+           (("        if not namespace:  # the engine's processes are not this machine's: its pids name others here",
+             "        if False:"),),
+           ("tests/unit/test_elsewhere.py",)),
+    Mutant("snapshot-follows-links", "reading a workspace back never writes through a link the cell planted",
+           "mino_jupyter/copied.py",
+           (('_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC',
+             '_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC'),),
+           ("tests/unit/test_copied.py",)),
+    Mutant("copy-owned-by-init", "a copied workspace is the cell's, as the notebook's directory is under an overlay",
+           "mino_jupyter/copied.py",
+           (("            engine.put_archive(loader, policy.WORKDIR, data)",
+             "            engine.put_archive(container, policy.WORKDIR, data)"),),
+           (REMOTE + "test_an_engine_that_does_not_see_this_machine_s_files_gets_a_copy_and_changes_come_back",)),
+    Mutant("lease-never-ends", "containers on an engine elsewhere end themselves when the kernel is lost",
+           "mino_jupyter/policy.py",
+           (("  (( SECONDS - renewed < lease )) || exit 0", "  (( SECONDS - renewed < lease )) || :"),),
+           (REMOTE + "test_containers_on_an_engine_elsewhere_end_themselves_when_the_kernel_is_lost",)),
 )

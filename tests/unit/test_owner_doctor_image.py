@@ -198,78 +198,46 @@ def test_machine_id_falls_back_and_says_unknown(tmp_path):
     assert machine_id(files) == "abc123"
 
 
-# ---------------------------------------------------------------------- does the engine see our files?
-class _ProbeEngine:
-    """An engine that reads the probe's bind sources from this machine (it shares our files) or
-    from `elsewhere` (a directory standing in for another machine's), and reports times in +02:00."""
-
-    def __init__(self, elsewhere=None, stat_dir=None):
+# ---------------------------------------------------------------------- is the engine on this machine?
+class _Placed:
+    def __init__(self, here, local, peer):
         import types
 
-        self.endpoint = types.SimpleNamespace(may_autostart=False)
-        self.files_seen, self.created, self.removed = {}, 0, 0
-        self.elsewhere, self.stat_dir, self.mounts = elsewhere, stat_dir, []
+        self.here, self.endpoint, self.peer = here, types.SimpleNamespace(local=local), peer
+
+    def processes_here(self):
+        return self.here
 
     def service_pid(self):
-        return None
-
-    def facts(self):
-        from mino_jupyter import policy
-        return policy.ROOTFUL
-
-    def host_limits(self):
-        from mino_jupyter import policy
-        return policy.HostLimits(1024, 1024)
-
-    def create(self, spec):
-        self.created += 1
-        self.mounts = [m["source"] for m in spec["mounts"]]
-        return "probe"
-
-    def remove(self, cid):
-        self.removed += 1
-
-    def get_archive(self, cid, path):
-        import io
-        import tarfile
-        source = Path(self.elsewhere or self.mounts[0]) / Path(path).name
-        if not source.exists():
-            return None
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            tar.add(source, arcname=source.name)
-        return buf.getvalue()
-
-    def path_stat(self, cid, path):
-        import datetime
-        ns = os.stat(self.stat_dir or self.mounts[1]).st_mtime_ns
-        zone = datetime.timezone(datetime.timedelta(hours=2))
-        when = datetime.datetime.fromtimestamp(ns // 10**9, zone).strftime("%Y-%m-%dT%H:%M:%S")
-        return {"isDir": True, "mtime": f"{when}.{ns % 10**9:09d}+02:00"}
+        return self.peer
 
 
-def test_an_engine_that_shares_our_files_is_asked_once(tmp_path):
+@pytest.mark.parametrize("engine,reason", [
+    (_Placed(True, True, 12), None),
+    (_Placed(False, False, None), "it is reached over the network"),
+    (_Placed(False, True, None), "its socket has no process of this machine behind it"),
+    (_Placed(False, True, 12), "its socket's process is not a Podman of this machine's mount namespace"),
+])
+def test_only_an_engine_whose_processes_are_here_gets_this_machine_s_files(engine, reason):
     from mino_jupyter import host
 
-    (tmp_path / "nb").mkdir()
-    engine = _ProbeEngine()
-    assert host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {}) is None
-    assert host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {}) is None
-    assert engine.created == engine.removed == 1  # once, and never left
-    assert list((tmp_path / "state" / "engine-probe").iterdir()) == []  # the token is gone
+    assert host.engine_elsewhere(engine) == reason
 
 
-@pytest.mark.parametrize("what", ["another state directory", "another notebook directory"])
-def test_an_engine_with_other_files_is_refused_and_asked_again_next_time(tmp_path, what):
-    from mino_jupyter import host
+def test_an_engine_s_processes_are_here_only_behind_a_podman_of_our_mount_namespace(monkeypatch):
+    """A forwarded socket's peer (ssh, a virtual machine's proxy) is a process here, not Podman."""
+    import types
 
-    (tmp_path / "nb").mkdir()
-    other = tmp_path / "other-machine"
-    other.mkdir()
-    engine = _ProbeEngine(elsewhere=other) if what == "another state directory" else _ProbeEngine(stat_dir=other)
-    if what == "another notebook directory":
-        os.utime(other, ns=(1, 1))
-    problem = host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {})
-    assert problem.endswith("is another directory than this machine's")
-    assert host.engine_files_problem(engine, tmp_path / "state", tmp_path / "nb", "img", {}) == problem
-    assert engine.created == engine.removed == 2  # a no is not kept
+    from mino_jupyter.runtime import Engine
+
+    def engine(exe):
+        e = Engine.__new__(Engine)
+        e._processes_here = None
+        e.service_pid = lambda: os.getpid()
+        e.facts = lambda: types.SimpleNamespace(rootless=False)
+        monkeypatch.setattr(os, "readlink", lambda path: exe)
+        return e
+
+    assert engine("/usr/bin/podman").processes_here() is True
+    assert engine("/usr/bin/ssh").processes_here() is False
+    assert engine("/usr/bin/gvproxy").processes_here() is False
