@@ -127,11 +127,8 @@ class SessionFirewall:
         self._apply(resolved)
 
     def replace(self, plan: NetworkPlan) -> None:
-        """New allowlist entries for the live session."""
-        if self.names_pinned:
-            raise FirewallError("this session's engine is elsewhere, so mino cannot rewrite its /etc/hosts: "
-                                "its allowlist is fixed while it runs; nothing was changed",
-                                "stop the session (`%mino stop`) and run the next cell with the new entries")
+        """New allowlist entries for the live session (not where :attr:`names_pinned`: the
+        sessions say so before anything changes)."""
         resolved = self.resolve(plan)
         old = self.plan
         self.plan = plan

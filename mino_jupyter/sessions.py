@@ -546,6 +546,10 @@ class SessionManager:
     def _replan(self, session: Session, plan: NetworkPlan) -> None:
         """Allowlist entries changed for a live session: re-resolve and replace the rules."""
         assert session.firewall is not None
+        if session.firewall.names_pinned:  # nothing touched: the session goes on as it was
+            raise UsageError(f"session '{session.name}' runs on an engine elsewhere, where mino cannot rewrite its "
+                             "/etc/hosts: its allowlist is fixed while it runs; nothing was changed",
+                             f"`%mino stop {session.name}`, then run the cell with the new entries")
         self._guard_firewall(session, lambda: session.firewall.replace(plan))
         session.plan = plan
         self.notice(f"mino: session '{session.name}' network is now {plan.describe()}")

@@ -295,6 +295,33 @@ def test_a_fresh_cell_s_changes_on_an_engine_elsewhere_outlive_its_container(sec
 
 
 @ROOTFUL_ONLY
+def test_an_allowlist_session_on_an_engine_elsewhere(second_service, base_image, gateway, tmp_path):
+    """Its firewall container installs the same rules: the allowed port answers, another is
+    refused at once and reported, and its names stay as they were made (a new entry needs a new
+    session, said in one line)."""
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    give_to_cell(notebook)
+    allowed, other = TcpListener(gateway), TcpListener(gateway)
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"), "CONTAINER_HOST": second_service(hide=True)})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        r = k.ok(f"%%mino --network-allow {gateway}:{allowed.port}\n"
+                 f"curl -sS -m 5 -o /dev/null -w '%{{http_code}}\\n' http://{gateway}:{allowed.port}/\n"
+                 f"curl -sS -m 5 -o /dev/null http://{gateway}:{other.port}/ 2>/dev/null; echo refused=$?")
+        assert r.stdout == "200\nrefused=7\n" and allowed.hits == 1 and other.hits == 0
+        assert f"refused 1 connection attempt(s) to {gateway}:{other.port}/tcp" in r.stderr
+        r = k.execute(f"%%mino --network-allow {gateway}:{allowed.port} --network-allow {gateway}:{other.port}\ntrue")
+        assert "its allowlist is fixed while it runs; nothing was changed" in r.error_text + r.stderr
+        r = k.ok(f"%%mino --network-allow {gateway}:{allowed.port}\n"
+                 f"curl -sS -m 5 -o /dev/null http://{gateway}:{other.port}/ 2>/dev/null; echo refused=$?")
+        assert r.stdout == "refused=7\n" and other.hits == 0  # the same session, the same rules
+    finally:
+        allowed.close(), other.close()
+        k.shutdown()
+
+
+@ROOTFUL_ONLY
 def test_an_engine_over_tcp_gets_a_copy_even_where_it_shares_this_machine_s_files(second_service, engine,
                                                                                   base_image, tmp_path):
     """Over tcp mino cannot know that mounts it makes here reach the engine (here they would: it
