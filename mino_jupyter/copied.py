@@ -25,10 +25,12 @@ disk budget and an entry count.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import platform
+import re
 import stat
 import tarfile
 import tempfile
@@ -37,6 +39,7 @@ from typing import Callable, Sequence
 
 from . import changes, executor, policy, storage
 from .errors import MinoError, UsageError
+from .policy import HostLimits
 from .runtime import Engine
 
 MAX_ENTRIES = 500_000  # in one copy either way
@@ -448,6 +451,42 @@ def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
             info.size, info.mode, info.uid, info.gid = len(data), mode, 0, 0
             tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
+
+
+# ---------------------------------------------------------------------------- the engine's limits
+
+RLIMITS = {6: "nproc", 7: "nofile"}  # the types the OCI runtime names when it cannot set one
+FLOOR = 1024
+
+
+def probe_limits(engine: Engine, *, image: str, labels: dict) -> HostLimits:
+    """The hard limits an engine elsewhere lets containers ask for: its machine's are not
+    readable here, and asking for more than it allows fails every start ("error setting rlimit
+    type 7"). Once per connection, a container that runs ``true`` (hardened, no network) is
+    started with the limits mino would ask for; each one the engine refuses is halved (not below
+    1024) until it starts. From then on :meth:`Engine.host_limits` gives the result."""
+    limits = engine.host_limits()
+    if engine.limits_probed:
+        return limits
+    for attempt in range(16):
+        spec = policy.inspection_spec(name=f"mino-limits-{os.getpid()}-{attempt}", image=image,
+                                      labels=policy.labels("verify", labels), limits=limits, engine=engine.facts())
+        spec["command"] = ["true"]
+        cid = engine.create(spec)
+        try:
+            engine.start(cid)
+            break
+        except MinoError as exc:
+            found = re.search(r"rlimit type (\d+)", exc.message)
+            which = RLIMITS.get(int(found.group(1))) if found else None
+            asked = policy.container_ulimits(limits)[0 if which == "nofile" else 1]["hard"] if which else 0
+            if which is None or asked <= FLOOR:
+                raise
+            limits = dataclasses.replace(limits, **{which: max(FLOOR, asked // 2)})
+        finally:
+            engine.remove(cid)
+    engine.learn_limits(limits)
+    return limits
 
 
 # ---------------------------------------------------------------------------- the support volume

@@ -126,6 +126,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
     workspace, note = policy.workspace_mode(req.workspace, str(req.notebook_dir), req.home)
     if elsewhere:  # nothing of this machine can be bound in: the workspace is copied
         workspace = copied.workspace_mode(workspace)
+        copied.probe_limits(engine, image=req.image, labels=k.owner)  # its machine's are not readable here
         k.notice_once(f"mino: the Podman engine at {engine.endpoint.url} is not on this machine ({elsewhere}), "
                       f"so nothing of this machine is bound into its containers: each session gets a copy of "
                       f"{req.notebook_dir}, and what cells change there comes back with `%mino changes` and "

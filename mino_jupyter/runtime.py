@@ -366,6 +366,7 @@ class Engine:
         self.started_service = started_service
         self.forward: ssh_engine.Forward | None = None  # an ssh:// engine's forward (its own socket)
         self._processes_here: bool | None = None
+        self.limits_probed = False
         self.support: dict[tuple, tuple] = {}  # copied.support_volume's answers (engines elsewhere)
         self._limits: HostLimits | None = None
         self._facts: EngineFacts | None = None
@@ -522,6 +523,12 @@ class Engine:
                 limits = min_limits(limits, _read_proc_limits(pid))
             self._limits = limits
         return self._limits
+
+    def learn_limits(self, limits: HostLimits) -> None:
+        """What a probe through the engine found it allows (an engine elsewhere, whose
+        process's limits cannot be read here): every later spec asks for no more."""
+        self._limits = limits
+        self.limits_probed = True
 
     def image_exists(self, ref: str) -> bool:
         response = self.request("get", f"/images/{_quote(ref)}/exists",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mino_jupyter import policy
 from mino_jupyter.errors import PodmanUnavailable
 from mino_jupyter.runtime import Engine
 from tests.conftest import ROOTLESS, give_to_cell
@@ -156,10 +157,12 @@ def second_service(tmp_path):
     in a mount namespace of its own where this test's directory is an empty tmpfs."""
     started = []
 
-    def start(hide: bool) -> str:
+    def start(hide: bool, nofile: int | None = None) -> str:
         port = _free_port()
         url = f"tcp://127.0.0.1:{port}"
         serve = ["podman", "system", "service", "--time=0", url]
+        if nofile:  # a machine with lower hard limits than this one
+            serve = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *serve]
         cmd = (["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
                 'mount -t tmpfs -o size=1m mino-test "$0" && exec "$@"', str(tmp_path), *serve] if hide else serve)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
@@ -170,8 +173,8 @@ def second_service(tmp_path):
     before = {c["Id"] for c in Engine.connect().list({})}
     urls = []
 
-    def start_and_remember(hide: bool) -> str:
-        urls.append(start(hide))
+    def start_and_remember(hide: bool, nofile: int | None = None) -> str:
+        urls.append(start(hide, nofile))
         return urls[-1]
 
     yield start_and_remember
@@ -318,6 +321,26 @@ def test_an_allowlist_session_on_an_engine_elsewhere(second_service, base_image,
         assert r.stdout == "refused=7\n" and other.hits == 0  # the same session, the same rules
     finally:
         allowed.close(), other.close()
+        k.shutdown()
+
+
+@ROOTFUL_ONLY
+def test_an_engine_elsewhere_with_lower_limits_gets_what_it_allows(second_service, base_image, tmp_path):
+    """Its machine's hard limits cannot be read here; asking for more than they allow fails every
+    start ("error setting rlimit type 7" on this machine kind). mino asks the engine itself."""
+    import resource
+
+    lower = resource.getrlimit(resource.RLIMIT_NOFILE)[1] // 2
+    notebook = tmp_path / "nb"
+    notebook.mkdir()
+    give_to_cell(notebook)
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"),
+                                       "CONTAINER_HOST": second_service(hide=True, nofile=lower)})
+    try:
+        k.ok("%load_ext mino_jupyter")
+        hard = int(k.ok("%%mino\nulimit -Hn").stdout)
+        assert 1024 <= hard <= max(lower, policy.NOFILE_CEILING)
+    finally:
         k.shutdown()
 
 

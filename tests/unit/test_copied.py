@@ -159,3 +159,58 @@ def test_copied_files_keep_the_last_snapshot_when_the_container_is_gone(tmp_path
     files.refresh(Gone(), "abc")
     assert (files.upper / "kept").read_text() == "k"
     assert sorted(os.listdir(tmp_path / "s")) == [copied.SNAPSHOT]
+
+
+class _LimitedEngine:
+    """Refuses to start a container that asks for more than its machine allows, as runc says it."""
+
+    def __init__(self, allows: dict, own=(20000, 96364)):
+        from mino_jupyter.policy import HostLimits, ROOTFUL
+
+        self.allows, self.limits_probed, self.started, self.removed = allows, False, [], 0
+        self._limits, self._facts = HostLimits(*own), ROOTFUL
+        self.specs = {}
+
+    def host_limits(self):
+        return self._limits
+
+    def facts(self):
+        return self._facts
+
+    def learn_limits(self, limits):
+        self._limits, self.limits_probed = limits, True
+
+    def create(self, spec):
+        self.specs[spec["name"]] = spec
+        return spec["name"]
+
+    def start(self, cid):
+        from mino_jupyter.errors import MinoError
+
+        asked = {r["type"]: r["hard"] for r in self.specs[cid]["r_limits"]}
+        for kind, number in (("nproc", 6), ("nofile", 7)):
+            if asked[kind] > self.allows.get(kind, 1 << 30):
+                raise MinoError(f"Podman could not start container: error setting rlimit type {number}: "
+                                "operation not permitted")
+        self.started.append(cid)
+
+    def remove(self, cid):
+        self.removed += 1
+
+
+def test_an_engine_elsewhere_is_asked_for_its_limits_once():
+    engine = _LimitedEngine({"nofile": 5000, "nproc": 3000})
+    limits = copied.probe_limits(engine, image="img", labels={})
+    assert (limits.nofile, limits.nproc) == (5000, 2048)  # halved until it starts
+    assert len(engine.started) == 1 and engine.removed == len(engine.specs)  # every probe container goes
+    assert all(s["command"] == ["true"] and s["netns"] == {"nsmode": "none"} for s in engine.specs.values())
+    assert copied.probe_limits(engine, image="img", labels={}) == limits and len(engine.specs) == 7  # once
+
+
+def test_an_engine_that_allows_less_than_the_floor_is_said_in_its_own_words():
+    from mino_jupyter.errors import MinoError
+
+    engine = _LimitedEngine({"nofile": 100})
+    with pytest.raises(MinoError, match="rlimit type 7"):
+        copied.probe_limits(engine, image="img", labels={})
+    assert engine.removed == len(engine.specs)
