@@ -339,9 +339,15 @@ def _stop_inside(engine: Engine, container: str, ended: Callable[[], bool], firs
             while not ended() and time.monotonic() < end:
                 time.sleep(0.02)
             how = "INT" if ended() else None
-        engine.exec_run(container, policy.kill_all_exec("KILL"))
-    except MinoError:  # the container is gone: so is the cell
-        pass
+        engine.exec_run(container, policy.kill_all_exec("KILL"))  # exit 1: nothing was left to kill
+        killed = True
+    except MinoError:
+        killed = False
+    if not killed:  # no process could start there (the process limit used up?): the container goes
+        try:
+            engine.kill(container)
+        except MinoError:
+            pass  # gone already
     return procs.Stopped(how or "KILL", (), everything=True)
 
 

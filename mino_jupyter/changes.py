@@ -244,22 +244,25 @@ def _read_exact(fd: int, size: int) -> bytes:
 # ---------------------------------------------------------------------------- listing
 
 def list_changes(upper: Path, lower: Path, opaque_xattr: str | None = OPAQUE_XATTR,
-                 protected: Sequence[Path] = ()) -> list[Change]:
+                 deleted: Sequence[str] = ()) -> list[Change]:
     """Every change the session made to the notebook's directory, sorted by path. `opaque_xattr`:
     the xattr overlayfs marks a replaced directory with (``user.overlay.opaque`` when the overlay
     was mounted in a user namespace, rootless).
 
-    `opaque_xattr=None`: UPPER is not an overlay's layer but a complete copy of the workspace
-    (read back from an engine elsewhere, :mod:`mino_jupyter.copied`): what it lacks was
-    deleted, except what was never copied in (anything but files, directories and symlinks, and
-    the `protected` directories)."""
+    A workspace read back from an engine elsewhere (:mod:`mino_jupyter.copied`) is an upper
+    layer without overlayfs's marks (`opaque_xattr` None): what the cell changed or added, and
+    `deleted`, the paths it removed (each still in the notebook's directory is listed)."""
     up = _open_root(upper, "the workspace's upper layer")
     try:
         low = _open_root(lower, "the notebook's directory")
         try:
             out: list[Change] = []
-            complete = opaque_xattr is None
-            _walk(up, low, "", complete, 0, out, _Opaque(opaque_xattr, _identities(protected) if complete else frozenset()))
+            _walk(up, low, "", False, 0, out, opaque_xattr)
+            listed = {c.path for c in out}
+            for path in deleted:
+                below = _lstat_path(low, path)
+                if below is not None and path not in listed:
+                    out.append(_deleted(path, below))
         finally:
             os.close(low)
     finally:
@@ -271,25 +274,8 @@ def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-@dataclass(frozen=True)
-class _Opaque:
-    """How directories hide what is below: overlayfs's mark (`xattr`), or, None, UPPER is a
-    complete copy (every directory hides its lower one; `skip`: lower directories never copied)."""
-
-    xattr: str | None
-    skip: frozenset = frozenset()
-
-    def copied(self, below: os.stat_result) -> bool:
-        """Was this lower entry part of the copy? (Always, for an overlay.)"""
-        if self.xattr is not None:
-            return True
-        return _kind(below.st_mode) in COPIED_KINDS and (below.st_dev, below.st_ino) not in self.skip
-
-
-COPIED_KINDS = ("file", "dir", "symlink")  # what a copy of the workspace holds
-
-
-def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: list[Change], opaque: _Opaque) -> bool:
+def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: list[Change],
+          opaque: str | None) -> bool:
     """The changes in one upper directory (`hidden`: below an opaque one). True if any listed."""
     before = len(out)
     names = sorted(os.listdir(up))
@@ -299,7 +285,7 @@ def _walk(up: int, low: int | None, rel: str, hidden: bool, depth: int, out: lis
         present = set(names)
         for name in sorted(os.listdir(low)):
             below = _lstat(low, name)
-            if name not in present and below is not None and opaque.copied(below):
+            if name not in present and below is not None:
                 out.append(_deleted(_join(rel, name), below))
     return len(out) > before
 
@@ -310,7 +296,7 @@ def _deleted(rel: str, below: os.stat_result) -> Change:
 
 
 def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: int, out: list[Change],
-           opaque: _Opaque) -> None:
+           opaque: str | None) -> None:
     st = _lstat(up, name)
     if st is None:  # gone since the listing
         return
@@ -340,7 +326,7 @@ def _entry(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: i
 
 
 def _directory(up: int, low: int | None, name: str, rel: str, hidden: bool, depth: int,
-               below: os.stat_result | None, out: list[Change], opaque: _Opaque) -> None:
+               below: os.stat_result | None, out: list[Change], opaque: str | None) -> None:
     """An upper directory: its listed descendants, else itself when it is new (or unreadable)."""
     lower_dir = below is not None and stat.S_ISDIR(below.st_mode)
     before, walked = len(out), False
@@ -351,7 +337,7 @@ def _directory(up: int, low: int | None, name: str, rel: str, hidden: bool, dept
     if fd is not None and depth < MAX_DEPTH:
         child = _open_child(low, name) if lower_dir else None
         try:
-            _walk(fd, child, rel, hidden or (child is not None and opaque.xattr is not None and _opaque(fd, opaque.xattr)),
+            _walk(fd, child, rel, hidden or (child is not None and opaque is not None and _opaque(fd, opaque)),
                   depth + 1, out, opaque)
             walked = True
         except OSError:
@@ -363,6 +349,21 @@ def _directory(up: int, low: int | None, name: str, rel: str, hidden: bool, dept
         os.close(fd)
     if len(out) == before and (not lower_dir or not walked):
         out.append(Change(rel, "modified" if lower_dir else "added", "dir", 0, False, risk_of(rel, "dir", False)))
+
+
+def _lstat_path(low: int, path: str) -> os.stat_result | None:
+    """A path's lstat below `low`, walked without following a link (None: not there)."""
+    parts = path.split("/")
+    try:
+        parent = _walk_dirs(low, parts[:-1], "in the notebook's directory")
+    except (_Refused, OSError):
+        return None
+    if parent is None:
+        return None
+    try:
+        return _lstat(parent, parts[-1])
+    finally:
+        os.close(parent)
 
 
 def _open_child(low: int, name: str) -> int | None:
@@ -461,8 +462,8 @@ def _read_text(root: Path, path: str, limit: int) -> str | None:
 # ---------------------------------------------------------------------------- applying
 
 def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
-          budget: int | None = None, opaque_xattr: str | None = OPAQUE_XATTR,
-          protected: Sequence[Path] = ()) -> list[Outcome]:
+          budget: int | None = None, opaque_xattr: str | None = OPAQUE_XATTR, protected: Sequence[Path] = (),
+          deleted: Sequence[str] = ()) -> list[Outcome]:
     """Apply changes to the notebook's directory: by default every plain added or modified file;
     with `paths`, the named changes (a directory name: the plain ones under it). Every change
     considered gets one Outcome; one path failing never stops the others.
@@ -475,7 +476,7 @@ def apply(upper: Path, lower: Path, paths: Sequence[str] | None = None, *,
     `protected`: directories nothing is ever written or deleted in, wherever they sit under the
     notebook's directory (mino's state and configuration: a notebook opened from the home
     directory has them below it)."""
-    found = list_changes(upper, lower, opaque_xattr, protected)
+    found = list_changes(upper, lower, opaque_xattr, deleted)
     chosen = {c.path: "default" for c in found} if paths is None else _select(found, paths)
     spend = _Budget(budget, _identities(protected))
     up = _open_root(upper, "the workspace's upper layer")

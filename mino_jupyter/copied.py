@@ -34,10 +34,11 @@ import re
 import stat
 import tarfile
 import tempfile
+import urllib.parse
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from . import changes, executor, policy, storage
+from . import changes, executor, host, policy, storage
 from .errors import MinoError, UsageError
 from .policy import HostLimits
 from .runtime import Engine
@@ -60,14 +61,18 @@ def _size(n: int) -> str:
 
 # ---------------------------------------------------------------------------- in: the notebook's directory
 
-def pack(notebook_dir: Path, *, limit: int, protected: Sequence[Path] = ()) -> tuple[io.IOBase, int, int]:
-    """A tar of the notebook's directory (a file object at its start), its file count and bytes.
-    Files, directories and symlinks (as links), walked by descriptor without following any;
-    mino's `protected` directories and anything else (FIFOs, sockets, devices) are left out.
-    More than `limit` bytes of files: :class:`CopyError`, nothing sent."""
+def pack(notebook_dir: Path, *, limit: int,
+         protected: Sequence[Path] = ()) -> tuple[io.IOBase, int, int, dict[str, tuple]]:
+    """A tar of the notebook's directory (a file object at its start), its entry count and
+    bytes, and what it holds: path -> ("file", SHA-256, executable) | ("symlink", target) |
+    ("dir",), the base a read-back is compared with. Files, directories and symlinks (as
+    links), walked by descriptor without following any; mino's `protected` directories and
+    anything else (FIFOs, sockets, devices) are left out. More than `limit` bytes of files:
+    :class:`CopyError`, nothing sent."""
     skip = changes._identities(protected)
     out = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller
     counts = [0, 0]
+    manifest: dict[str, tuple] = {}
     try:
         root = os.open(notebook_dir, _DIR)
     except OSError as exc:
@@ -75,14 +80,14 @@ def pack(notebook_dir: Path, *, limit: int, protected: Sequence[Path] = ()) -> t
     try:
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
                           errors="surrogateescape") as tar:
-            _pack_dir(tar, root, "", 0, skip, limit, counts, notebook_dir)
+            _pack_dir(tar, root, "", 0, skip, limit, counts, notebook_dir, manifest)
     except BaseException:
         out.close()
         raise
     finally:
         os.close(root)
     out.seek(0)
-    return out, counts[0], counts[1]
+    return out, counts[0], counts[1], manifest
 
 
 def _info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
@@ -95,7 +100,7 @@ def _info(name: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
 
 
 def _pack_dir(tar: tarfile.TarFile, fd: int, rel: str, depth: int, skip: frozenset, limit: int,
-              counts: list[int], top: Path) -> None:
+              counts: list[int], top: Path, manifest: dict[str, tuple]) -> None:
     if depth > changes.MAX_DEPTH:
         return
     for name in sorted(os.listdir(fd)):
@@ -117,7 +122,8 @@ def _pack_dir(tar: tarfile.TarFile, fd: int, rel: str, depth: int, skip: frozens
                 continue
             try:
                 tar.addfile(_info(path, os.fstat(child), tarfile.DIRTYPE))
-                _pack_dir(tar, child, path, depth + 1, skip, limit, counts, top)
+                manifest[path] = ("dir",)
+                _pack_dir(tar, child, path, depth + 1, skip, limit, counts, top, manifest)
             finally:
                 os.close(child)
         elif stat.S_ISLNK(st.st_mode):
@@ -127,6 +133,7 @@ def _pack_dir(tar: tarfile.TarFile, fd: int, rel: str, depth: int, skip: frozens
             except OSError:
                 continue
             tar.addfile(info)
+            manifest[path] = ("symlink", info.linkname)
         elif stat.S_ISREG(st.st_mode):
             opened = changes._open_file(fd, name)
             if opened is None:
@@ -141,7 +148,9 @@ def _pack_dir(tar: tarfile.TarFile, fd: int, rel: str, depth: int, skip: frozens
                 info = _info(path, fst, tarfile.REGTYPE)
                 info.size = fst.st_size
                 with os.fdopen(os.dup(file_fd), "rb") as f:
-                    tar.addfile(info, _Exactly(f, fst.st_size))
+                    exactly = _Exactly(f, fst.st_size)
+                    tar.addfile(info, exactly)
+                manifest[path] = ("file", exactly.digest.hexdigest(), bool(info.mode & 0o111))
             finally:
                 os.close(file_fd)
 
@@ -151,7 +160,7 @@ class _Exactly(io.RawIOBase):
     the tar header already holds the size."""
 
     def __init__(self, f, size: int):
-        self.f, self.left = f, size
+        self.f, self.left, self.digest = f, size, hashlib.sha256()
 
     def readable(self) -> bool:
         return True
@@ -161,26 +170,75 @@ class _Exactly(io.RawIOBase):
         data = self.f.read(n) if n else b""
         data = data + b"\0" * (n - len(data))
         self.left -= len(data)
+        self.digest.update(data)
         return data
 
 
 # ---------------------------------------------------------------------------- back: a snapshot
 
-def unpack(stream, dest: Path, *, limit: int) -> None:
+MAX_HEADER = 1 << 20  # a tar's extended header (long names, xattrs) larger than this ends the read
+ENTRY_COST = 512  # what every entry costs against the disk budget, empty or not
+
+
+class _CheckedInfo(tarfile.TarInfo):
+    """Refuses an extended header (PAX, GNU long name) too large to be a name: tarfile reads
+    one whole into memory, and the engine writes every xattr of a file into its header."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK) and self.size > MAX_HEADER:
+            raise CopyError(f"an entry of the workspace has a header of {_size(self.size)} (names and "
+                            "attributes): nothing was read back", "remove extended attributes in a cell first")
+        return super()._proc_member(tar)
+
+
+class _Counted(io.RawIOBase):
+    """The engine's stream, every byte counted: more than `limit` ends the read."""
+
+    def __init__(self, raw, limit: int):
+        self.raw, self.left = raw, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(min(len(buffer), 1 << 16))
+        self.left -= len(data)
+        if self.left < 0:
+            raise CopyError("the workspace is larger than the session's disk allows: nothing was read back",
+                            "remove large files in a cell first, or raise the limit (--disk)")
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def unpack(stream, dest: Path, *, limit: int, base: Mapping[str, tuple] | None = None) -> list[str]:
     """Unpack a tar the engine made of a directory's contents (``DIR/.``: members named
     relative to it, with or without a leading ``/`` or ``./``) into `dest`, a new empty
-    directory of ours. See the module's threat model."""
+    directory of ours, as an upper layer over `base` (what :func:`pack` copied in): what is
+    the same as there is left out, and the paths of `base` the tar no longer has are returned
+    (deleted; the topmost of each tree). See the module's threat model."""
+    base = base or {}
     root = os.open(dest, _DIR)
-    total, count = 0, 0
+    total, count, seen, unchanged = 0, 0, set(), []
     try:
-        with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
-            for member in tar:
+        with tarfile.open(fileobj=io.BufferedReader(_Counted(stream, limit + MAX_ENTRIES * ENTRY_COST)), mode="r|",
+                          encoding="utf-8", errors="surrogateescape", tarinfo=_CheckedInfo) as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # a stream's members are not needed again: never held
                 count += 1
                 if count > MAX_ENTRIES:
                     raise CopyError(f"the workspace holds more than {MAX_ENTRIES} entries: too many to read back")
                 parts = _parts(member.name)
                 if not parts:
                     continue
+                path = "/".join(parts)
+                seen.add(path)
+                size = member.size if member.isfile() else _linked_size(root, member.linkname) if member.islnk() else 0
+                total += size + ENTRY_COST
+                if total > limit:
+                    raise CopyError(f"the workspace holds more than {_size(limit)} (the session's disk): "
+                                    "nothing was read back",
+                                    "remove large files in a cell first, or raise the limit (--disk)")
                 parent = _enter(root, parts[:-1])
                 if parent is None:
                     continue
@@ -189,25 +247,60 @@ def unpack(stream, dest: Path, *, limit: int) -> None:
                     if member.isdir():
                         _replace_with_dir(parent, name)
                     elif member.issym():
-                        _clear(parent, name)
-                        os.symlink(member.linkname, name, dir_fd=parent)
+                        if base.get(path) != ("symlink", member.linkname):
+                            _clear(parent, name)
+                            os.symlink(member.linkname, name, dir_fd=parent)
                     elif member.isfile() or member.islnk():
-                        source = tar.extractfile(member) if member.isfile() else None
-                        size = member.size if member.isfile() else _linked_size(root, member.linkname)
-                        total += size
-                        if total > limit:
-                            raise CopyError(f"the workspace holds more than {_size(limit)} (the session's disk): "
-                                            "nothing was read back",
-                                            "remove large files in a cell first, or raise the limit (--disk)")
                         _clear(parent, name)
-                        _write(parent, name, source if source is not None else _linked(root, member.linkname),
-                               member.mode)
+                        source = tar.extractfile(member) if member.isfile() else _linked(root, member.linkname)
+                        try:
+                            digest = _write(parent, name, source, member.mode)
+                        finally:
+                            source.close()
+                        if base.get(path) == ("file", digest, bool(member.mode & 0o111)):
+                            unchanged.append(parts)  # kept until the end: a later hard link may copy it
                 finally:
                     os.close(parent)
+        for parts in unchanged:
+            _unlink(root, parts)
+        _prune(root, "", base)
     except tarfile.TarError as exc:
         raise CopyError(f"the engine's copy of the workspace is not a readable tar: {exc}") from None
     finally:
         os.close(root)
+    gone = sorted(p for p in base if p not in seen)
+    return [p for p in gone if not any(p.startswith(g + "/") for g in gone if g != p)]
+
+
+def _unlink(root: int, parts: list[str]) -> None:
+    parent = _walk_existing(root, parts[:-1])
+    if parent is not None:
+        try:
+            os.unlink(parts[-1], dir_fd=parent)
+        except OSError:
+            pass
+        finally:
+            os.close(parent)
+
+
+def _prune(fd: int, rel: str, base: Mapping[str, tuple], depth: int = 0) -> bool:
+    """Directories of `base` that hold nothing new go (bottom up); True if `rel` is now empty."""
+    names = os.listdir(fd)
+    left = len(names)
+    for name in names:
+        path = f"{rel}/{name}" if rel else name
+        try:
+            child = os.open(name, _DIR, dir_fd=fd)
+        except OSError:
+            continue  # not a directory (or a link): it stays
+        try:
+            empty = depth < changes.MAX_DEPTH and _prune(child, path, base, depth + 1)
+        finally:
+            os.close(child)
+        if empty and base.get(path) == ("dir",):
+            os.rmdir(name, dir_fd=fd)
+            left -= 1
+    return left == 0
 
 
 def _parts(name: str) -> list[str]:
@@ -274,12 +367,16 @@ def _replace_with_dir(parent: int, name: str) -> None:
         os.mkdir(name, 0o755, dir_fd=parent)
 
 
-def _write(parent: int, name: str, source, mode: int) -> None:
+def _write(parent: int, name: str, source, mode: int) -> str:
+    """A new regular file (never setuid); the SHA-256 of what was written."""
+    digest = hashlib.sha256()
     fd = os.open(name, _NEW, 0o600, dir_fd=parent)
     with os.fdopen(fd, "wb") as out:
         while chunk := source.read(changes.CHUNK):
+            digest.update(chunk)
             out.write(chunk)
         os.fchmod(out.fileno(), (mode & 0o755) | 0o600)
+    return digest.hexdigest()
 
 
 def _linked_file(root: int, linkname: str) -> tuple[int, os.stat_result] | None:
@@ -317,35 +414,32 @@ def _linked_size(root: int, linkname: str) -> int:
 
 
 def _linked(root: int, linkname: str):
-    """A hard link in the tar: a copy of the file it names, already unpacked (empty if none)."""
+    """A hard link in the tar: the file it names, already unpacked, to copy (empty if none)."""
     opened = _linked_file(root, linkname)
-    if opened is None:
-        return io.BytesIO(b"")
-    data = io.BytesIO()
-    try:
-        while chunk := os.read(opened[0], changes.CHUNK):
-            data.write(chunk)
-    finally:
-        os.close(opened[0])
-    data.seek(0)
-    return data
+    return io.BytesIO(b"") if opened is None else os.fdopen(opened[0], "rb")
 
 
 # ---------------------------------------------------------------------------- one session's files
 
 class CopiedFiles:
-    """A copied session's files on this machine: the latest snapshot of its workspace (the
-    "upper" that :mod:`mino_jupyter.changes` reads, a complete copy). Same shape as
-    :class:`mino_jupyter.storage.SessionStorage` where the sessions use it."""
+    """A copied session's files on this machine: what was copied in (:attr:`base`), and the
+    latest read-back of its workspace as an upper layer over it (:attr:`upper`: what the cells
+    changed or added) with the paths they deleted (:attr:`deleted`), which
+    :mod:`mino_jupyter.changes` lists and applies as it does an overlay's. Compared with what was
+    copied in, never with the notebook's directory as it is now: a file edited here since stays
+    yours unless a cell changed it too. Same shape as :class:`mino_jupyter.storage.SessionStorage`
+    where the sessions use it."""
 
     control_files = False  # no /run/mino: cells' requests go through the executor or argv
-    opaque_xattr = None  # the snapshot is a complete copy, not an overlay's layer
+    opaque_xattr = None  # an upper layer without overlayfs's marks
 
     def __init__(self, root: Path, notebook_dir: Path, mode: str, disk: int):
         self.root = root
         self.notebook_dir = notebook_dir
         self.mode = mode  # overlay (changes wait for apply) | ro
         self.disk = disk
+        self.base: dict[str, tuple] = {}
+        self.deleted: list[str] = []
         self._generation = 0
         root.mkdir(mode=0o700, parents=True)
 
@@ -354,9 +448,13 @@ class CopiedFiles:
         path = self.root / SNAPSHOT
         return path if self.mode == "overlay" and path.is_dir() and not path.is_symlink() else None
 
+    def holds_changes(self) -> bool:
+        return self.upper is not None and (bool(self.deleted) or any(os.scandir(self.upper)))
+
     def refresh(self, engine: Engine, container: str | None) -> None:
         """Read the container's workspace back into a new snapshot (the old one goes once the
-        new one is complete). Nothing to do for a read-only copy or a container that is gone."""
+        new one is complete), at most the session's disk and half the free space here. Nothing
+        to do for a read-only copy or a container that is gone."""
         if self.mode != "overlay" or not container:
             return
         self._generation += 1
@@ -368,7 +466,11 @@ class CopiedFiles:
                 if stream is None:  # the container is gone: keep what was read last
                     _remove(fresh)
                     return
-                unpack(stream, fresh, limit=self.disk)
+                deleted = unpack(stream, fresh, limit=min(self.disk, host.disk_free(self.root) // 2),
+                                 base=self.base)
+        except OSError as exc:  # this machine's disk, or the connection
+            _remove(fresh)
+            raise CopyError(f"the workspace could not be read back: {exc.strerror or exc}") from None
         except BaseException:
             _remove(fresh)
             raise
@@ -377,14 +479,16 @@ class CopiedFiles:
         if (self.root / SNAPSHOT).exists():
             os.rename(self.root / SNAPSHOT, old)
         os.rename(fresh, self.root / SNAPSHOT)
+        self.deleted = deleted
         _remove(old)
 
     def before_removal(self, engine: Engine, container: str | None, notice: Callable[[str], None]) -> None:
-        """The container goes next: keep its changes (said, never raised, when they cannot be read)."""
+        """The container goes next: keep its changes (said, never raised: the removal goes on)."""
         try:
             self.refresh(engine, container)
-        except MinoError as exc:
-            notice(f"mino: the workspace's changes could not be read back before its container went: {exc.message}")
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the container still goes
+            notice("mino: the workspace's changes could not be read back before its container went: "
+                   f"{getattr(exc, 'message', None) or exc}")
 
     def mounts(self) -> None:  # nothing of this machine is bound in
         return None
@@ -413,11 +517,11 @@ def prepare(storage_dir: Path, name: str, owner_labels: dict, *, notebook_dir: P
 
 
 def copy_in(engine: Engine, container: str, notebook_dir: Path, *, image: str, labels: dict, limit: int,
-            protected: Sequence[Path], notice: Callable[[str], None]) -> None:
+            protected: Sequence[Path], notice: Callable[[str], None]) -> dict[str, tuple]:
     """The notebook's directory into the created (not yet started) container's workspace,
     through a loader that shares its volumes and runs as the cell user (the files are the
     cell's, as the notebook's directory is under an overlay)."""
-    data, files, size = pack(notebook_dir, limit=limit, protected=protected)
+    data, files, size, manifest = pack(notebook_dir, limit=limit, protected=protected)
     with data:
         if size > PROGRESS_BYTES:
             notice(f"mino: copying {files} entries ({_size(size)}) of {notebook_dir} to the engine at "
@@ -429,6 +533,7 @@ def copy_in(engine: Engine, container: str, notebook_dir: Path, *, image: str, l
             engine.put_archive(loader, policy.WORKDIR, data)
         finally:
             engine.remove(loader)  # its volumes are the session's: they stay
+    return manifest
 
 
 def copy_ca(engine: Engine, container: str, bundle: str) -> None:
@@ -469,7 +574,7 @@ def probe_limits(engine: Engine, *, image: str, labels: dict) -> HostLimits:
     if engine.limits_probed:
         return limits
     for attempt in range(16):
-        spec = policy.inspection_spec(name=f"mino-limits-{os.getpid()}-{attempt}", image=image,
+        spec = policy.inspection_spec(name=f"mino-limits-{os.getpid()}-{os.urandom(4).hex()}", image=image,
                                       labels=policy.labels("verify", labels), limits=limits, engine=engine.facts())
         spec["command"] = ["true"]
         cid = engine.create(spec)
@@ -487,6 +592,102 @@ def probe_limits(engine: Engine, *, image: str, labels: dict) -> HostLimits:
             engine.remove(cid)
     engine.learn_limits(limits)
     return limits
+
+
+# ---------------------------------------------------------------------------- names, as the engine sees them
+
+def engine_resolver(engine: Engine, names: Sequence[str], *, image: str, labels: dict,
+                    lease: int | None = None) -> Callable[[str], list[str]]:
+    """An allowlist's names resolved where its session runs: the engine's machine may see other
+    addresses (another network, a split-horizon DNS) or names this one does not know. One
+    container of mino's image on the engine's bridge runs ``getent`` for them all, and goes."""
+    import ipaddress
+
+    answers: dict[str, list[str]] = {}
+    if not names:
+        return lambda _name: []
+    spec = policy.session_spec(policy.SessionRequest(
+        name=f"mino-resolve-{os.getpid()}-{os.urandom(4).hex()}", image=image, lease=lease,
+        network="bridge", labels=policy.labels("verify", labels), limits=engine.host_limits(), engine=engine.facts()))
+    cid = engine.run(spec)
+    try:
+        _code, out, _err = engine.exec_run(cid, policy.resolve_exec(names))
+    finally:
+        engine.remove(cid)
+    current = None
+    for line in out.decode("utf-8", "replace").splitlines():
+        if line.startswith("@@mino-name "):
+            current = line.split(" ", 1)[1]
+            answers.setdefault(current, [])
+            continue
+        fields = line.split()
+        if current in names and fields:
+            try:
+                address = str(ipaddress.ip_address(fields[0]))
+            except ValueError:
+                continue
+            if address not in answers[current]:
+                answers[current].append(address)
+    return lambda name: list(answers.get(name, []))
+
+
+# ---------------------------------------------------------------------------- the engine's machine's addresses
+
+def engine_addresses(engine: Engine, *, image: str, labels: dict, lease: int | None) -> list[tuple[str, int]]:
+    """The engine's machine's own addresses (as (address, full prefix)), which its bridge
+    sessions must not reach (its services, an API socket on tcp://) and this machine cannot
+    list: one container of mino's image on the engine's host network reads the kernel's
+    address tables, and goes. Plus the addresses the endpoint's host name has here. Once per
+    connection."""
+    import ipaddress
+    import socket
+
+    if engine.addresses is not None:
+        return engine.addresses
+    cid = engine.run(policy.session_spec(policy.SessionRequest(
+        name=f"mino-addresses-{os.getpid()}-{os.urandom(4).hex()}", image=image, network="host",
+        labels=policy.labels("verify", labels), limits=engine.host_limits(), engine=engine.facts(), lease=lease)))
+    try:
+        _code, out, _err = engine.exec_run(cid, policy.addresses_exec())
+    finally:
+        engine.remove(cid)
+    found = parse_addresses(out.decode("ascii", "replace"))
+    host = urllib.parse.urlparse(engine.endpoint.url).hostname if not engine.endpoint.ssh else \
+        engine.endpoint.ssh.destination.rsplit("@", 1)[-1]
+    try:
+        for info in socket.getaddrinfo(host, None) if host else ():
+            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            found.append((str(ip), ip.max_prefixlen))
+    except (OSError, UnicodeError):
+        pass  # an ssh alias: the engine's own list above is what counts
+    engine.addresses = sorted(set(found))
+    return engine.addresses
+
+
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    """Local addresses in /proc/net/fib_trie ("|-- ADDR" then "/32 host LOCAL") and
+    /proc/net/if_inet6 (32 hex digits first), as (address, full prefix)."""
+    import ipaddress
+
+    found, last = [], None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "|--":
+            last = fields[1]
+        elif last and line.strip() == "/32 host LOCAL":
+            found.append((last, 32))
+        elif len(fields) >= 6 and len(fields[0]) == 32:
+            try:
+                found.append((str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))), 128))
+            except ValueError:
+                continue
+    valid = []
+    for address, prefix in found:
+        try:
+            valid.append((str(ipaddress.ip_address(address)), prefix))
+        except ValueError:
+            continue
+    return sorted(set(valid))
 
 
 # ---------------------------------------------------------------------------- the support volume
@@ -525,7 +726,7 @@ def support_volume(engine: Engine, *, image: str, seccomp_profile: str | None, s
     name = policy.SUPPORT_VOLUME_PREFIX + digest
     engine.create_volume(name, {**labels, "io.mino.support": digest})
     loader = engine.create(policy.loader_spec(
-        name=f"mino-support-{os.getpid()}-{digest[:8]}", image=image, labels=policy.labels("verify", labels),
+        name=f"mino-support-{os.getpid()}-{os.urandom(4).hex()}", image=image, labels=policy.labels("verify", labels),
         limits=engine.host_limits(), engine=engine.facts(), support_volume=name))
     try:
         if _read_tar(engine, loader, policy.SUPPORT_DIR) != {n: d for n, (d, _) in files.items()}:

@@ -154,7 +154,10 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         if k.firewall_image != req.image:  # else just looked at
             engine.require_image(k.firewall_image)
         networks = engine.networks()  # the session's (gateway) and every other container's subnets
-        resolver = with_host_name(k.resolver, host.seen_from_sessions(kind, networks))
+        base = k.resolver if not elsewhere else copied.engine_resolver(  # names as its machine sees them
+            engine, sorted({e.host for e in req.plan.allow if not e.is_ip}), image=k.firewall_image, labels=k.owner,
+            lease=k.lease)
+        resolver = with_host_name(base, host.seen_from_sessions(kind, networks))
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()
@@ -212,8 +215,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                 seccomp_profile=facts.seccomp_profile, engine_kind=kind, lease=facts.lease) \
                 if guarded and not _host_rules_likely(engine, kind, req.plan) else None
             if mounter is None:  # before the start: the cell never sees a half-copied workspace
-                copied.copy_in(engine, container, req.notebook_dir, image=req.image, labels=k.owner,
-                               limit=req.resources.disk, protected=k.protected, notice=k.notice)
+                store.base = copied.copy_in(engine, container, req.notebook_dir, image=req.image, labels=k.owner,
+                                            limit=req.resources.disk, protected=k.protected, notice=k.notice)
                 if ca:
                     copied.copy_ca(engine, container, ca)
                 timer.done("copy in")
@@ -247,8 +250,10 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         started.early = EarlyExecutor(engine, container)
     if guarded:
         try:
+            mine = host.host_addresses() + (copied.engine_addresses(
+                engine, image=k.firewall_image, labels=k.owner, lease=k.lease) if not here else [])
             local = firewall.local_networks(
-                host.host_addresses(), [n["subnet"] for net in networks for n in net.get("subnets", [])],
+                mine, [n["subnet"] for net in networks for n in net.get("subnets", [])],
                 _nameservers(engine, container, info, here) if req.plan.mode == "bridge" else (),
                 engine_elsewhere=not here)
             started.firewall = session_firewall.SessionFirewall(

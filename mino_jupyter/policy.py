@@ -519,6 +519,22 @@ def kill_all_exec(signal: str = "KILL") -> dict:
     return exec_body(["/bin/kill", f"-{signal}", "-1"])  # procps kill: no "--" before -1
 
 
+RESOLVE_SCRIPT = 'for n; do printf "@@mino-name %s\\n" "$n"; getent ahosts -- "$n" || :; done'
+
+
+def resolve_exec(names: Sequence[str]) -> dict:
+    """Names resolved on an engine's own machine (``getent``, in a container of mino's image that
+    runs nothing else): the names travel as arguments, never in the script."""
+    return exec_body([BASH, "--noprofile", "--norc", "-c", RESOLVE_SCRIPT, "mino-resolve", *names],
+                     env={"BASH_ENV": ""})
+
+
+def addresses_exec() -> dict:
+    """The addresses of the network namespace it runs in (a host-network helper: the engine's
+    machine), from the kernel's own tables: nothing resolves or connects."""
+    return exec_body(["/bin/cat", "/proc/net/fib_trie", "/proc/net/if_inet6"])
+
+
 def probe_exec(script: str) -> dict:
     """A check mino runs in a container of its own (image verification, doctor)."""
     return exec_body([BASH, "--noprofile", "--norc", "-c", script], env={"BASH_ENV": ""})

@@ -175,6 +175,44 @@ def _own_limits() -> HostLimits:
     return HostLimits(nofile=hard(resource.RLIMIT_NOFILE), nproc=hard(resource.RLIMIT_NPROC))
 
 
+def _is_podman(pid: int) -> bool:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("podman")
+    except OSError:
+        return False
+
+
+def _same_ns(pid: int, kind: str) -> bool:
+    return os.stat(f"/proc/{pid}/ns/{kind}").st_ino == os.stat(f"/proc/self/ns/{kind}").st_ino
+
+
+def _podman_holding(path: str | None, proc: Path = Path("/proc")) -> int | None:
+    """A Podman process of this machine that holds the listening socket at `path` (a service
+    that systemd started with the socket it listens on)."""
+    if not path:
+        return None
+    inode = None
+    try:
+        for line in (proc / "net" / "unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and fields[5] == "01":  # listening
+                inode = fields[6]
+    except OSError:
+        return None
+    if inode is None:
+        return None
+    wanted = f"socket:[{inode}]"
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or not _is_podman(int(entry.name)):
+            continue
+        try:
+            if any(os.readlink(fd) == wanted for fd in (entry / "fd").iterdir()):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
 def _socket_peer_pid(path: str) -> int | None:
     """The pid of the process serving a unix socket (SO_PEERCRED), when it is local."""
     try:
@@ -367,7 +405,8 @@ class Engine:
         self.forward: ssh_engine.Forward | None = None  # an ssh:// engine's forward (its own socket)
         self._processes_here: bool | None = None
         self.limits_probed = False
-        self.support: dict[tuple, tuple] = {}  # copied.support_volume's answers (engines elsewhere)
+        self.support: dict[tuple, tuple] = {}
+        self.addresses: list[tuple[str, int]] | None = None  # copied.engine_addresses's answer  # copied.support_volume's answers (engines elsewhere)
         self._limits: HostLimits | None = None
         self._facts: EngineFacts | None = None
         self._thread = threading.local()  # per thread: sessions may start on two at once (a spare)
@@ -502,13 +541,12 @@ class Engine:
         names some other process of this machine."""
         if self._processes_here is None:
             pid = self.service_pid()
+            if pid and not _is_podman(pid):  # socket activation: the peer is systemd, which passed the socket on
+                pid = _podman_holding(self.endpoint.socket_path)
             here = False
             if pid:
                 try:
-                    exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-                    here = exe.startswith("podman") and (
-                        self.facts().rootless
-                        or os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino)
+                    here = _same_ns(pid, "pid") and (self.facts().rootless or _same_ns(pid, "mnt"))
                 except OSError:
                     here = False
             self._processes_here = here
@@ -620,6 +658,11 @@ class Engine:
 
     def start(self, cid: str) -> None:
         self.request("post", f"/containers/{cid}/start", what=f"start container {cid[:12]}")
+
+    def kill(self, cid: str) -> None:
+        """SIGKILL the container's init: everything in its PID namespace ends (missing is fine)."""
+        self.request("post", f"/containers/{cid}/kill", params={"signal": "KILL"},
+                     what=f"kill container {cid[:12]}", ok_missing=True)
 
     def run(self, spec: dict) -> str:
         """Create and start; remove again if the start fails (nothing half-made is left)."""

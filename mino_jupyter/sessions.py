@@ -705,13 +705,11 @@ class SessionManager:
             store.teardown()
             session.storage = None
 
-    def _holds_changes(self, store) -> bool:
-        upper = store.upper
-        if upper is None:
-            return False
-        if store.opaque_xattr is None:  # a complete copy (an engine elsewhere): compared, not just looked at
-            return bool(changes.list_changes(upper, store.notebook_dir, None, self._own_dirs()))
-        return any(os.scandir(upper))
+    @staticmethod
+    def _holds_changes(store) -> bool:
+        if isinstance(store, copied.CopiedFiles):
+            return store.holds_changes()
+        return store.upper is not None and any(os.scandir(store.upper))
 
     def _keep_changes(self, session: Session) -> None:
         """Before a container goes: a copied workspace is read back (an overlay's stays here)."""
@@ -719,9 +717,9 @@ class SessionManager:
             session.storage.before_removal(self.engine, session.container_id, self.notice)
 
     # ------------------------------------------------------------------ what cells wrote
-    def _storage_of(self, name: str) -> "storage.SessionStorage | copied.CopiedFiles":
+    def _storage_of(self, name: str, refresh: bool = True) -> "storage.SessionStorage | copied.CopiedFiles":
         session = self.get(name)
-        if isinstance(session.storage, copied.CopiedFiles) and session.state != "stopped":
+        if refresh and isinstance(session.storage, copied.CopiedFiles) and session.state != "stopped":
             session.storage.refresh(self.engine, session.container_id)  # what the cells wrote until now
         if session.storage is None or session.storage.upper is None:
             mode = session.workspace
@@ -732,16 +730,16 @@ class SessionManager:
 
     def changes(self, name: str = DEFAULT_SESSION) -> list[changes.Change]:
         store = self._storage_of(name)
-        return changes.list_changes(store.upper, store.notebook_dir, store.opaque_xattr, self._own_dirs())
+        return changes.list_changes(store.upper, store.notebook_dir, store.opaque_xattr, _deleted(store))
 
     def diff(self, name: str, change: changes.Change) -> str | None:
-        store = self._storage_of(name)
+        store = self._storage_of(name, refresh=False)  # the read-back its listing made
         return changes.diff(change, store.upper, store.notebook_dir)
 
     def apply(self, name: str = DEFAULT_SESSION, paths: list[str] | None = None) -> list[changes.Outcome]:
         store = self._storage_of(name)
         outcomes = changes.apply(store.upper, store.notebook_dir, paths or None, budget=self._budget(name),
-                                 opaque_xattr=store.opaque_xattr, protected=self._own_dirs())
+                                 opaque_xattr=store.opaque_xattr, protected=self._own_dirs(), deleted=_deleted(store))
         self._changed()
         return outcomes
 
@@ -766,7 +764,8 @@ class SessionManager:
             return
         store = session.storage
         done = [o.path for o in changes.apply(store.upper, store.notebook_dir, None, budget=self._budget(session.name),
-                                              opaque_xattr=store.opaque_xattr, protected=self._own_dirs())
+                                              opaque_xattr=store.opaque_xattr, protected=self._own_dirs(),
+                                              deleted=_deleted(store))
                 if o.applied]
         if done:
             self.notice(f"mino: applied {len(done)} data file(s) (auto_apply): " + ", ".join(done[:10])
@@ -915,3 +914,7 @@ class SessionManager:
             if self._engine is not None:
                 self.cleanup.release_caches(self._engine)
 
+
+def _deleted(store) -> list[str]:
+    """What the cells deleted, where the engine's layer cannot mark it (a copied workspace)."""
+    return list(getattr(store, "deleted", ()))

@@ -157,14 +157,17 @@ def second_service(tmp_path):
     in a mount namespace of its own where this test's directory is an empty tmpfs."""
     started = []
 
-    def start(hide: bool, nofile: int | None = None) -> str:
+    def start(hide: bool, nofile: int | None = None, hosts: str = "") -> str:
         port = _free_port()
         url = f"tcp://127.0.0.1:{port}"
         serve = ["podman", "system", "service", "--time=0", url]
         if nofile:  # a machine with lower hard limits than this one
             serve = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *serve]
+        etc_hosts = tmp_path.parent / f"{tmp_path.name}-hosts-{port}"  # outside the hidden directory
+        etc_hosts.write_text(Path("/etc/hosts").read_text() + hosts)  # names only that machine knows
         cmd = (["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                'mount -t tmpfs -o size=1m mino-test "$0" && exec "$@"', str(tmp_path), *serve] if hide else serve)
+                'mount --bind "$1" /etc/hosts && mount -t tmpfs -o size=1m mino-test "$0" && shift && exec "$@"',
+                str(tmp_path), str(etc_hosts), *serve] if hide else serve)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
         started.append(proc)
         _wait_port(port, 20)
@@ -173,8 +176,8 @@ def second_service(tmp_path):
     before = {c["Id"] for c in Engine.connect().list({})}
     urls = []
 
-    def start_and_remember(hide: bool, nofile: int | None = None) -> str:
-        urls.append(start(hide, nofile))
+    def start_and_remember(hide: bool, nofile: int | None = None, hosts: str = "") -> str:
+        urls.append(start(hide, nofile, hosts))
         return urls[-1]
 
     yield start_and_remember
@@ -299,24 +302,27 @@ def test_a_fresh_cell_s_changes_on_an_engine_elsewhere_outlive_its_container(sec
 
 @ROOTFUL_ONLY
 def test_an_allowlist_session_on_an_engine_elsewhere(second_service, base_image, gateway, tmp_path):
-    """Its firewall container installs the same rules: the allowed port answers, another is
-    refused at once and reported, and its names stay as they were made (a new entry needs a new
-    session, said in one line)."""
+    """Its names are resolved on the engine's machine (here a name only it knows), its firewall
+    container installs the same rules: the allowed port answers, another is refused at once and
+    reported, and its names stay as they were made (a new entry needs a new session, said in one
+    line)."""
     notebook = tmp_path / "nb"
     notebook.mkdir()
     give_to_cell(notebook)
     allowed, other = TcpListener(gateway), TcpListener(gateway)
-    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"), "CONTAINER_HOST": second_service(hide=True)})
+    name = "mino-only-there.test"
+    k = Kernel(cwd=str(notebook), env={**isolated_env(tmp_path / "home"),
+                                       "CONTAINER_HOST": second_service(hide=True, hosts=f"{gateway} {name}\n")})
     try:
         k.ok("%load_ext mino_jupyter")
-        r = k.ok(f"%%mino --network-allow {gateway}:{allowed.port}\n"
-                 f"curl -sS -m 5 -o /dev/null -w '%{{http_code}}\\n' http://{gateway}:{allowed.port}/\n"
+        r = k.ok(f"%%mino --network-allow {name}:{allowed.port}\n"
+                 f"curl -sS -m 5 -o /dev/null -w '%{{http_code}}\\n' http://{name}:{allowed.port}/\n"
                  f"curl -sS -m 5 -o /dev/null http://{gateway}:{other.port}/ 2>/dev/null; echo refused=$?")
         assert r.stdout == "200\nrefused=7\n" and allowed.hits == 1 and other.hits == 0
-        assert f"refused 1 connection attempt(s) to {gateway}:{other.port}/tcp" in r.stderr
-        r = k.execute(f"%%mino --network-allow {gateway}:{allowed.port} --network-allow {gateway}:{other.port}\ntrue")
+        assert f"refused 1 connection attempt(s) to {name} ({gateway}):{other.port}/tcp" in r.stderr
+        r = k.execute(f"%%mino --network-allow {name}:{allowed.port} --network-allow {gateway}:{other.port}\ntrue")
         assert "its allowlist is fixed while it runs; nothing was changed" in r.error_text + r.stderr
-        r = k.ok(f"%%mino --network-allow {gateway}:{allowed.port}\n"
+        r = k.ok(f"%%mino --network-allow {name}:{allowed.port}\n"
                  f"curl -sS -m 5 -o /dev/null http://{gateway}:{other.port}/ 2>/dev/null; echo refused=$?")
         assert r.stdout == "refused=7\n" and other.hits == 0  # the same session, the same rules
     finally:

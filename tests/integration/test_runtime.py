@@ -139,8 +139,8 @@ def test_doctor_passes_every_check(engine):
     notes = ["[note] limits"] * len(policy.unenforced(engine.facts()))
     assert [line.split(":")[0] for line in lines] == [
         "[ok  ] podman", "[ok  ] API service", "[ok  ] engine", *rootless, *notes, "[ok  ] exec clean-up",
-        "[ok  ] cell executor",
-        "[ok  ] base image", "[ok  ] files",
+        "[ok  ] cell executor", "[ok  ] files",
+        "[ok  ] base image",
         "[ok  ] hardened container", "[ok  ] session storage"]
     hardened = next(line for line in lines if line.startswith("[ok  ] hardened container"))
     assert "seccomp on, no user namespaces, read-only root" in hardened

@@ -47,9 +47,11 @@ def test_pack_keeps_files_dirs_and_links_as_links_and_leaves_out_mino_s_own(tmp_
     os.mkfifo(nb / "fifo")
     (nb / "state").mkdir()
     (nb / "state" / "secret").write_text("kernel logs")
-    data, files, size = pack(nb, limit=1 << 20, protected=[nb / "state"])
+    data, files, size, manifest = pack(nb, limit=1 << 20, protected=[nb / "state"])
     members = _members(data)
-    assert set(members) == {"sub", "sub/a.txt", "run.sh", "link"}
+    assert set(members) == {"sub", "sub/a.txt", "run.sh", "link"} == set(manifest)
+    assert manifest["link"] == ("symlink", "/etc/passwd") and manifest["sub"] == ("dir",)
+    assert manifest["run.sh"][0] == "file" and manifest["run.sh"][2] is True
     assert members["link"].issym() and members["link"].linkname == "/etc/passwd"
     assert members["run.sh"].mode == 0o755  # never setuid
     assert members["sub/a.txt"].uid == 1000 and size == len("a") + len("#!/bin/sh\n")
@@ -116,28 +118,102 @@ def test_unpack_refuses_what_is_not_a_tar(tmp_path):
         unpack(io.BytesIO(b"\x00" * 10 + b"garbage" * 100), dest, limit=1 << 20)
 
 
-def test_a_complete_copy_lists_deletions_but_not_what_was_never_copied(tmp_path):
-    lower, upper = tmp_path / "nb", tmp_path / "snap"
-    for d in (lower, upper):
-        (d / "sub").mkdir(parents=True)
-        (d / "same.txt").write_text("same")
-        (d / "sub" / "kept").write_text("k")
-    (lower / "changed.txt").write_text("old")
-    (upper / "changed.txt").write_text("new!")
-    (lower / "gone.txt").write_text("bye")
-    (lower / "sub" / "gone-too").write_text("bye")
-    (upper / "added.txt").write_text("hi")
-    os.mkfifo(lower / "fifo")  # never copied in: not deleted
-    (lower / "state").mkdir()  # mino's own: never copied in
-    (lower / "state" / "log").write_text("x")
-    found = {(c.path, c.status) for c in changes.list_changes(upper, lower, None, [lower / "state"])}
-    assert found == {("changed.txt", "modified"), ("gone.txt", "deleted"), ("sub/gone-too", "deleted"),
-                     ("added.txt", "added")}
-    # and applied like an overlay's: the deletion only when named
-    outcomes = changes.apply(upper, lower, ["gone.txt", "changed.txt"], opaque_xattr=None, protected=[lower / "state"])
-    assert all(o.applied for o in outcomes)
-    assert not (lower / "gone.txt").exists() and (lower / "changed.txt").read_text() == "new!"
-    assert (lower / "state" / "log").exists()
+def _round_trip(tmp_path, notebook_files: dict, workspace_after: dict):
+    """The notebook's directory packed, then the workspace as the cell left it (path -> bytes,
+    or None for a directory) read back over it; the snapshot, what it says was deleted."""
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    for path, data in notebook_files.items():
+        (nb / path).parent.mkdir(parents=True, exist_ok=True)
+        (nb / path).write_bytes(data) if data is not None else (nb / path).mkdir(exist_ok=True)
+    _data, _n, _size, base = pack(nb, limit=1 << 20)
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    members = [(p, tarfile.DIRTYPE, None) if d is None else (p, tarfile.REGTYPE, d) for p, d in workspace_after.items()]
+    deleted = unpack(_tar(*members), snap, limit=1 << 20, base=base)
+    return nb, snap, deleted
+
+
+def test_a_read_back_holds_only_what_the_cells_changed_and_says_what_they_deleted(tmp_path):
+    nb, snap, deleted = _round_trip(
+        tmp_path,
+        {"same.txt": b"same", "changed.txt": b"old", "gone.txt": b"bye", "sub/kept": b"k", "sub/gone-too": b"x",
+         "tree/a": b"a", "tree/b": b"b"},
+        {"same.txt": b"same", "changed.txt": b"new!", "sub": None, "sub/kept": b"k", "added.txt": b"hi",
+         "newdir": None})
+    assert sorted(str(p.relative_to(snap)) for p in snap.rglob("*")) == ["added.txt", "changed.txt", "newdir"]
+    assert deleted == ["gone.txt", "sub/gone-too", "tree"]  # the topmost of a deleted tree
+    found = {(c.path, c.status) for c in changes.list_changes(snap, nb, None, deleted)}
+    assert found == {("changed.txt", "modified"), ("added.txt", "added"), ("newdir", "added"),
+                     ("gone.txt", "deleted"), ("sub/gone-too", "deleted"), ("tree", "deleted")}
+
+
+def test_a_file_edited_here_since_the_copy_is_never_reverted(tmp_path):
+    """The cell did not touch it: it is not in the read-back, so no apply brings the old one back;
+    a file made here since is not a deletion."""
+    nb, snap, deleted = _round_trip(tmp_path, {"notes.txt": b"v1", "data.csv": b"1"},
+                                    {"notes.txt": b"v1", "data.csv": b"2"})
+    (nb / "notes.txt").write_bytes(b"v2, edited here meanwhile")
+    (nb / "made-here.txt").write_bytes(b"new here")
+    found = changes.list_changes(snap, nb, None, deleted)
+    assert [(c.path, c.status) for c in found] == [("data.csv", "modified")]
+    changes.apply(snap, nb, None, opaque_xattr=None, deleted=deleted)
+    assert (nb / "notes.txt").read_bytes() == b"v2, edited here meanwhile" and (nb / "data.csv").read_bytes() == b"2"
+    assert (nb / "made-here.txt").exists()
+
+
+def test_a_deletion_is_applied_only_when_named(tmp_path):
+    nb, snap, deleted = _round_trip(tmp_path, {"gone.txt": b"bye", "keep.txt": b"k"}, {"keep.txt": b"k"})
+    outcomes = changes.apply(snap, nb, None, opaque_xattr=None, deleted=deleted)
+    assert (nb / "gone.txt").exists() and not any(o.applied for o in outcomes)
+    changes.apply(snap, nb, ["gone.txt"], opaque_xattr=None, deleted=deleted)
+    assert not (nb / "gone.txt").exists()
+
+
+def test_a_hard_link_to_an_unchanged_file_is_a_new_file_with_its_bytes(tmp_path):
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    (nb / "a").write_bytes(b"content")
+    base = pack(nb, limit=1 << 20)[3]
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    unpack(_tar(("a", tarfile.REGTYPE, b"content"), ("b", tarfile.LNKTYPE, "a")), snap, limit=1 << 20, base=base)
+    assert sorted(os.listdir(snap)) == ["b"] and (snap / "b").read_bytes() == b"content"
+
+
+def test_a_huge_extended_header_ends_the_read_before_it_is_held(tmp_path):
+    """The engine writes a file's xattrs into its PAX header, which tarfile reads whole."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.pax_headers = {"SCHILY.xattr.user.big": "x" * (copied.MAX_HEADER + 10)}
+        tar.addfile(info, io.BytesIO(b""))
+    out.seek(0)
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    with pytest.raises(CopyError, match="header of"):
+        unpack(out, dest, limit=1 << 30)
+
+
+def test_every_entry_costs_against_the_budget(tmp_path):
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    with pytest.raises(CopyError, match="more than"):
+        unpack(_tar(*[(f"d{i}", tarfile.DIRTYPE, None) for i in range(20)]), dest, limit=10 * copied.ENTRY_COST)
+
+
+def test_members_are_not_held_while_reading(tmp_path, monkeypatch):
+    seen = []
+    real_next = tarfile.TarFile.next
+
+    def next_(self):
+        seen.append(len(self.members))
+        return real_next(self)
+    monkeypatch.setattr(tarfile.TarFile, "next", next_)
+    dest = tmp_path / "snap"
+    dest.mkdir()
+    unpack(_tar(*[(f"f{i}", tarfile.REGTYPE, b"x") for i in range(50)]), dest, limit=1 << 20)
+    assert max(seen) <= 1
 
 
 def test_a_read_write_workspace_cannot_be_copied():
@@ -153,7 +229,7 @@ def test_copied_files_keep_the_last_snapshot_when_the_container_is_gone(tmp_path
             return contextlib.nullcontext(None)
 
     files = copied.CopiedFiles(tmp_path / "s", tmp_path, "overlay", 1 << 20)
-    assert files.upper is None
+    assert files.upper is None and not files.holds_changes()
     (tmp_path / "s" / copied.SNAPSHOT).mkdir()
     (tmp_path / "s" / copied.SNAPSHOT / "kept").write_text("k")
     files.refresh(Gone(), "abc")

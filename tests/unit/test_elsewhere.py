@@ -30,6 +30,11 @@ class Engine:
         self.execs.append(body["Cmd"])
         return 0, b"", b""
 
+    killed = 0
+
+    def kill(self, _container):
+        self.killed += 1
+
 
 @pytest.fixture
 def no_local_signals(monkeypatch):
@@ -89,12 +94,19 @@ def test_the_bridge_refuses_every_private_range_when_the_engine_is_elsewhere():
     assert "fc00::/7" in elsewhere.v6
 
 
-def test_a_container_gone_meanwhile_ends_the_stop(no_local_signals):
-    class Gone(Engine):
+def test_where_nothing_can_run_inside_the_container_itself_is_killed(no_local_signals):
+    """No process can start there (the cell used up the process limit): the container goes
+    rather than a cell said stopped that still runs."""
+    class Full(Engine):
         def exec_run(self, _container, body):
-            raise MinoError("no such container")
+            raise MinoError("Podman could not start a process: fork: resource temporarily unavailable")
 
-    assert cell._stopper(Gone(here=False), "ctr", "exec", None, None, 0, 1000)().signal == "KILL"
+    for engine in (Full(here=False),):
+        assert cell._stopper(engine, "ctr", "exec", None, None, 0, 1000)().signal == "KILL"
+        assert engine.killed == 1 and no_local_signals == []
+    fine = Engine(here=False)
+    cell._stopper(fine, "ctr", "exec", None, None, 0, 1000)()
+    assert fine.killed == 0
 
 
 def test_the_lease_setting_is_checked():
@@ -111,3 +123,32 @@ def test_the_lease_setting_is_checked():
         assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == [("seq", b"7\n")]
     assert firewall.agent_command("allowlist", 30)[-2:] == ("dns", "lease=30")
     assert not any(a.startswith("lease=") for a in firewall.agent_command("bridge"))
+
+
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+           |-- 127.0.0.1
+              /32 host LOCAL
+     +-- 93.184.216.0/24 2 0 2
+           |-- 93.184.216.0
+              /24 link UNICAST
+           |-- 93.184.216.34
+              /32 host LOCAL
+        |-- 93.184.216.255
+           /32 link BROADCAST
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+2a001450000000000000000000000007 04 40 00 82     eth0
+"""
+
+
+def test_the_engine_machine_s_own_addresses_are_read_from_its_tables_and_refused():
+    from mino_jupyter import copied
+
+    found = copied.parse_addresses(FIB_TRIE)
+    assert found == [("127.0.0.1", 32), ("2a00:1450::7", 128), ("93.184.216.34", 32), ("fe80::fc:ff:fe00:1", 128)]
+    local = firewall.local_networks([("192.168.1.5", 24)] + found, [], engine_elsewhere=True)
+    assert "93.184.216.34/32" in local.v4 and "2a00:1450::7/128" in local.v6
+    assert "93.184.216.0/24" not in local.v4  # a public subnet stays reachable, the machine itself excepted

@@ -230,14 +230,32 @@ def test_an_engine_s_processes_are_here_only_behind_a_podman_of_our_mount_namesp
 
     from mino_jupyter.runtime import Engine
 
-    def engine(exe):
+    from mino_jupyter import runtime
+
+    def engine(exe, holder=None):
         e = Engine.__new__(Engine)
         e._processes_here = None
+        e.endpoint = types.SimpleNamespace(socket_path="/run/podman/podman.sock")
         e.service_pid = lambda: os.getpid()
         e.facts = lambda: types.SimpleNamespace(rootless=False)
         monkeypatch.setattr(os, "readlink", lambda path: exe)
+        monkeypatch.setattr(runtime, "_podman_holding", lambda path: holder)
         return e
 
     assert engine("/usr/bin/podman").processes_here() is True
     assert engine("/usr/bin/ssh").processes_here() is False
     assert engine("/usr/bin/gvproxy").processes_here() is False
+    # socket activation: the peer is systemd; the Podman it started holds the socket
+    assert engine("/usr/lib/systemd/systemd", holder=os.getpid()).processes_here() is True
+
+
+def test_the_podman_holding_a_socket_is_found_by_the_socket_s_inode(tmp_path):
+    from mino_jupyter.runtime import _podman_holding
+
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "unix").write_text(
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        "0000: 00000002 00000000 00010000 0001 01 4242 /run/podman/podman.sock\n"
+        "0000: 00000002 00000000 00010000 0001 03 4343 /run/podman/podman.sock\n")
+    assert _podman_holding("/run/podman/podman.sock", tmp_path) is None  # no process holds it here
+    assert _podman_holding("/run/other.sock", tmp_path) is None
