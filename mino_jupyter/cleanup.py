@@ -92,7 +92,10 @@ def prune(engine: Engine, everything: bool = False, state: Path | None = None) -
     """Remove orphaned mino containers of this state directory (or, with `everything`, all of
     this host's)."""
     victims = engine.list(MANAGED) if everything else orphans(engine, state)
-    return remove_containers(engine, victims)
+    removed = remove_containers(engine, victims)
+    if everything:  # mino's support volumes on the engine (engines elsewhere), unless a session uses one
+        engine.remove_unused_volumes({"io.mino.support": None})
+    return removed
 
 
 # ---------------------------------------------------------------------------- one kernel's cleanup

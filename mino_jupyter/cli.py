@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="remove containers whose kernel is gone")
     prune.add_argument("--all", action="store_true",
-                       help="remove every mino container of this host, live owners included")
+                       help="remove every mino container of this host, live owners included, and mino's "
+                            "support volumes no container uses")
     return parser
 
 

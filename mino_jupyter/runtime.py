@@ -639,9 +639,20 @@ class Engine:
                                 ok_exists=True)
         return response is not None
 
-    def remove_volume(self, name: str) -> None:
-        self.request("delete", f"/volumes/{_quote(name)}", params={"force": "true"}, what=f"remove volume {name}",
-                     ok_missing=True)
+    def remove_unused_volumes(self, labels: Mapping[str, str | None]) -> list[str]:
+        """Volumes carrying these labels that no container uses (the engine refuses the others)."""
+        wanted = [k if v is None else f"{k}={v}" for k, v in labels.items()]
+        found = self.request("get", "/volumes/json", params={"filters": json.dumps({"label": wanted})},
+                             what="list volumes").json()
+        removed = []
+        for volume in found:
+            try:
+                self.request("delete", f"/volumes/{_quote(volume['Name'])}", what=f"remove volume {volume['Name']}",
+                             ok_missing=True)
+                removed.append(volume["Name"])
+            except MinoError:
+                continue  # in use
+        return removed
 
     def remove_network(self, name: str) -> None:
         self.request("delete", f"/networks/{_quote(name)}", what=f"remove network {name}", ok_missing=True)

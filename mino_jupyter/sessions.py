@@ -844,6 +844,8 @@ class SessionManager:
             live = [s for s in self.sessions.values() if s.state != "stopped"]
             spare, self.spare = self.spare, None
             self._spare_epoch += 1
+            for s in live:  # a copied workspace is read back before its container goes
+                self._keep_changes(s)
             if live or spare is not None:
                 remove_containers(self.engine, owned_by(self.engine, self.owner.token))
             for s in live + ([spare] if spare is not None else []):

@@ -275,6 +275,9 @@ def test_an_engine_that_does_not_see_this_machine_s_files_gets_a_copy_and_change
         time.sleep(0.2)
     assert engine.list({"io.mino.owner": token}) == []
     assert {v for v in used if not v.startswith("mino-support-")} & _volumes(engine) == set()
+    support = {v for v in used if v.startswith("mino-support-")}
+    assert support <= set(engine.remove_unused_volumes({"io.mino.support": None}))  # `prune --all`
+    assert support & _volumes(engine) == set()
 
 
 @ROOTFUL_ONLY
