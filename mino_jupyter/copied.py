@@ -273,7 +273,7 @@ def unpack(stream, dest: Path, *, limit: int, base: Mapping[str, tuple] | None =
 
 
 def _unlink(root: int, parts: list[str]) -> None:
-    parent = _walk_existing(root, parts[:-1])
+    parent = _enter(root, parts[:-1], make=False)
     if parent is not None:
         try:
             os.unlink(parts[-1], dir_fd=parent)
@@ -312,26 +312,13 @@ def _parts(name: str) -> list[str]:
     return parts
 
 
-def _enter(root: int, parts: Sequence[str]) -> int | None:
-    """A new fd of the directory `parts` below `root`, made where missing; None when a component
-    is not a directory (a symlink is never followed)."""
-    fd = os.dup(root)
-    for name in parts:
-        try:
-            step = os.open(name, _DIR, dir_fd=fd)
-        except FileNotFoundError:
-            try:
-                os.mkdir(name, 0o755, dir_fd=fd)
-                step = os.open(name, _DIR, dir_fd=fd)
-            except OSError:
-                os.close(fd)
-                return None
-        except OSError:
-            os.close(fd)
-            return None
-        os.close(fd)
-        fd = step
-    return fd
+def _enter(root: int, parts: Sequence[str], make: bool = True) -> int | None:
+    """A new fd of the directory `parts` below `root` (made where missing, with `make`); None
+    when a component is not a directory (a symlink is never followed)."""
+    try:
+        return changes._walk_dirs(root, parts, "in the read-back", made=[] if make else None)
+    except (changes._Refused, OSError):
+        return None
 
 
 def _clear(parent: int, name: str) -> None:
@@ -383,26 +370,13 @@ def _linked_file(root: int, linkname: str) -> tuple[int, os.stat_result] | None:
     parts = _parts(linkname)
     if not parts:
         return None
-    parent = _walk_existing(root, parts[:-1])
+    parent = _enter(root, parts[:-1], make=False)
     if parent is None:
         return None
     try:
         return changes._open_file(parent, parts[-1])
     finally:
         os.close(parent)
-
-
-def _walk_existing(root: int, parts: Sequence[str]) -> int | None:
-    fd = os.dup(root)
-    for name in parts:
-        try:
-            step = os.open(name, _DIR, dir_fd=fd)
-        except OSError:
-            os.close(fd)
-            return None
-        os.close(fd)
-        fd = step
-    return fd
 
 
 def _linked_size(root: int, linkname: str) -> int:
