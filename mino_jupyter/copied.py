@@ -219,7 +219,7 @@ def unpack(stream, dest: Path, *, limit: int, base: Mapping[str, tuple] | None =
     (deleted; the topmost of each tree). See the module's threat model."""
     base = base or {}
     root = os.open(dest, _DIR)
-    total, count, seen, unchanged = 0, 0, set(), []
+    total, count, seen, unchanged = 0, 0, set(), set()
     try:
         with tarfile.open(fileobj=io.BufferedReader(_Counted(stream, limit + MAX_ENTRIES * ENTRY_COST)), mode="r|",
                           encoding="utf-8", errors="surrogateescape", tarinfo=_CheckedInfo) as tar:
@@ -233,6 +233,7 @@ def unpack(stream, dest: Path, *, limit: int, base: Mapping[str, tuple] | None =
                     continue
                 path = "/".join(parts)
                 seen.add(path)
+                unchanged.discard(path)  # a later member of the same name replaces it
                 size = member.size if member.isfile() else _linked_size(root, member.linkname) if member.islnk() else 0
                 total += size + ENTRY_COST
                 if total > limit:
@@ -258,18 +259,18 @@ def unpack(stream, dest: Path, *, limit: int, base: Mapping[str, tuple] | None =
                         finally:
                             source.close()
                         if base.get(path) == ("file", digest, bool(member.mode & 0o111)):
-                            unchanged.append(parts)  # kept until the end: a later hard link may copy it
+                            unchanged.add(path)  # kept until the end: a later hard link may copy it
                 finally:
                     os.close(parent)
-        for parts in unchanged:
-            _unlink(root, parts)
+        for path in unchanged:
+            _unlink(root, path.split("/"))
         _prune(root, "", base)
     except tarfile.TarError as exc:
         raise CopyError(f"the engine's copy of the workspace is not a readable tar: {exc}") from None
     finally:
         os.close(root)
-    gone = sorted(p for p in base if p not in seen)
-    return [p for p in gone if not any(p.startswith(g + "/") for g in gone if g != p)]
+    gone = {p for p in base if p not in seen}
+    return sorted(p for p in gone if not any("/".join(p.split("/")[:i]) in gone for i in range(1, p.count("/") + 1)))
 
 
 def _unlink(root: int, parts: list[str]) -> None:

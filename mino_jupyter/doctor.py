@@ -215,7 +215,10 @@ def _subordinate_ids() -> Check:
 def _session_storage(engine: Engine, env) -> Check:
     """Can mino make a session's disk and overlay here? (a small one, made and removed)"""
     import tempfile
-    
+
+    if host_facts.engine_elsewhere(engine):
+        return Check("session storage", True, "not used: sessions of an engine elsewhere get a copy in volumes "
+                                              "of their own there", note=True)
     try:
         mounter = mounts.for_engine(engine)
     except MinoError as exc:
