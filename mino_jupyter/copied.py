@@ -1,26 +1,30 @@
-"""A session's files on an engine that does not see this machine's (another machine over ssh or
-tcp, ``podman machine``, a service in another mount namespace): copied in and read back through
-the engine's archive API, never bound by path.
+"""A session's files on an engine elsewhere, whose processes are not this machine's (another
+machine over ssh or tcp, ``podman machine``, a service in another mount namespace): copied in
+and read back through the engine's archive API, never bound by path.
 
 * The workspace: a tar of the notebook's directory, made here (files, directories and symlinks,
   never following one; nothing of mino's own state or configuration), unpacked by the engine in
   the container's own volume before the container starts. It must fit in the session's disk.
 * Changes: ``%mino changes``/``apply`` read the workspace back as a tar (streamed, never held
-  whole in memory, at most the session's disk) into a private snapshot here, which
-  :mod:`mino_jupyter.changes` compares with the notebook's directory as a *complete copy* and
-  applies from with the same guarantees as an overlay's upper layer. A snapshot is taken before
-  the container goes, so a stopped session's changes can still be applied.
+  whole in memory, at most the session's disk) into a private snapshot here that keeps only
+  what differs from what was copied in (an upper layer, plus the paths deleted), which
+  :mod:`mino_jupyter.changes` lists and applies from with an overlay's guarantees. A snapshot
+  is taken before the container goes, so a stopped session's changes can still be applied.
 * Support files: the cell executor and mino's seccomp profile live in a volume of mino's on the
   engine (:func:`support_volume`, named by their hash, written by a container that never starts
   and runs as root, mounted read-only in sessions); the engine reads the profile from that
   volume's path on its own machine.
 * The CA bundle: copied into the container's read-only root filesystem before it starts.
+* What this machine cannot read of the engine's: its limits (:func:`probe_limits`), its own
+  addresses (:func:`engine_addresses`) and its answers for an allowlist's names
+  (:func:`engine_resolver`), each asked through a short-lived container of mino's image.
 
 Threat model for the way back: every name and byte of the tar was written by the cell. The
 unpacking never follows a link (every directory is entered with ``O_NOFOLLOW`` below a
 descriptor of the snapshot's root), writes only regular files (no setuid bits), directories and
-symlinks (which are never followed afterwards either), skips devices and FIFOs, and stops at the
-disk budget and an entry count.
+symlinks (which are never followed afterwards either), skips devices and FIFOs, refuses an
+extended header larger than a name needs, never holds the tar's members, and stops at the disk
+budget (every entry costs) and an entry count.
 """
 
 from __future__ import annotations
@@ -744,7 +748,7 @@ def _read_tar(engine: Engine, container: str, path: str) -> dict[str, bytes]:
 def workspace_mode(requested: str) -> str:
     """The mode of a copied workspace: the overlay's (changes wait for apply) or read-only."""
     if requested == "rw":
-        raise UsageError("the engine does not see this machine's files, so --workspace rw cannot share the "
+        raise UsageError("the engine is not on this machine, so --workspace rw cannot share the "
                          "notebook's directory with it: nothing was started",
                          "use --workspace overlay (the default: cells' changes come back with `%mino apply`) or ro")
     return requested

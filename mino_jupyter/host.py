@@ -7,8 +7,8 @@
 * a container's PID namespace and its memory cgroup's OOM-kill count, read from ``/proc`` and
   the cgroup filesystem: what the kernel itself says happened;
 * the local engine's ``exit_command_delay``, read from the containers.conf files Podman reads;
-* whether the engine sees this machine's files where a session needs them (an engine on another
-  machine, or in another mount namespace, does not: its bind mounts would be its own files).
+* whether the engine is on this machine (its processes ours): only then do mino's binds and
+  mounts reach its containers; elsewhere sessions get a copy (:mod:`mino_jupyter.copied`).
 """
 
 from __future__ import annotations

@@ -190,8 +190,8 @@ class StorageMounts:
 
 @dataclass(frozen=True)
 class CopiedStorage:
-    """A session on an engine that does not see this machine's files (another machine, another
-    mount namespace): nothing of this machine is bound in. The workspace and the home are
+    """A session on an engine elsewhere, whose processes are not this machine's (another
+    machine, another mount namespace): nothing of this machine is bound in. The workspace and the home are
     volumes of the container's own (removed with it): mino copies the notebook's directory into
     the first through the engine's archive API before the container starts, and reads it back
     for `%mino changes` and `apply`; the home starts as the image's. /tmp and /var/tmp are

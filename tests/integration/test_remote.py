@@ -1,6 +1,7 @@
 """Engines elsewhere: over ssh (mino's own forward to an sshd on loopback that the test starts
-with a throwaway key), and an engine that does not see this machine's files (a second API
-service in a mount namespace of its own, where the test's directories are an empty tmpfs).
+with a throwaway key), and engines elsewhere that get a copy of the workspace (a second API
+service over tcp, most in a mount namespace of its own where the test's directories are an
+empty tmpfs, with names and limits of its own).
 
 Traffic goes only to loopback and the Podman bridge gateway.
 """

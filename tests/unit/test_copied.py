@@ -1,4 +1,4 @@
-"""A copied workspace (an engine that does not see this machine's files): the tar mino sends,
+"""A copied workspace (an engine elsewhere): the tar mino sends,
 and the tar the engine sends back, which the cell wrote: every name, link and byte hostile."""
 
 import io
