@@ -377,11 +377,18 @@ def test_an_engine_over_tcp_gets_a_copy_even_where_it_shares_this_machine_s_file
 
 @ROOTFUL_ONLY
 def test_a_killed_kernel_s_containers_go_over_ssh_too(sshd, engine, base_image, tmp_path):
-    """The watchdog (this machine) reaches the engine through a forward of its own."""
+    """The watchdog (this machine) reaches the engine through a forward of its own. The engine
+    is named as a `podman machine` or `podman system connection add` names it:
+    CONTAINER_CONNECTION and an entry in the user's containers.conf."""
     notebook = tmp_path / "nb"
     notebook.mkdir()
     give_to_cell(notebook)
-    k = Kernel(cwd=str(notebook), env=_ssh_env(tmp_path / "home", sshd))
+    env = {**_ssh_env(tmp_path / "home", sshd), "CONTAINER_CONNECTION": "mino-test"}
+    uri = env.pop("CONTAINER_HOST")
+    conf = Path(env["XDG_CONFIG_HOME"]) / "containers" / "containers.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(f'[engine.service_destinations.mino-test]\nuri = "{uri}"\n')
+    k = Kernel(cwd=str(notebook), env=env)
     try:
         k.ok("%load_ext mino_jupyter")
         k.ok("%%mino\ntrue")
