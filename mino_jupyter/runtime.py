@@ -108,7 +108,8 @@ def discover(env: Mapping[str, str], uid: int) -> Endpoint:
     explicit, source, identity = env.get("CONTAINER_HOST", "").strip(), "CONTAINER_HOST", None
     if not explicit and env.get("CONTAINER_CONNECTION", "").strip():
         name = env["CONTAINER_CONNECTION"].strip()
-        explicit, identity = ssh_engine.connection(name, containers_conf_files(env, uid, user=True))
+        explicit, identity = ssh_engine.connection(name, containers_conf_files(env, uid, user=True),
+                                                   connections_file(env))
         source = f"the Podman connection {name}"
     if explicit:
         parsed = urllib.parse.urlparse(explicit)
@@ -130,6 +131,14 @@ def client_url(url: str) -> str:
     if url.startswith("unix://"):
         return "http+unix://" + url[len("unix://"):]
     return url
+
+
+def connections_file(env) -> Path:
+    """Where Podman 5 keeps `podman system connection` entries."""
+    if env.get("PODMAN_CONNECTIONS_CONF"):
+        return Path(env["PODMAN_CONNECTIONS_CONF"])
+    home = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")).expanduser() / ".config")
+    return home / "containers" / "podman-connections.json"
 
 
 def containers_conf_files(env, uid: int | None = None, *, user: bool | None = None) -> list[Path]:

@@ -100,10 +100,21 @@ def command(target: Target, local_socket: str, config: str | None = None) -> lis
     return cmd + ["-L", f"{local_socket}:{target.socket}", "--", target.destination]
 
 
-def connection(name: str, files: list[Path]) -> tuple[str, str | None]:
-    """(uri, identity) of a `podman system connection` entry, the last containers.conf that has it."""
+def connection(name: str, files: list[Path], connections_json: Path | None = None) -> tuple[str, str | None]:
+    """(uri, identity) of a `podman system connection` entry: Podman 5's podman-connections.json
+    (what `podman system connection add` and `podman machine init` write), else the last
+    containers.conf that has it (Podman 4, and hand-made entries)."""
+    import json
+
     import tomlkit
 
+    try:
+        data = json.loads(connections_json.read_text(encoding="utf-8")) if connections_json else {}
+        entry = (((data.get("Connection") or {}).get("Connections") or {}).get(name)) if isinstance(data, dict) else None
+        if isinstance(entry, dict) and entry.get("URI"):
+            return str(entry["URI"]), str(entry["Identity"]) if entry.get("Identity") else None
+    except (OSError, ValueError, AttributeError):
+        pass
     found = None
     for path in files:
         try:

@@ -56,6 +56,13 @@ def test_connections_and_keys_as_podman_reads_them(tmp_path):
     with pytest.raises(PodmanUnavailable) as err:
         discover({**env, "CONTAINER_CONNECTION": "nope"}, 0)
     assert err.value.message == 'no Podman connection named "nope" (CONTAINER_CONNECTION)'
+    # Podman 5 (`podman machine init`, `podman system connection add`) keeps them in JSON, first
+    (tmp_path / "cfg" / "containers" / "podman-connections.json").write_text(
+        '{"Connection": {"Default": "builder", "Connections": {"builder": {"URI": "ssh://core@vm:33333/run/'
+        'podman/podman.sock", "Identity": "/keys/machine", "IsMachine": true}}}, "Farm": {}}')
+    e = discover(env, 0)
+    assert e.url == "ssh://core@vm:33333/run/podman/podman.sock" and e.ssh.identity == "/keys/machine"
+    assert discover({**env, "PODMAN_CONNECTIONS_CONF": str(tmp_path / "none.json")}, 0).ssh.identity == "/keys/build"
     assert discover({"CONTAINER_HOST": "tcp://127.0.0.1:8080"}, 0).local is False
     assert discover({"CONTAINER_HOST": "unix:///run/podman/podman.sock"}, 0).local is True
 
