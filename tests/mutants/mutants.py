@@ -179,7 +179,8 @@ MUTANTS = (
     # ---------------------------------------------------------------- engines elsewhere
     Mutant("elsewhere-taken-for-here", "only an engine whose processes are this machine's gets its files bound",
            "mino_jupyter/runtime.py",
-           (('                    here = exe.startswith("podman") and (', '                    here = True or ('),),
+           (('        return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("podman")',
+             '        return True'),),
            ("tests/unit/test_owner_doctor_image.py", REMOTE + "test_an_engine_over_tcp_gets_a_copy_even_where_it_"
             "shares_this_machine_s_files")),
     Mutant("elsewhere-pid-signalled-here", "a pid an engine elsewhere reports is never signalled here",
@@ -189,8 +190,8 @@ MUTANTS = (
            ("tests/unit/test_elsewhere.py",)),
     Mutant("snapshot-follows-links", "reading a workspace back never writes through a link the cell planted",
            "mino_jupyter/copied.py",
-           (('_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC',
-             '_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC'),),
+           (('        return changes._walk_dirs(root, parts, "in the read-back", made=[] if make else None)',
+             '        return os.open("/".join(parts) or ".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)'),),
            ("tests/unit/test_copied.py",)),
     Mutant("read-back-reverts-edits", "a file edited here since the copy is never reverted by an apply",
            "mino_jupyter/copied.py",
