@@ -171,23 +171,24 @@ def nameservers_in(text: str) -> list[str]:
     return found
 
 
-def seen_from_sessions(kind: policy.EngineFacts, networks: list[dict]) -> list[str]:
-    """This machine's address as a bridge session reaches it: the bridge gateway (rootful); with
-    a rootless engine the bridge lives in the user's own network namespace and this machine is
+def seen_from_sessions(kind: policy.EngineFacts, networks: list[dict],
+                       engine_addresses: list[tuple[str, int]] | None = None) -> list[str]:
+    """The engine's machine as a bridge session reaches it: the bridge gateway (rootful); with
+    a rootless engine the bridge lives in the user's own network namespace and the machine is
     its first global address, through slirp4netns (what Podman writes for
-    `host.containers.internal`)."""
+    `host.containers.internal`): this machine's, or `engine_addresses` for an engine elsewhere."""
     if kind.rootless:
-        return primary_address()
+        return primary_address(engine_addresses)
     return [n["gateway"] for net in networks if net.get("name") == "podman"
             for n in net.get("subnets", []) if n.get("gateway")]
 
 
-def primary_address() -> list[str]:
-    """This machine's first global IPv4 address (what rootless Podman calls
-    `host.containers.internal`), or nothing."""
+def primary_address(addresses: list[tuple[str, int]] | None = None) -> list[str]:
+    """The first global IPv4 address of this machine (or of `addresses`): what rootless Podman
+    calls `host.containers.internal`; or nothing."""
     import ipaddress
 
-    for address, _prefix in host_addresses():
+    for address, _prefix in host_addresses() if addresses is None else addresses:
         ip = ipaddress.ip_address(address)
         if ip.version == 4 and not (ip.is_loopback or ip.is_link_local):
             return [address]

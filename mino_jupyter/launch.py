@@ -157,7 +157,8 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
         base = k.resolver if not elsewhere else copied.engine_resolver(  # names as its machine sees them
             engine, sorted({e.host for e in req.plan.allow if not e.is_ip}), image=k.firewall_image, labels=k.owner,
             lease=k.lease)
-        resolver = with_host_name(base, host.seen_from_sessions(kind, networks))
+        resolver = with_host_name(base, host.seen_from_sessions(kind, networks, copied.engine_addresses(
+            engine, image=k.firewall_image, labels=k.owner, lease=k.lease) if elsewhere and kind.rootless else None))
         resolved = session_firewall.resolve(req.plan, resolver, k.notice)
     ca = host.ca_bundle(config.merged(req.loaded, "ca_bundle", "auto")[0])
     timer = _Phases()

@@ -152,3 +152,16 @@ def test_the_engine_machine_s_own_addresses_are_read_from_its_tables_and_refused
     local = firewall.local_networks([("192.168.1.5", 24)] + found, [], engine_elsewhere=True)
     assert "93.184.216.34/32" in local.v4 and "2a00:1450::7/128" in local.v6
     assert "93.184.216.0/24" not in local.v4  # a public subnet stays reachable, the machine itself excepted
+
+
+def test_host_containers_internal_names_the_engine_s_machine_for_a_rootless_engine_elsewhere():
+    import types
+
+    from mino_jupyter import host
+
+    rootless = types.SimpleNamespace(rootless=True)
+    there = [("127.0.0.1", 32), ("fe80::1", 128), ("198.51.100.20", 32)]
+    assert host.seen_from_sessions(rootless, [], there) == ["198.51.100.20"]
+    rootful = types.SimpleNamespace(rootless=False)
+    nets = [{"name": "podman", "subnets": [{"subnet": "10.88.0.0/16", "gateway": "10.88.0.1"}]}]
+    assert host.seen_from_sessions(rootful, nets, there) == ["10.88.0.1"]
