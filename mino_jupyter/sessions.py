@@ -347,6 +347,8 @@ class SessionManager:
                 current = self.sessions.get(DEFAULT_SESSION)
                 if self._closed or (current is not None and current.state != "stopped"):
                     return
+                if host.engine_elsewhere(self.engine):  # a copy made now, not when its first cell runs
+                    return
                 loaded = self.choices.settings()
                 opts = CellOptions()
                 resolution = self.choices.plan(opts.network, None, loaded)
@@ -453,6 +455,8 @@ class SessionManager:
             return
         if self._spare_thread is not None and self._spare_thread.is_alive():
             return
+        if self._engine is not None and host.engine_elsewhere(self._engine):
+            return  # its workspace would be a copy made now, not of the notebook's directory when the cell runs
         like = CellOptions(fresh=True, image=opts.image, network=opts.network, workspace=opts.workspace,
                            memory=opts.memory, cpus=opts.cpus, disk=opts.disk)
         self._spare_thread = threading.Thread(target=self._start_spare, args=(like,), name="mino-spare", daemon=True)
