@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
 from . import executor as executors, policy, procs
-from .errors import MinoError
+from .errors import MinoError, UsageError
 from .executor import CellRun, Executor
 from .runtime import STDERR, STDOUT, Engine, ExecStream
 
@@ -103,7 +103,12 @@ def run_script(engine: Engine, container: str, script: str, *, env: Mapping[str,
         return result
     data = script.encode("utf-8", "surrogateescape")
     file_name = None
-    if len(data) > MAX_ARGV_SCRIPT and control is not None:
+    if len(data) > MAX_ARGV_SCRIPT and control is None:
+        raise UsageError(f"this cell is {len(data) // 1000} kB, more than a command line holds "
+                         f"({MAX_ARGV_SCRIPT // 1000} kB), and its session has no place for mino's files (an "
+                         "engine elsewhere without the cell executor): nothing ran",
+                         "split the cell, or run it where the executor runs (`mino-jupyter doctor` says why not)")
+    if len(data) > MAX_ARGV_SCRIPT:
         file_name = f"cell-{uuid.uuid4().hex[:12]}.sh"
         body = policy.cell_exec(control.write_control(file_name, data), env=env, from_file=True)
     else:

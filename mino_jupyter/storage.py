@@ -205,6 +205,8 @@ def _mkdir(path: Path, mode: int, uid: int = 0) -> None:
 class SessionStorage:
     """A session's disk and mounts. :meth:`create` sets everything up or leaves nothing behind."""
 
+    control_files = True  # /run/mino: files for mino's own execs (a script too long for argv)
+
     def __init__(self, paths: SessionPaths, notebook_dir: Path, mode: str, mounter: Local):
         self.paths = paths
         self.notebook_dir = notebook_dir

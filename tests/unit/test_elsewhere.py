@@ -165,3 +165,12 @@ def test_host_containers_internal_names_the_engine_s_machine_for_a_rootless_engi
     rootful = types.SimpleNamespace(rootless=False)
     nets = [{"name": "podman", "subnets": [{"subnet": "10.88.0.0/16", "gateway": "10.88.0.1"}]}]
     assert host.seen_from_sessions(rootful, nets, there) == ["10.88.0.1"]
+
+
+def test_a_cell_too_long_for_a_command_line_without_a_place_for_it_is_refused_in_one_line():
+    from mino_jupyter.errors import UsageError
+
+    with pytest.raises(UsageError, match="more than a command line holds") as err:
+        cell.run_script(Engine(here=False), "ctr", "x" * (cell.MAX_ARGV_SCRIPT + 1), env={}, sink=None,
+                        control=None)
+    assert "nothing ran" in err.value.message
