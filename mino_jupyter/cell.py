@@ -222,9 +222,12 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
     flushed = time.monotonic()
     lines = Lines()
 
-    def flush() -> None:
+    def flush(wait: bool = True) -> None:
+        """`wait`: until the frontend's message is sent (a full message: the kernel holds no more
+        than FLUSH_BYTES); else the send is only asked for (a pause in the output: shown soon,
+        and the cell's output does not wait for a round trip to the kernel's I/O thread)."""
         nonlocal pending, flushed
-        sink.flush()
+        (sink.flush if wait else getattr(sink, "flush_soon", sink.flush))()
         pending, flushed = 0, time.monotonic()
 
     def show(parts: list[tuple[int, str]]) -> None:
@@ -256,7 +259,7 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
             except queue.Empty:
                 show(lines.due(time.monotonic()))
                 if pending:
-                    flush()
+                    flush(wait=False)
                 if deadline is not None and time.monotonic() >= deadline:
                     result.timed_out = True
                     stopped = _guarded(stop)
@@ -268,7 +271,7 @@ def _follow(stream: ExecStream | CellRun, stop: Callable[[], procs.Stopped], sin
             emit(*item)
             show(lines.due(time.monotonic()))
             if pending and stream.idle() and time.monotonic() - flushed >= FLUSH_GAP:
-                flush()  # nothing more right now: show it (the wait above flushes the rest soon)
+                flush(wait=False)  # nothing more right now: show it (the wait above flushes the rest soon)
     except KeyboardInterrupt:
         stopped = _guarded(stop)
         result.interrupted, result.survivors = stopped.how, stopped.survivors

@@ -96,6 +96,11 @@ class CellSink:
         self.sink.flush()
         self.log.flush()
 
+    def flush_soon(self) -> None:
+        """Ask for the display's send without waiting for it (see :func:`mino_jupyter.cell._follow`)."""
+        getattr(self.sink, "flush_soon", self.sink.flush)()
+        self.log.flush()
+
     def close(self) -> None:
         for stream, redactor in self.redactors.items():
             rest = redactor.flush()

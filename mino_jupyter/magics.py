@@ -102,6 +102,17 @@ class _DisplaySink:
         sys.stdout.flush()
         sys.stderr.flush()
 
+    def flush_soon(self) -> None:
+        """ipykernel's streams: their sends scheduled on the kernel's I/O thread, not waited for
+        (its flush() waits for a round trip); other streams: flushed."""
+        for out in (sys.stdout, sys.stderr):
+            pub, send = getattr(out, "pub_thread", None), getattr(out, "_flush", None)
+            if pub is not None and callable(send) and callable(getattr(pub, "schedule", None)) \
+                    and getattr(pub, "thread", None) is not None and pub.thread.is_alive():
+                pub.schedule(send)
+            else:
+                out.flush()
+
 
 def _size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"

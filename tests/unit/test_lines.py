@@ -60,3 +60,33 @@ def test_the_display_stops_at_its_byte_limit_and_counts_the_rest(capsys):
     free = _DisplaySink(False, False)  # no limits: everything
     free.write(OUT, "x" * 100)
     assert free.hidden_bytes == 0
+
+
+def test_a_pause_in_the_output_asks_for_a_send_without_waiting_for_it(monkeypatch):
+    """A flush on a pause only schedules ipykernel's send on its I/O thread; the kernel waits
+    for a send only when a message is full (its memory bound)."""
+    import sys
+    import threading
+
+    from mino_jupyter.magics import _DisplaySink
+
+    scheduled, flushed = [], []
+
+    class Stream:
+        def __init__(self):
+            self.pub_thread = type("P", (), {"thread": threading.current_thread(),
+                                             "schedule": lambda _self, f: scheduled.append(f)})()
+
+        def _flush(self):
+            pass
+
+        def flush(self):
+            flushed.append(self)
+
+    monkeypatch.setattr(sys, "stdout", Stream())
+    monkeypatch.setattr(sys, "stderr", Stream())
+    sink = _DisplaySink(False, False)
+    sink.flush_soon()
+    assert len(scheduled) == 2 and flushed == []
+    sink.flush()
+    assert len(flushed) == 2
