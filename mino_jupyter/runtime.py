@@ -702,7 +702,7 @@ class Engine:
     def remove(self, cid: str, timeout: int = 0) -> None:
         """Force-remove (stop with `timeout` seconds of grace first), with the containers that
         depend on it (an allowlist session's firewall container). Missing is fine."""
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 self.request("delete", f"/containers/{cid}",
                              # `volumes` (libpod's name; `v` is the Docker API's and libpod ignores it):
@@ -711,10 +711,12 @@ class Engine:
                              what=f"remove container {cid[:12]}", ok_missing=True)
                 return
             except MinoError as exc:
-                # A dependent container that exits while Podman stops it: "container state improper".
-                if "state improper" not in exc.message or attempt == 2:
+                # A dependent container that exits while Podman stops it ("container state
+                # improper"), or that another removal (a parallel sweep) is taking away meanwhile
+                # ("dependency exists"): once more, when it is gone.
+                if not ("state improper" in exc.message or "dependency exists" in exc.message) or attempt == 4:
                     raise
-                time.sleep(0.1)
+                time.sleep(0.1 * (attempt + 1))
 
     def list(self, labels: Mapping[str, str | None]) -> list[dict]:
         """Containers (running or not) carrying all these labels (None = any value)."""

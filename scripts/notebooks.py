@@ -250,7 +250,8 @@ SECURITY = [
        "container; the cell's processes hold no NET_ADMIN."),
     code("%%mino --session fw --network-preset registries\n"
          "iptables -F 2>&1 | tail -1\nnft flush ruleset 2>&1 | head -1\nip link set eth0 down 2>&1\n"
-         "curl -s -o /dev/null -w 'pypi.org still allowed: %{http_code}\\n' https://pypi.org/simple/"),
+         "curl -s --retry 3 --retry-all-errors -o /dev/null -w 'pypi.org still allowed: %{http_code}\\n' "
+         "https://pypi.org/simple/six/"),
     md("## Only the notebook's directory is shared, and writes wait\nThe container has its own filesystem; "
        "of the host it sees only `/workspace`, this notebook's directory, and what a cell writes there "
        "stays in the session until `%mino apply`."),
