@@ -6,6 +6,7 @@ listener counts its hits, so "refused" is checked where the packet would have ar
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,8 @@ import uuid
 
 import pytest
 
-from mino_jupyter import session_firewall as firewall_mod
+from mino_jupyter import libnft, session_firewall as firewall_mod
+from mino_jupyter.firewall import NFT
 from mino_jupyter.errors import FirewallError, UsageError
 from mino_jupyter.network import NetworkChoice
 from mino_jupyter.sessions import CellOptions, SessionManager
@@ -207,7 +209,23 @@ def test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine(manager, 
         key, pid = info["NetworkSettings"]["SandboxKey"], info["State"]["Pid"]
         fd = firewall_mod.open_netns(key, pid)
         assert fd is not None
-        os.close(fd)
+        try:  # the library answers as nft does there, from a thread that entered it; this one never moves
+            ours = os.readlink("/proc/thread-self/ns/net")
+            listing = ("-j", "list", "table", "inet", "mino")
+            via_nft = subprocess.run([firewall_mod.HostRules.NSENTER, f"--net=/proc/self/fd/{fd}", NFT, *listing],
+                                     capture_output=True, pass_fds=(fd,), check=True).stdout
+            code, via_library, _ = libnft.run(fd, listing)
+            assert code == 0 and json.loads(via_library) == json.loads(via_nft)
+            assert os.readlink("/proc/thread-self/ns/net") == ours
+            assert subprocess.run([NFT, "list", "table", "inet", "mino"], capture_output=True).returncode == 1, \
+                "a session's rules landed in this machine's own namespace"
+            own = os.open("/proc/self/ns/net", os.O_RDONLY)
+            try:
+                assert libnft.run(own, listing)[0] == 1  # this machine has no such table: no wrong namespace
+            finally:
+                os.close(own)
+        finally:
+            os.close(fd)
         assert firewall_mod.open_netns(key, os.getpid()) is None  # the kernel's own namespace is not it
 
         monkeypatch.setattr(firewall_mod.HostRules, "nft", lambda self, *a, stdin=b"": (1, b"", b"Error: no way\n"))

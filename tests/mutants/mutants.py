@@ -176,6 +176,12 @@ MUTANTS = (
            (('            return listing + b"@@mino-end %d\\n" % (0 if code == 0 else 1), err',
              '            return b"@@mino-end 0\\n", err'),),
            (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
+    # (a mutant that runs the library in the kernel's namespace would install a session's rules
+    # on this machine: the one below never enters, and the namespace check must stop it)
+    Mutant("library-never-enters", "libnftables runs only in a thread that entered the session's namespace",
+           "mino_jupyter/libnft.py",
+           (("lib.setns(netns_fd, CLONE_NEWNET) != 0 or ", ""),),
+           (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
     # ---------------------------------------------------------------- engines elsewhere
     Mutant("elsewhere-taken-for-here", "only an engine whose processes are this machine's gets its files bound",
            "mino_jupyter/runtime.py",

@@ -229,3 +229,46 @@ def test_a_namespace_file_that_is_not_podman_s_is_never_entered(key):
     from mino_jupyter import session_firewall
 
     assert session_firewall.open_netns(key, os.getpid()) is None
+
+
+def test_the_library_takes_only_mino_s_own_nft_commands():
+    from mino_jupyter import libnft
+
+    assert libnft.command(("-f", "-"), b"table inet mino {}\n") == (b"table inet mino {}\n", False)
+    assert libnft.command(("-j", "reset", "counters", "table", "inet", "mino"), b"") == \
+        (b"reset counters table inet mino", True)
+    assert libnft.command(("flush", "set", "inet", "mino", "refused4"), b"") == (b"flush set inet mino refused4", False)
+    for odd in ((), ("-j",), ("-a", "list", "ruleset"), ("list", "tables;", "flush", "ruleset"), ("-f", "/etc/x")):
+        assert libnft.command(odd, b"") is None, odd  # nft itself runs those, as before
+
+
+def test_the_library_never_runs_outside_the_namespace_it_was_given(monkeypatch):
+    """A thread that could not enter (setns refused, or another namespace after it) runs nothing:
+    in the kernel's own namespace a session's ruleset would be this machine's firewall."""
+    from mino_jupyter import libnft
+
+    ran = []
+
+    class Library:
+        def __init__(self, entered):
+            self.entered = entered
+
+        def setns(self, fd, kind):
+            return 0 if self.entered else -1
+
+        def run(self, command, json):
+            ran.append(command)
+            return 0, b"", b""
+
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    other = os.open("/proc/self/ns/uts", os.O_RDONLY)  # not a network namespace: never "inside" it
+    try:
+        monkeypatch.setattr(libnft, "_library", lambda: Library(False))
+        assert libnft.run(own, ("-j", "list", "ruleset")) is None
+        monkeypatch.setattr(libnft, "_library", lambda: Library(True))
+        assert libnft.run(other, ("-j", "list", "ruleset")) is None
+        assert ran == []
+        assert libnft.run(own, ("-j", "list", "ruleset")) == (0, b"", b"")  # entered and checked: it runs
+        assert ran == [b"list ruleset"]
+    finally:
+        os.close(own), os.close(other)

@@ -14,7 +14,7 @@ PURE = ("policy", "network", "firewall", "presets", "config", "paths", "errors",
 # What acts (engine, sessions, user interface) and outside libraries that act.
 ACTING = {"runtime", "sessions", "cell", "session_firewall", "cleanup", "magics", "widgets", "cli", "doctor",
           "image", "demo", "logs", "commands", "owner", "storage", "changes", "host", "procs", "choices",
-          "launch", "mounts", "executor", "copied"}
+          "launch", "mounts", "executor", "copied", "libnft"}
 FORBIDDEN_LIBS = {"IPython", "ipywidgets", "ipykernel", "podman", "traitlets", "requests"}
 # Downward only: who may import whom among the acting modules.
 LAYERS = {
@@ -27,7 +27,7 @@ LAYERS = {
     "session_firewall": 20, "cell": 20, "image": 21, "demo": 21, "storage": 20, "host": 20, "copied": 21,
     "mounts": 17,
     "procs": 15, "changes": 15,
-    "executor": 12,
+    "executor": 12, "libnft": 12,
     "ssh": 8,
     "runtime": 10, "commands": 10, "owner": 10,
 }
