@@ -3,7 +3,8 @@
 Four ways a container goes, all here:
 
 * **fresh containers** go right after their cell, on a background thread (:meth:`Cleanup.remove_soon`),
-  so the cell does not wait for Podman's network and storage teardown (about 0.3 s);
+  so the cell does not wait for Podman's network and storage teardown (about 0.3 s), which starts
+  once the cell's reply is on its way (:data:`REMOVE_AFTER`);
 * **shutdown** (exit, restart, ``%unload_ext``) removes every container labelled with the kernel's
   owner token (:meth:`Cleanup.shutdown`);
 * **the watchdog**, a small detached process, removes them when the kernel dies without shutting
@@ -37,6 +38,11 @@ from .policy import LEASE_DIR, LEASE_FILE, MANAGED
 from .runtime import Engine
 
 Notice = Callable[[str], None]
+
+# A fresh container's removal starts this long after its cell, so that Podman's teardown (both
+# cores here, for about 0.2 s) and the removal's own Python do not compete with the cell's
+# reply; the container has nothing left to run by then (its processes go with it).
+REMOVE_AFTER = 0.05
 
 
 # ---------------------------------------------------------------------------- removing containers
@@ -158,6 +164,7 @@ class Cleanup:
         """A --fresh container goes right after its cell, without making the cell wait; `after`
         runs once it is gone (its storage). Shutdown waits for these."""
         def remove() -> None:
+            time.sleep(REMOVE_AFTER)
             try:
                 engine.remove(cid)
                 if after is not None:
