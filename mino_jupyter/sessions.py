@@ -37,7 +37,7 @@ from .paths import config_dir, logs_dir, state_dir
 from .runtime import Engine
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
-SPARE_WAIT = 15.0  # seconds shutdown waits for a spare being started (then the sweep takes it)
+SPARE_WAIT = 15.0  # seconds shutdown waits for a session or spare being started (then the sweep takes it)
 # A spare's start waits this long after the --fresh cell that asked for it, so that the start's
 # own Python work does not compete (for the GIL and 2 cores) with that cell's last output and reply.
 SPARE_DELAY = 0.1
@@ -171,6 +171,7 @@ class SessionManager:
         self.spare: Session | None = None
         self.spares = True  # MinoMagics.prestart
         self._spare_thread: threading.Thread | None = None
+        self._prestart_thread: threading.Thread | None = None
         self._spare_epoch = 0  # moved on by `stop --all` and spares off: a spare being started then goes
         self._shown: set[str] = set()  # once-per-kernel notices (what this engine cannot apply)
         self.jobs: dict[int, Job] = {}  # background cells (`%%mino --bg`), by number
@@ -326,6 +327,7 @@ class SessionManager:
         if loaded.errors or not (loaded.explicit_network() or self.choices.network is not None):
             return None  # a first run (the picker comes with the first cell) or a broken file
         thread = threading.Thread(target=self._prestart, name="mino-prestart", daemon=True)
+        self._prestart_thread = thread
         thread.start()
         return thread
 
@@ -909,8 +911,13 @@ class SessionManager:
         atexit.unregister(self.shutdown)
         for job in self.jobs.values():  # background cells end with the kernel (their containers go next)
             job.cancel.set()
-        if self._spare_thread is not None:  # a spare being started: in place before the sweep
-            self._spare_thread.join(SPARE_WAIT)
+        # A session or spare being started (its containers, the image's home read through a
+        # short-lived one): in place before the sweep, or this process could exit between their
+        # creation and their removal. Each removes what it made once it sees _closed.
+        end = time.monotonic() + SPARE_WAIT
+        for thread in (self._prestart_thread, self._spare_thread):
+            if thread is not None:
+                thread.join(max(0.0, end - time.monotonic()))
         spare, self.spare = self.spare, None
         if self.cleanup.shutdown(self._engine):
             for s in list(self.sessions.values()) + ([spare] if spare is not None else []):

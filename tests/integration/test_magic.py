@@ -514,6 +514,23 @@ def test_restart_and_unload_remove_containers(engine, base_image, workspace):
         k.shutdown()
 
 
+def test_a_kernel_shut_down_while_its_default_session_starts_ahead_leaves_nothing(engine, base_image, workspace):
+    """The default session starts ahead when the extension loads (the image's home is read
+    through a short-lived container first, in a new state directory). A kernel shut down
+    meanwhile waits for that start and removes what it made: an exit between a container's
+    creation and its removal would leave it behind, with no watchdog to sweep (a clean exit)."""
+    from mino_jupyter.cleanup import state_key
+
+    home = workspace.parent / "mino-home"
+    k = Kernel(cwd=str(workspace), env=isolated_env(home))
+    try:
+        k.ok("%load_ext mino_jupyter")
+    finally:
+        k.shutdown()
+    time.sleep(2)  # whatever a start cut short would have left is there by now
+    assert _containers(engine, **{"io.mino.state": state_key(home / "state" / "mino")}) == []
+
+
 def test_sigkilled_kernel_is_cleaned_up_by_the_watchdog(engine, base_image, workspace):
     k, token = _kernel_with_two_sessions(engine, workspace)
     made = len(_containers(engine, **{"io.mino.owner": token}))  # with their firewall containers, if any
