@@ -371,6 +371,10 @@ sub serve {
       }
       print '{"asked": [' . join(',', map { "\"$_\"" } @order) . "]}\n"; %asked = (); @order = ();
       print "\@\@mino-end 0\n";
+    } elsif ($cmd eq 'asked') {  # the names only: this machine read the counters itself
+      $in = substr($in, $nl + 1);
+      print '{"asked": [' . join(',', map { "\"$_\"" } @order) . "]}\n"; %asked = (); @order = ();
+      print "\@\@mino-end 0\n";
     } else { $in = substr($in, $nl + 1); print "\@\@mino-end 2\n"; }
   }
 }
@@ -405,6 +409,7 @@ def install_request(text: str) -> bytes:
 
 
 REPORT_REQUEST = b"report\n"
+ASKED_REQUEST = b"asked\n"  # the names the cell asked for, without the counters (read from this machine)
 
 
 def split_answer(out: bytes) -> tuple[int, str]:

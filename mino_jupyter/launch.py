@@ -266,6 +266,7 @@ def start(engine: Engine, req: Request, k: Kernel) -> Started:
                                        labels=dict(shape.network_labels), resolved=resolved,
                                        seccomp_profile=facts.seccomp_profile, engine=kind, container=fw_container,
                                        lease=facts.lease)
+                started.firewall.counters = _counters_from_host(engine, kind, req.plan, info)
         except BaseException as exc:  # an interrupt too: no container is left without its rules
             if started.early is not None:
                 started.early.discard()
@@ -295,11 +296,23 @@ def _nameservers(engine: Engine, container: str, info: dict, here: bool) -> list
     return host.nameservers_in(copied.read_file(engine, container, "/etc/resolv.conf").decode("utf-8", "replace"))
 
 
-def _host_rules_likely(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan) -> bool:
-    """A bridge session of a local rootful engine, mino itself root (it enters the namespace), nft
-    here: its rules come from this machine."""
-    return (plan.mode == "bridge" and not kind.rootless and os.geteuid() == 0 and engine.endpoint.local
+def _host_rules_likely(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan, mode: str = "bridge") -> bool:
+    """A `mode` session of a local rootful engine, mino itself root (it enters the namespace), nft
+    here: a bridge session's rules come from this machine, an allowlist session's counters."""
+    return (plan.mode == mode and not kind.rootless and os.geteuid() == 0 and engine.endpoint.local
             and session_firewall.HostRules.usable())
+
+
+def _counters_from_host(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan,
+                        info: dict) -> session_firewall.HostRules | None:
+    """An allowlist session of a local rootful engine: what its firewall refused is read by this
+    machine in the session's namespace after each cell (no exec in the firewall container, which
+    keeps its rules and name server). None: the firewall container reads it."""
+    if not _host_rules_likely(engine, kind, plan, "allowlist"):
+        return None
+    fd = session_firewall.open_netns((info.get("NetworkSettings") or {}).get("SandboxKey"),
+                                     (info.get("State") or {}).get("Pid"))
+    return session_firewall.HostRules(fd) if fd is not None else None
 
 
 def _rules_from_host(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan, info: dict,

@@ -15,7 +15,9 @@ stops. It owns everything about the session's firewall that changes over time:
   answers replace the rules and ``/etc/hosts``.
 * ``replace``: the cell's allow entries changed; new rules (flows to removed destinations stop
   at their next packet), new hosts.
-* ``report``: what was refused since the last report, as lines for the user.
+* ``report``: what was refused since the last report, as lines for the user. An allowlist
+  session of a local rootful engine has its counters read from this machine (:attr:`counters`,
+  no exec in the firewall container) and asks its firewall container only for the names.
 * ``close``: the channel goes (the container goes with its session: removal with dependents).
 
 The decisions (the rulesets, their verification, hosts lines, keeping a name's last answers) are
@@ -78,6 +80,9 @@ class SessionFirewall:
         self.clock = clock
         self.container: str | None = None
         self.channel: Attached | HostRules | None = None
+        # An allowlist session of a local rootful engine: its refused counters and sets read by this
+        # machine (HostRules, no exec), its firewall container asked only for the names.
+        self.counters: HostRules | None = None
         self.resolved: firewall.Resolved | None = None
         self.resolved_at = 0.0
         # One request at a time on the channel (a background cell's report can meet a foreground
@@ -141,7 +146,13 @@ class SessionFirewall:
     def report(self) -> list[str]:
         """Lines about what was refused since the last report (none: nothing was)."""
         try:
-            code, out, _ = self._request(firewall.REPORT_REQUEST)
+            if self.counters is not None and not self.from_host:
+                code, out, _ = self._request(firewall.REPORT_REQUEST, self.counters)
+                if code == 0:
+                    code, asked, _ = self._request(firewall.ASKED_REQUEST)
+                    out += asked
+            else:
+                code, out, _ = self._request(firewall.REPORT_REQUEST)
         except MinoError:
             return []
         if code != 0:
@@ -154,18 +165,20 @@ class SessionFirewall:
 
     def close(self) -> None:
         with self._turn:
-            if self.channel is not None:
-                self.channel.close()
-                self.channel = None
+            for channel in (self.channel, self.counters):
+                if channel is not None:
+                    channel.close()
+            self.channel = self.counters = None
 
     # ------------------------------------------------------------------ acting
-    def _request(self, request: bytes) -> tuple[int, str, str]:
+    def _request(self, request: bytes, channel: "Attached | HostRules | None" = None) -> tuple[int, str, str]:
         with self._turn:
-            if self.channel is None:
+            channel = channel or self.channel
+            if channel is None:
                 raise FirewallError("the firewall container's control channel is closed")
             try:
-                self.channel.send(request)
-                out, err = self.channel.read_until(firewall.END)
+                channel.send(request)
+                out, err = channel.read_until(firewall.END)
             except (OSError, ConnectionError) as exc:
                 self.close()
                 raise FirewallError(f"lost the firewall container's control channel: {exc}") from None

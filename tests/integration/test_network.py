@@ -63,6 +63,17 @@ def test_allowed_port_answers_and_other_port_is_refused_fast(manager, gateway):
         assert "Couldn't connect to server" in err
         assert (f"mino: the allowlist refused 1 connection attempt(s) to {gateway}:{other.port}/tcp "
                 "(not allowed; add them with --network-allow HOST:PORT)") in manager.notices
+        # The next cell: a name that is not allowed (asked of the session's own name server on
+        # loopback) is named; nothing refused this time, so no refusal line comes again.
+        from tests.conftest import ROOTLESS
+
+        before = len(manager.notices)
+        run(manager, "getent hosts not-allowed.invalid; true", allow=[f"{gateway}:{allowed.port}"])
+        assert manager.notices[before:] == [
+            "mino: not-allowed.invalid is not on this session's allowlist, so it does not resolve here; "
+            "add --network-allow not-allowed.invalid:443 (or the port it uses)"]
+        # rootful and local: the counters are read from this machine (no exec in the firewall container)
+        assert (manager.sessions["default"].firewall.counters is not None) is (not ROOTLESS)
     finally:
         allowed.close(), other.close()
 

@@ -182,6 +182,10 @@ MUTANTS = (
            "mino_jupyter/libnft.py",
            (("lib.setns(netns_fd, CLONE_NEWNET) != 0 or ", ""),),
            (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
+    Mutant("asked-names-lost", "counters read from this machine still come with the names the cell asked for",
+           "mino_jupyter/session_firewall.py",
+           (("                    out += asked", "                    pass"),),
+           (NET + "test_allowed_port_answers_and_other_port_is_refused_fast",)),
     # ---------------------------------------------------------------- engines elsewhere
     Mutant("elsewhere-taken-for-here", "only an engine whose processes are this machine's gets its files bound",
            "mino_jupyter/runtime.py",
