@@ -551,10 +551,11 @@ Measured with pyinstrument on the in-process path (`SessionManager.run_cell`) on
   container removal now starts 50 ms after the cell, once its reply is on its way: Podman's
   teardown had been competing with that reply for both cores (a spare-ready cell went from about
   20 ms to about 16 ms in a quiet profile). ipykernel's `flush()` waits for its I/O thread to send;
-  at pauses in a cell's output mino now only schedules that send (the 50 MB row went from
-  0.61-0.87x to about 0.85x). Section 0's fresh rows start each timed cell with no container of
-  either kernel being started or removed: before, the other kernel's removal ran during the
-  spare-ready cell, which is where its spread (25-34 ms) came from.
+  at pauses in a cell's output mino now only schedules that send (the 50 MB row: 0.61-0.87x in
+  seven runs before, 0.84-1.04x in four runs after). Section 0's fresh rows now start each timed
+  cell with no container of either kernel being started or removed (before, the other kernel's
+  removal could run during the spare-ready cell, which widened its spread: 25-34 ms), and the
+  100-cell row starts once the other kernel's exec records are cleaned up.
 - Every session start looked at its image three times (exists, the firewall image exists,
   inspect for the home's id): now once, the inspect.
 - 200 MB through one cell, before: the kernel grew by 194 MB for displayed output, because

@@ -41,7 +41,7 @@ Notice = Callable[[str], None]
 
 # A fresh container's removal starts this long after its cell, so that Podman's teardown (both
 # cores here, for about 0.2 s) and the removal's own Python do not compete with the cell's
-# reply; the container has nothing left to run by then (its processes go with it).
+# reply. What the cell left running lives that much longer (inside its firewall, as before).
 REMOVE_AFTER = 0.05
 
 

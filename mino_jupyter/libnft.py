@@ -11,7 +11,8 @@ How it stays contained:
 * A **new thread per command** enters the namespace with ``setns(fd, CLONE_NEWNET)`` (a network
   namespace is per thread) and makes its libnftables context there, so its netlink socket is
   the session's. The thread then ends: it is never switched back, so no later work of this
-  process can run in a cell's namespace by a failed switch back.
+  process can run in a cell's namespace by a failed switch back. It holds its own duplicate
+  of the fd and blocks every signal.
 * The namespace is the file descriptor :func:`~mino_jupyter.session_firewall.open_netns` checked
   when the session started; nothing is looked up by path here. After ``setns`` the thread checks
   that its namespace is that one before anything runs (in the kernel's own namespace, a ruleset
@@ -20,14 +21,16 @@ How it stays contained:
   its commands are mino's own (argv-like words or the ruleset mino generated).
 * One command at a time (a lock): libnftables keeps some state per process.
 
-Anything unusual (no library, a failed ``setns``, a thread that does not answer) returns None
-and the caller runs ``nft`` as before.
+Anything unusual (no library, a failed ``setns``) returns None and the caller runs ``nft`` as
+before; a command that does not end in time fails (it could still land later), and the library
+is not used again in this process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sysconfig
 import threading
 
@@ -117,29 +120,36 @@ def _inside(netns_fd: int) -> bool:
 
 def run(netns_fd: int, args: tuple[str, ...], stdin: bytes = b"") -> tuple[int, bytes, bytes] | None:
     """``nft ARGS`` in the network namespace ``netns_fd``, through the library; None when the
-    library cannot do it here (the caller then runs ``nft``)."""
+    library cannot do it here (the caller then runs ``nft``). A command that does not end
+    within :data:`TIMEOUT` raises ConnectionError (it may still land: nothing else may run
+    beside it, so the library is not used again and the caller fails closed)."""
+    global _unusable
     wanted = command(args, stdin)
     if wanted is None or netns_fd < 0:
         return None
-    global _unusable
     with _lock:
-        lib = _library()
+        lib = None if _unusable else _library()
         if lib is None:
             return None
         answer: list = []
+        own = os.dup(netns_fd)  # the thread's own: a session closing its fd meanwhile cannot swap the namespace
 
         def enter_and_run() -> None:
             try:
-                if lib.setns(netns_fd, CLONE_NEWNET) != 0 or not _inside(netns_fd):
+                # No signal lands here (a kernel interrupt would cut the library's netlink exchange).
+                signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+                if lib.setns(own, CLONE_NEWNET) != 0 or not _inside(own):
                     return  # not (surely) in the session's namespace: nothing runs
                 answer.append(lib.run(*wanted))
             except OSError:
                 pass
+            finally:
+                os.close(own)
 
         thread = threading.Thread(target=enter_and_run, name="mino-nft", daemon=True)
         thread.start()
         thread.join(TIMEOUT)
-        if thread.is_alive():  # stuck in the library: nft runs from now on
+        if thread.is_alive():
             _unusable = True
-            return None
+            raise ConnectionError(f"nftables did not answer within {TIMEOUT:g} s")
         return answer[0] if answer else None

@@ -145,16 +145,11 @@ class SessionFirewall:
 
     def report(self) -> list[str]:
         """Lines about what was refused since the last report (none: nothing was)."""
-        try:
-            if self.counters is not None and not self.from_host:
-                code, out, _ = self._request(firewall.REPORT_REQUEST, self.counters)
-                if code == 0:
-                    code, asked, _ = self._request(firewall.ASKED_REQUEST)
-                    out += asked
-            else:
-                code, out, _ = self._request(firewall.REPORT_REQUEST)
-        except MinoError:
-            return []
+        with self._turn:  # both answers belong to one report (a background cell's may come too)
+            try:
+                code, out = self._counters_and_names()
+            except MinoError:
+                return []
         if code != 0:
             return []
         try:
@@ -162,6 +157,27 @@ class SessionFirewall:
         except (ValueError, TypeError, KeyError):
             return ["mino: the firewall's report of refused connections could not be read"]
         return firewall.describe_refused(refused, self.resolved or firewall.Resolved(), self.mode)
+
+    def _counters_and_names(self) -> tuple[int, str]:
+        """The report's answer: from the firewall container, or (allowlist, :attr:`counters`) the
+        counters from this machine and the names from the container. Counters this machine can
+        no longer read: the container reads them from now on (the session goes on)."""
+        counters = self.counters
+        if counters is not None and not self.from_host:
+            try:
+                code, out, _ = self._exchange(counters, firewall.REPORT_REQUEST)
+            except (OSError, ConnectionError):
+                counters.close()
+                self.counters = None
+            else:
+                if code == 0:
+                    try:
+                        out += self._request(firewall.ASKED_REQUEST)[1]
+                    except MinoError:
+                        pass  # the refusals are still told; the names come with the next report
+                return code, out
+        code, out, _ = self._request(firewall.REPORT_REQUEST)
+        return code, out
 
     def close(self) -> None:
         with self._turn:
@@ -171,17 +187,20 @@ class SessionFirewall:
             self.channel = self.counters = None
 
     # ------------------------------------------------------------------ acting
-    def _request(self, request: bytes, channel: "Attached | HostRules | None" = None) -> tuple[int, str, str]:
+    def _request(self, request: bytes) -> tuple[int, str, str]:
         with self._turn:
-            channel = channel or self.channel
-            if channel is None:
+            if self.channel is None:
                 raise FirewallError("the firewall container's control channel is closed")
             try:
-                channel.send(request)
-                out, err = channel.read_until(firewall.END)
+                return self._exchange(self.channel, request)
             except (OSError, ConnectionError) as exc:
                 self.close()
                 raise FirewallError(f"lost the firewall container's control channel: {exc}") from None
+
+    @staticmethod
+    def _exchange(channel: "Attached | HostRules", request: bytes) -> tuple[int, str, str]:
+        channel.send(request)
+        out, err = channel.read_until(firewall.END)
         code, text = firewall.split_answer(out)
         return code, text, err.decode(errors="replace") or (text if code else "")
 
@@ -254,6 +273,8 @@ class HostRules:
         return os.access(cls.NSENTER, os.X_OK) and os.access(firewall.NFT, os.X_OK)
 
     def nft(self, *args: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+        if self.fd < 0:
+            raise ConnectionError("the session's network namespace is closed")
         done = libnft.run(self.fd, args, stdin)  # the same command without two execs (0.3 ms, not 4.5)
         if done is not None:
             return done

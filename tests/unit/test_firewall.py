@@ -272,3 +272,105 @@ def test_the_library_never_runs_outside_the_namespace_it_was_given(monkeypatch):
         assert ran == [b"list ruleset"]
     finally:
         os.close(own), os.close(other)
+
+
+class _Channel:
+    """A firewall container's channel (or this machine's counters) answering from a script."""
+
+    def __init__(self, answers, fail=False):
+        self.answers, self.fail, self.asked, self.closed = answers, fail, [], False
+        self._last = b""
+
+    def send(self, data):
+        if self.fail:
+            raise ConnectionError("gone")
+        self.asked.append(data)
+        self._last = data
+
+    def read_until(self, marker):
+        return self.answers[self._last], b""
+
+    def close(self):
+        self.closed = True
+
+
+COUNTED = b'{"nftables": [{"counter": {"name": "refused_tcp", "packets": 1}}, {"set": {"name": "refused4", ' \
+          b'"elem": [{"concat": ["10.0.0.1", "tcp", 22]}]}}]}\n{"asked": []}\n@@mino-end 0\n'
+ASKED = b'{"asked": ["example.com"]}\n@@mino-end 0\n'
+
+
+def _allowlist_firewall(container, counters):
+    from mino_jupyter import session_firewall
+    from mino_jupyter.network import NetworkPlan
+
+    fw = session_firewall.SessionFirewall(None, session_container="c", plan=NetworkPlan("allowlist"),
+                                          resolver=lambda n: [], notice=lambda m: None, hosts_path=None,
+                                          local=firewall.LocalNetworks())
+    fw.channel, fw.counters = container, counters
+    return fw
+
+
+def test_an_allowlist_report_takes_counters_from_this_machine_and_names_from_the_container():
+    container = _Channel({firewall.ASKED_REQUEST: ASKED})
+    counters = _Channel({firewall.REPORT_REQUEST: COUNTED})
+    lines = _allowlist_firewall(container, counters).report()
+    assert container.asked == [firewall.ASKED_REQUEST]  # no nft run in the firewall container
+    assert any("refused 1 connection attempt(s) to 10.0.0.1:22/tcp" in line for line in lines)
+    assert any(line.startswith("mino: example.com is not on this session's allowlist") for line in lines)
+
+
+def test_counters_this_machine_cannot_read_come_from_the_container_and_the_session_goes_on():
+    container = _Channel({firewall.REPORT_REQUEST: COUNTED.replace(b'"asked": []', b'"asked": ["example.com"]')})
+    counters = _Channel({}, fail=True)
+    fw = _allowlist_firewall(container, counters)
+    lines = fw.report()
+    assert container.asked == [firewall.REPORT_REQUEST] and counters.closed and fw.counters is None
+    assert fw.channel is container and not container.closed  # the firewall container's channel stays
+    assert len(lines) == 2
+
+
+def test_refusals_are_still_told_when_the_names_cannot_be_had():
+    container = _Channel({}, fail=True)
+    lines = _allowlist_firewall(container, _Channel({firewall.REPORT_REQUEST: COUNTED})).report()
+    assert lines and "refused 1 connection attempt(s)" in lines[0]
+
+
+def test_a_report_after_close_says_nothing_and_raises_nothing():
+    from mino_jupyter import session_firewall
+
+    fw = _allowlist_firewall(_Channel({}), session_firewall.HostRules(-1))
+    counters = fw.counters
+    fw.close()
+    assert fw.report() == []
+    with pytest.raises(ConnectionError):  # a closed namespace is never handed to nsenter (fd -1)
+        counters.nft("-j", "list", "ruleset")
+
+
+def test_a_library_command_that_does_not_end_fails_and_the_library_is_not_used_again(monkeypatch):
+    import threading
+
+    from mino_jupyter import libnft
+
+    release, ran = threading.Event(), []
+
+    class Stuck:
+        def setns(self, fd, kind):
+            return 0
+
+        def run(self, command, json):
+            ran.append(command)
+            release.wait(5)
+            return 0, b"", b""
+
+    monkeypatch.setattr(libnft, "_unusable", False)
+    monkeypatch.setattr(libnft, "_library", lambda: Stuck())
+    monkeypatch.setattr(libnft, "TIMEOUT", 0.2)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        with pytest.raises(ConnectionError):  # it may still land: the caller fails closed
+            libnft.run(own, ("-f", "-"), b"table inet mino {}\n")
+        assert libnft.run(own, ("-j", "list", "ruleset")) is None  # nft from now on, never beside it
+        assert ran == [b"table inet mino {}\n"]
+    finally:
+        release.set()
+        os.close(own)
