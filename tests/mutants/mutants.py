@@ -180,7 +180,7 @@ MUTANTS = (
     # on this machine: the one below never enters, and the namespace check must stop it)
     Mutant("library-never-enters", "libnftables runs only in a thread that entered the session's namespace",
            "mino_jupyter/libnft.py",
-           (("lib.setns(netns_fd, CLONE_NEWNET) != 0 or ", ""),),
+           (("lib.setns(own, CLONE_NEWNET) != 0 or ", ""),),
            (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
     Mutant("asked-names-lost", "counters read from this machine still come with the names the cell asked for",
            "mino_jupyter/session_firewall.py",
