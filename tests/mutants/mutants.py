@@ -184,7 +184,8 @@ MUTANTS = (
            (NET + "test_bridge_rules_come_from_this_machine_on_a_local_rootful_engine",)),
     Mutant("asked-names-lost", "counters read from this machine still come with the names the cell asked for",
            "mino_jupyter/session_firewall.py",
-           (("                    out += asked", "                    pass"),),
+           (("                        out += self._request(firewall.ASKED_REQUEST)[1]",
+             "                        self._request(firewall.ASKED_REQUEST)"),),
            (NET + "test_allowed_port_answers_and_other_port_is_refused_fast",)),
     # ---------------------------------------------------------------- engines elsewhere
     Mutant("elsewhere-taken-for-here", "only an engine whose processes are this machine's gets its files bound",
