@@ -303,6 +303,12 @@ def _host_rules_likely(engine: Engine, kind: policy.EngineFacts, plan: NetworkPl
             and session_firewall.HostRules.usable())
 
 
+def _session_netns(info: dict) -> int | None:
+    """The session's network namespace as a checked file descriptor (:func:`session_firewall.open_netns`)."""
+    return session_firewall.open_netns((info.get("NetworkSettings") or {}).get("SandboxKey"),
+                                       (info.get("State") or {}).get("Pid"))
+
+
 def _counters_from_host(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan,
                         info: dict) -> session_firewall.HostRules | None:
     """An allowlist session of a local rootful engine: what its firewall refused is read by this
@@ -310,8 +316,7 @@ def _counters_from_host(engine: Engine, kind: policy.EngineFacts, plan: NetworkP
     keeps its rules and name server). None: the firewall container reads it."""
     if not _host_rules_likely(engine, kind, plan, "allowlist"):
         return None
-    fd = session_firewall.open_netns((info.get("NetworkSettings") or {}).get("SandboxKey"),
-                                     (info.get("State") or {}).get("Pid"))
+    fd = _session_netns(info)
     return session_firewall.HostRules(fd) if fd is not None else None
 
 
@@ -323,8 +328,7 @@ def _rules_from_host(engine: Engine, kind: policy.EngineFacts, plan: NetworkPlan
     Podman's namespace file not the container's; or nft here failed, said once)."""
     if not _host_rules_likely(engine, kind, plan):
         return False
-    fd = session_firewall.open_netns((info.get("NetworkSettings") or {}).get("SandboxKey"),
-                                     (info.get("State") or {}).get("Pid"))
+    fd = _session_netns(info)
     if fd is None:
         return False
     try:
