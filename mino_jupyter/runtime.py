@@ -498,13 +498,17 @@ class Engine:
                  **kwargs):
         from podman.errors import APIError
 
+        forward = self.forward
+        through = forward.generation if forward is not None else 0
         try:
             try:
                 response = getattr(self.api, method)(path, **kwargs)
             except APIError:
-                if self.forward is None or self.forward.alive():
+                if forward is None or (forward.alive() and forward.generation == through):
                     raise
-                self.forward.open(ping=_ping_unix)  # the ssh forward died (the network dropped): once more
+                # the ssh forward died (the network dropped): once more, through the one ssh that
+                # replaces it (started here, or by another thread that found it dead too)
+                forward.revive(ping=_ping_unix)
                 response = getattr(self.api, method)(path, **kwargs)
         except APIError as exc:
             raise PodmanUnavailable(

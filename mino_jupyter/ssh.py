@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -164,11 +165,24 @@ class Forward:
         self.socket = os.path.join(self.directory, "api.sock")
         self._proc: subprocess.Popen | None = None
         self._errors = os.path.join(self.directory, "ssh.err")
+        self._opening = threading.Lock()  # threads that find it dead at once start one ssh, not one each
+        self.generation = 0  # how many times ssh was started: a request knows whether it went through this one
+
+    def revive(self, ping: Callable[[str], str | None]) -> None:
+        """Open it again if its ssh ended; a thread that waited while another one did uses that."""
+        with self._opening:
+            if not self.alive():
+                self._open(ping)
 
     def open(self, ping: Callable[[str], str | None], timeout: float = OPEN_TIMEOUT) -> None:
         """Start ssh and wait until the remote API answers `ping` through it (None: it did); one
         line when it does not."""
+        with self._opening:
+            self._open(ping, timeout)
+
+    def _open(self, ping: Callable[[str], str | None], timeout: float = OPEN_TIMEOUT) -> None:
         self._stop()
+        self.generation += 1
         os.makedirs(self.directory, mode=0o700, exist_ok=True)  # a failed open removed it
         if not os.access(SSH, os.X_OK):
             raise PodmanUnavailable(f"{self.target.url} needs ssh, and {SSH} is not installed",

@@ -85,3 +85,34 @@ def test_forwards_left_by_killed_kernels_are_swept_and_live_ones_kept(tmp_path):
     finally:
         listener.close()
     assert not stale.exists() and fresh.exists() and live.exists()
+
+
+def test_threads_that_find_the_forward_dead_at_once_start_one_ssh(monkeypatch, tmp_path):
+    """Two threads (a cell's and the lease's) lose the forward together: one ssh replaces it, not
+    one each (the second would be left running); the other uses it."""
+    import threading
+    import time
+
+    monkeypatch.setattr(ssh.tempfile, "gettempdir", lambda: str(tmp_path))
+    forward = ssh.Forward(ssh.parse("ssh://box/run/podman/podman.sock"), {})
+    started = []
+
+    class Ssh:
+        def poll(self):
+            return None
+
+    def fake_open(ping, timeout=ssh.OPEN_TIMEOUT):
+        started.append(threading.get_ident())
+        time.sleep(0.1)  # ssh starting: the other thread arrives meanwhile
+        forward._proc = Ssh()
+        forward.generation += 1
+
+    monkeypatch.setattr(forward, "_open", fake_open)
+    threads = [threading.Thread(target=forward.revive, args=(lambda s: None,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(started) == 1 and forward.alive() and forward.generation == 1
+    forward._proc = None
+    forward.close()
